@@ -1,0 +1,56 @@
+# equiav-dali: every target runs with $(PY). By default that is the project's venv, which `setup`
+# creates from requirements.txt; `make <target> PY=python3` uses another interpreter and skips set-up
+# (the GPU machine has no network and brings its own torch/timm/DALI).
+PY ?= .venv/bin/python
+VENV_STAMP := .venv/.installed-$(shell md5sum requirements.txt 2>/dev/null | cut -c1-12)
+ifeq ($(PY),.venv/bin/python)
+SETUP := $(VENV_STAMP)
+else
+SETUP :=
+endif
+
+# Synthetic dataset defaults (override: make synth SYNTH_OUT=... CLIPS=...)
+SYNTH_OUT ?= runs/synth
+CLIPS ?= 200
+CLASSES ?= 10
+SEED ?= 0
+SECONDS ?= 10
+FORMAT ?= all
+
+.PHONY: setup test lint format demo synth check fbank frame help
+help:
+	@echo "targets: setup test lint format demo synth check (see README.md)"
+
+setup: $(SETUP)
+
+# Idempotent: the stamp names the requirements' hash, so a second run does nothing and a changed
+# requirements.txt reinstalls.
+$(VENV_STAMP): requirements.txt
+	test -x .venv/bin/python || python3 -m venv .venv
+	.venv/bin/python -m pip install -q --upgrade pip
+	.venv/bin/python -m pip install -q -r requirements.txt
+	rm -f .venv/.installed-* && touch $@
+
+test: $(SETUP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest -q tests
+
+lint: $(SETUP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(SETUP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+synth: $(SETUP)
+	$(PY) -m equiav.data.synth --out $(SYNTH_OUT) --clips $(CLIPS) --classes $(CLASSES) \
+		--seed $(SEED) --seconds $(SECONDS) --video-format $(FORMAT)
+
+check: $(SETUP)
+	$(PY) -m equiav.data.check $(SYNTH_OUT)/train.json --label-csv $(SYNTH_OUT)/class_labels_indices.csv \
+		--weights $(SYNTH_OUT)/weights.csv
+
+demo: $(SETUP)
+	$(PY) -m equiav.demo --config configs/demo.yaml

@@ -1,0 +1,1 @@
+"""Throughput benchmarks; each writes JSON under ``bench/results/``."""

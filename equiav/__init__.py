@@ -1,0 +1,1 @@
+"""EquiAV: config, dataset index and checks, model, losses, trainer, metrics and retrieval."""
