@@ -106,30 +106,56 @@ def read_bytes(path: str) -> np.ndarray:
         return np.frombuffer(f.read(), dtype=np.uint8)
 
 
-def validate_wav(path: str, data: np.ndarray) -> None:
-    """Cheap structural check of a RIFF/WAVE file's bytes, so a broken file never reaches a decoder.
+def validate_wav(path: str, data: np.ndarray) -> tuple[int, int]:
+    """Cheap structural check of a RIFF/WAVE file's bytes; returns (sample rate, channels).
 
     Catches what a header-only scan can miss when a file changes mid-epoch: garbage, a truncated
-    data chunk, a missing ``fmt`` chunk.
+    data chunk, a missing ``fmt`` chunk, so a broken file never reaches a decoder.
     """
     b = data.tobytes()
     if len(b) < 12 or b[:4] != b"RIFF" or b[8:12] != b"WAVE":
         raise CorruptMediaError(f"{path}: not a RIFF/WAVE file")
-    pos, fmt_ok = 12, False
+    pos, fmt = 12, None
     while pos + 8 <= len(b):
         cid, size = b[pos : pos + 4], struct.unpack("<I", b[pos + 4 : pos + 8])[0]
-        if cid == b"fmt ":
-            fmt_ok = True
+        if cid == b"fmt " and size >= 16 and pos + 24 <= len(b):
+            channels, rate = struct.unpack("<HI", b[pos + 10 : pos + 16])
+            fmt = (rate, channels)
         if cid == b"data":
-            if not fmt_ok:
-                raise CorruptMediaError(f"{path}: data chunk before the fmt chunk")
+            if fmt is None or fmt[0] == 0 or fmt[1] == 0:
+                raise CorruptMediaError(f"{path}: no valid fmt chunk before the data chunk")
             if pos + 8 + size > len(b):
                 raise CorruptMediaError(
                     f"{path}: truncated ({len(b) - pos - 8} of {size} data bytes present)"
                 )
-            return
+            return fmt
         pos += 8 + size + (size & 1)
     raise CorruptMediaError(f"{path}: no data chunk")
+
+
+def read_wav(path: str, sample_rate: int = 16000) -> np.ndarray:
+    """A wav file's bytes, checked, and resampled to ``sample_rate`` if it has another rate.
+
+    Resampling happens here, with ``kernels.resample``, because DALI's decoder aliases when it
+    downsamples (see that module). The result is re-encoded as a float32 wav in memory;
+    channels are kept (the pipeline downmixes).
+    """
+    data = read_bytes(path)
+    rate, _channels = validate_wav(path, data)
+    if rate == sample_rate:
+        return data
+    import io
+
+    import soundfile
+    import torch
+
+    from kernels.resample import resample
+
+    x, _ = soundfile.read(io.BytesIO(data.tobytes()), dtype="float32", always_2d=True)
+    y = resample(torch.from_numpy(np.ascontiguousarray(x.T)), rate, sample_rate).T.numpy()
+    out = io.BytesIO()
+    soundfile.write(out, y, sample_rate, format="WAV", subtype="FLOAT")
+    return np.frombuffer(out.getvalue(), np.uint8)
 
 
 def validate_jpeg(path: str, data: np.ndarray) -> None:
@@ -221,9 +247,7 @@ class SampleSource:
 
     def _read(self, index: int, ok: int, epoch: int, i: int) -> tuple[np.ndarray, ...]:
         s, entry = self.spec, self.spec.entries[index]
-        wav = read_bytes(entry.wav)
-        validate_wav(entry.wav, wav)
-        out: list[np.ndarray] = [wav]
+        out: list[np.ndarray] = [read_wav(entry.wav)]
         ks = []
         for view in range(s.views):
             if s.mode == "eval":
