@@ -187,9 +187,9 @@ class SourceSpec:
 class SampleSource:
     """Per-sample ``fn.external_source`` callback: wav bytes, frame bytes, labels and bookkeeping.
 
-    Outputs per sample, in order: wav bytes, then per visual view (the encoded frame bytes and the
-    frame index to decode: 0 for a JPEG, the video frame number for a video file), the multi-hot
-    label vector, the entry index, the ``valid`` flag and the frame second k of each view.
+    Outputs per sample, in order: wav bytes, then per visual view the encoded frame bytes (a JPEG,
+    or a video file followed by the frame number to decode), the multi-hot label vector, the entry
+    index, the ``valid`` flag and the frame second k of each view. ``num_outputs`` counts them.
 
     A file that is missing or structurally broken when it is read is logged by name and replaced by
     the next readable entry of the epoch (``valid`` = 0 in eval mode), so one bad file never stops a
@@ -220,6 +220,15 @@ class SampleSource:
     def __len__(self) -> int:
         return len(self.epoch_positions(0)[0])
 
+    @property
+    def video_files(self) -> bool:
+        """True when the entries name video files (all of them do, or none)."""
+        return self.spec.entries[0].is_video_file
+
+    @property
+    def num_outputs(self) -> int:
+        return 1 + self.spec.views * (2 if self.video_files else 1) + 4
+
     def __call__(self, info) -> tuple[np.ndarray, ...]:
         pos, valid = self.epoch_positions(info.epoch_idx)
         i = info.idx_in_epoch
@@ -233,7 +242,8 @@ class SampleSource:
                 self._skip(self.spec.entries[index], e)
                 index = int(pos[(i + attempt + 1) % len(pos)])
                 ok = 0 if self.spec.mode == "eval" else ok
-        raise RuntimeError("no readable entry left in this shard")
+        last = next(reversed(self.skipped.values()))
+        raise RuntimeError(f"no readable entry left in this shard; last error: {last}")
 
     def _skip(self, entry: Entry, err: Exception) -> None:
         if entry.video_id not in self.skipped:
@@ -282,4 +292,4 @@ class SampleSource:
         path = entry.frame_path(k)
         data = read_bytes(path)
         validate_jpeg(path, data)
-        return [data, np.array(0, np.int32)]
+        return [data]

@@ -11,3 +11,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def synth_small(tmp_path_factory):
+    """A small real synthetic dataset (webm + frames + wav), shared by the data-path tests.
+
+    12 clips of 4 s (8 train, 4 test), 4 classes; frames_per_clip is 4 for this clip length.
+    """
+    from equiav.data.synth import generate
+
+    out = tmp_path_factory.mktemp("synth_small")
+    return generate(
+        out,
+        clips=12,
+        classes=4,
+        seed=0,
+        video_format=("webm", "frames"),
+        seconds=4.0,
+        test_fraction=1 / 3,
+        workers=2,
+    )

@@ -1,0 +1,201 @@
+"""The DALI iterator wrapped into what the trainer consumes: dicts of torch tensors on its device.
+
+``DaliLoader`` owns one pipeline for one process (its shard of the data), runs the device stage
+(the filterbank, see ``audio``) right after DALI's PyTorch iterator, drops eval padding rows, and
+saves/restores its position:
+
+- ``state_dict()`` holds the epoch and the global sample position reached in it. Every choice the
+  pipeline makes is a pure function of (seed, epoch, global position) (see ``sources``), so a
+  loader rebuilt from that state yields the same next batch, bit for bit. We resume by position
+  rather than with DALI's pipeline checkpointing because DALI 2.4 cannot checkpoint its video
+  decoder ("Checkpointing is not implemented for this operator: decoders.video"), and because a
+  position also carries over to another world size: then the interrupted epoch continues at the
+  same global position, re-sharded over the new processes (logged).
+- Batches: ``audio`` (B, 3, 128, 1024) float32 (three equal channels, frequency as height, as the
+  audio tower's patch grid expects), ``visual`` (B, 3, 224, 224), ``labels`` (B, C), ``index``
+  (B,) entry indices into ``entries``, ``frame_k`` (B, views).
+- Last-batch policy: training epochs are whole global batches (the incomplete tail of each
+  reshuffled epoch is dropped); evaluation yields every sample exactly once (the padding rows of
+  the last batch are removed here, so batches can be shorter than ``batch_size``).
+- Bad input: the dataset is checked when the loader is built (``equiav.data.check``'s cached
+  result); entries with errors are skipped, each logged with its file and counted; files that
+  break mid-epoch are skipped by the source (logged by name, counted in ``skipped``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from dali_pipelines import audio
+from dali_pipelines.pipelines import OUTPUTS, PipelineOptions, build_pipeline
+from dali_pipelines.sources import SampleSource, Shard, SourceSpec
+from equiav.data.index import Entry, LabelSet
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+@dataclass
+class LoaderConfig:
+    """What a loader needs beyond the entries: sizes, normalisation, resources, seed."""
+
+    batch_size: int
+    mode: str = "train"  # "train" or "eval"
+    seed: int = 0
+    audio_mean: float = -4.346
+    audio_std: float = 4.332
+    target_frames: int = audio.TARGET_FRAMES
+    image_size: int = 224
+    frames_per_clip: int = 10
+    eval_frame: int = 5
+    num_threads: int = 2
+    prefetch: int = 2
+    py_workers: int = 0
+    weights: np.ndarray | None = field(default=None, repr=False)
+
+
+class DaliLoader:
+    """Iterates over one epoch at a time; ``for batch in loader`` runs the next epoch."""
+
+    def __init__(
+        self,
+        entries: Sequence[Entry],
+        labels: LabelSet,
+        cfg: LoaderConfig,
+        shard: Shard | None = None,
+        device: torch.device | str = "cpu",
+        state: dict | None = None,
+    ) -> None:
+        if not entries:
+            raise ValueError("no usable entries to load")
+        kinds = {e.is_video_file for e in entries}
+        if len(kinds) != 1:
+            raise ValueError("a dataset must use video files or frames folders, not both")
+        shard = shard or Shard()
+        self.entries, self.labels, self.cfg, self.shard = entries, labels, cfg, shard
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.epoch, start_offset = 0, 0
+        if state is not None:
+            self.epoch, start_offset = self._resume(state)
+        self.spec = SourceSpec(
+            entries=entries,
+            labels=labels,
+            batch_size=cfg.batch_size,
+            shard=shard,
+            mode="eval" if cfg.mode == "eval" else "train",
+            seed=cfg.seed,
+            frames_per_clip=cfg.frames_per_clip,
+            eval_frame=cfg.eval_frame,
+            weights=cfg.weights,
+            start_epoch=self.epoch,
+            start_offset=start_offset,
+        )
+        self.source = SampleSource(self.spec)
+        if start_offset and len(self.source) == 0:
+            # Saved right after the last batch of an epoch: resume at the next one.
+            self.epoch, start_offset = self.epoch + 1, 0
+            self.spec = dataclasses.replace(self.spec, start_epoch=self.epoch, start_offset=0)
+            self.source = SampleSource(self.spec)
+        if len(self.source) == 0:
+            raise ValueError(
+                f"{len(entries)} entries are fewer than one global batch "
+                f"({cfg.batch_size} x {shard.world_size} processes)"
+            )
+        self.opts = PipelineOptions(
+            batch_size=cfg.batch_size,
+            num_threads=cfg.num_threads,
+            device_id=self.device.index if self.device.type == "cuda" else None,
+            prefetch=cfg.prefetch,
+            # Every rank draws its own augmentations; a run's streams follow from its seed.
+            seed=(cfg.seed * 7919 + shard.rank * 104729 + self.epoch) % (2**31),
+            target_frames=cfg.target_frames,
+            image_size=cfg.image_size,
+            py_workers=cfg.py_workers,
+        )
+        self.pipe = build_pipeline(cfg.mode, self.source, self.opts)
+        self.iterator = DALIGenericIterator(
+            [self.pipe],
+            list(OUTPUTS),
+            last_batch_policy=LastBatchPolicy.DROP,
+            auto_reset=False,
+            prepare_first_batch=False,
+        )
+        self._start_epoch = self.epoch
+        self._start_offset = start_offset
+        self.steps_done = 0  # batches consumed in the current epoch (after start_offset)
+
+    def _resume(self, state: dict) -> tuple[int, int]:
+        """(epoch, global position in it) from a saved ``state_dict``."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"loader state of version {state.get('version')}, need {STATE_VERSION}"
+            )
+        if state["world_size"] != self.shard.world_size:
+            log.warning(
+                "resuming with %d processes from a checkpoint of %d: epoch %d continues at global "
+                "sample %d, re-sharded over the new processes",
+                self.shard.world_size,
+                state["world_size"],
+                state["epoch"],
+                state["global_position"],
+            )
+        return state["epoch"], state["global_position"]
+
+    def __len__(self) -> int:
+        """Batches per epoch for this process (the current epoch's, for a resumed first epoch)."""
+        return len(self.source.epoch_positions(self.epoch - self._start_epoch)[0]) // (
+            self.cfg.batch_size
+        )
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Entries skipped mid-run because their files broke: video id -> reason."""
+        return self.source.skipped
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for outputs in self.iterator:
+            self.steps_done += 1
+            yield self._device_stage(outputs[0])
+        self.iterator.reset()
+        self.epoch += 1
+        self.steps_done = 0
+
+    def _device_stage(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        dev = self.device
+        valid = out["valid"].reshape(-1).bool()
+        wave = out["wave"].to(dev, non_blocking=True)
+        wave_len = out["wave_len"].reshape(-1).to(dev)
+        feats = audio.features(
+            wave, wave_len, self.cfg.audio_mean, self.cfg.audio_std, self.cfg.target_frames
+        )
+        batch = {
+            "audio": audio.as_model_input(feats),
+            "visual": out["visual"].to(dev, non_blocking=True),
+            "labels": out["labels"].to(dev, non_blocking=True),
+            "index": out["index"].reshape(-1),
+            "frame_k": out["frame_k"],
+        }
+        if self.cfg.mode == "eval" and not bool(valid.all()):
+            keep = valid.nonzero().reshape(-1)
+            batch = {k: v[keep.to(v.device)] for k, v in batch.items()}
+        return batch
+
+    def state_dict(self) -> dict:
+        """Position to resume from: after the last batch this loader yielded."""
+        offset = self._start_offset if self.epoch == self._start_epoch else 0
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "global_position": offset
+            + self.steps_done * self.cfg.batch_size * self.shard.world_size,
+            "world_size": self.shard.world_size,
+        }

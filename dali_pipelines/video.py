@@ -1,0 +1,253 @@
+"""Visual decode stages: JPEG frames, single video frames, and the clean visual view.
+
+The DALI functions take and return DataNodes and are meant to be called inside ``@pipeline_def``
+functions. ``device`` is ``"gpu"`` when the pipeline has a device id (decoders then run as
+``"mixed"``: nvJPEG / NVDEC) and ``"cpu"`` in DALI's CPU-only mode.
+
+The host helpers (no DALI) read a video container's packet timestamps with PyAV to turn "the frame
+at second t" into the frame index that ``fn.decoders.video(start_frame=...)`` expects, and check
+that the codec can be decoded on the chosen device.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import av
+import numpy as np
+from nvidia.dali import fn, types
+from nvidia.dali import math as dmath
+from nvidia.dali.pipeline import DataNode
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# The frame used for clip second k (frames layout: frame_{k}) sits at k + FRAME_OFFSET_S seconds.
+FRAME_OFFSET_S = 0.5
+
+# Codecs DALI 2.4's video decoder handles (canonical FFmpeg names). The CPU list is what the pip
+# wheel's CPU variant decodes (MEASURED.md); the GPU list adds what NVDEC decodes.
+CPU_VIDEO_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
+GPU_VIDEO_CODECS = CPU_VIDEO_CODECS | {"h264", "hevc", "mpeg4", "av1"}
+
+# Tolerance when comparing a requested second with frame timestamps: container time bases
+# (e.g. 1/1000 s for WebM) make frame times inexact, and a frame stamped at exactly k + 0.5 s
+# must count as "at or before" it.
+_TIME_EPS_S = 1e-6
+
+
+class VideoCodecError(ValueError):
+    """A video's codec cannot be decoded by DALI on the requested device."""
+
+
+def _check_device(device: str) -> None:
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+
+
+def _decoder_device(device: str) -> str:
+    """DALI decoders take encoded bytes on the host: their GPU variant is the 'mixed' backend."""
+    _check_device(device)
+    return "mixed" if device == "gpu" else "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# DALI graph functions
+# --------------------------------------------------------------------------------------------
+
+
+def decode_jpeg(jpeg_bytes: DataNode, device: str) -> DataNode:
+    """Decode JPEG bytes (CPU node) to an HWC uint8 RGB image on ``device`` (nvJPEG on GPU)."""
+    return fn.decoders.image(jpeg_bytes, device=_decoder_device(device), output_type=types.RGB)
+
+
+def decode_video_frame(video_bytes: DataNode, frame_index: DataNode, device: str) -> DataNode:
+    """Decode one frame of an encoded video to an HWC uint8 RGB image on ``device``.
+
+    ``frame_index`` is a per-sample scalar (CPU node) counting frames in presentation order, as
+    returned by :func:`frame_index_at`; DALI fails the batch for an index outside
+    [0, number of frames), which :func:`frame_index_at` never returns.
+    """
+    sequence = fn.decoders.video(
+        video_bytes,
+        device=_decoder_device(device),
+        start_frame=fn.cast(frame_index, dtype=types.INT32),
+        sequence_length=1,
+    )
+    # (1, H, W, C) "FHWC" -> (H, W, C) "HWC".
+    return fn.squeeze(sequence, axes=[0])
+
+
+def _center_crop_roi(frame: DataNode, image_size: int) -> tuple[DataNode, DataNode]:
+    """Input-pixel ROI that torchvision's Resize(image_size) + CenterCrop(image_size) keeps.
+
+    torchvision resizes the shorter side to ``image_size`` and the longer one to
+    ``int(image_size * long / short)`` (truncated, so the two axes scale slightly differently),
+    then crops at ``round((new - image_size) / 2)`` with Python's round-half-to-even. Resizing
+    exactly this input region to image_size x image_size samples the same points as resize-then-
+    crop (same scale per axis, so the same antialiasing filter) and only computes the kept pixels.
+    """
+    shape = frame.shape()  # CPU node even for GPU frames (dynamic executor)
+    h, w = shape[0], shape[1]
+    short, long = dmath.min(h, w), dmath.max(h, w)
+    new_long = (image_size * long) // short  # == int(size * long / short) for positive ints
+    portrait = h > w
+    new_h = portrait * new_long + (1 - portrait) * image_size
+    new_w = portrait * image_size + (1 - portrait) * new_long
+
+    def half_even_offset(new_extent: DataNode) -> DataNode:
+        margin = new_extent - image_size
+        half = margin // 2
+        # Odd margin: x.5 rounds up only when the floor is odd (half to even).
+        return half + (margin % 2) * (half % 2)
+
+    def as_float(x: DataNode) -> DataNode:
+        return fn.cast(x, dtype=types.FLOAT)
+
+    scale_y = as_float(h) / as_float(new_h)
+    scale_x = as_float(w) / as_float(new_w)
+    top = as_float(half_even_offset(new_h))
+    left = as_float(half_even_offset(new_w))
+    roi_start = fn.stack(top * scale_y, left * scale_x)
+    roi_end = fn.stack((top + image_size) * scale_y, (left + image_size) * scale_x)
+    return roi_start, roi_end
+
+
+def clean_view(frame: DataNode, device: str, image_size: int = 224) -> DataNode:
+    """The clean visual view: float32 CHW (3, image_size, image_size), ImageNet-normalised.
+
+    Matches torchvision ``Resize(image_size, BICUBIC, antialias=True)``, ``CenterCrop(image_size)``,
+    ``ToTensor()``, ``Normalize(IMAGENET_MEAN, IMAGENET_STD)`` on the PIL image (the resize is
+    rounded to uint8 like PIL's before normalising).
+    """
+    _check_device(device)
+    roi_start, roi_end = _center_crop_roi(frame, image_size)
+    resized = fn.resize(
+        frame,
+        device=device,
+        size=[image_size, image_size],
+        roi_start=roi_start,
+        roi_end=roi_end,
+        interp_type=types.INTERP_CUBIC,
+        antialias=True,
+    )
+    return fn.crop_mirror_normalize(
+        resized,
+        device=device,
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        mean=[255.0 * m for m in IMAGENET_MEAN],
+        std=[255.0 * s for s in IMAGENET_STD],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Host helpers: codec checks and frame times (PyAV demuxing only, no decoding)
+# --------------------------------------------------------------------------------------------
+
+
+class _VideoProbe(NamedTuple):
+    codec: str
+    times: np.ndarray  # sorted presentation times in seconds, relative to the first frame
+
+
+@functools.lru_cache(maxsize=4096)
+def _probe_cached(path: str, mtime_ns: int, size: int) -> _VideoProbe:
+    # mtime and size are part of the key so that a rewritten file is probed again.
+    try:
+        container = av.open(path)
+    except av.FFmpegError as err:
+        raise ValueError(f"{path}: cannot open as a video container ({err})") from err
+    with container:
+        if not container.streams.video:
+            raise ValueError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        codec = stream.codec_context.codec.canonical_name
+        stamps = []
+        # DALI's frame index holds one entry per packet of the stream, stamped with pts (dts when
+        # pts is missing), sorted by that stamp; the decoder emits frames in the same order.
+        for packet in container.demux(stream):
+            if packet.size == 0:  # PyAV's end-of-stream flush packet
+                continue
+            stamp = packet.pts if packet.pts is not None else packet.dts
+            if stamp is None:
+                raise ValueError(f"{path}: video packets carry no timestamps")
+            stamps.append(stamp)
+        if not stamps:
+            raise ValueError(f"{path}: video stream has no frames")
+        time_base = stream.time_base
+    pts = np.sort(np.asarray(stamps, dtype=np.int64))
+    times = (pts - pts[0]).astype(np.float64) * float(time_base)
+    times.flags.writeable = False  # shared through the cache
+    return _VideoProbe(codec, times)
+
+
+def _probe(path: str | os.PathLike) -> _VideoProbe:
+    path = os.fspath(path)
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"video file not found: {path}") from None
+    return _probe_cached(path, stat.st_mtime_ns, stat.st_size)
+
+
+def video_codec(path: str | os.PathLike) -> str:
+    """Canonical FFmpeg name of the first video stream's codec ('vp9', 'h264', ...)."""
+    return _probe(path).codec
+
+
+def check_decodable(path: str | os.PathLike, gpu: bool) -> None:
+    """Raise VideoCodecError (naming file and codec) if DALI cannot decode this video.
+
+    Without a GPU only VP8, VP9 and MJPEG decode: DALI's CPU video decoder lacks H.264, HEVC,
+    MPEG-4 Part 2 and AV1. Raises FileNotFoundError / ValueError for missing or unreadable files.
+    """
+    codec = video_codec(path)
+    if gpu and codec not in GPU_VIDEO_CODECS:
+        raise VideoCodecError(
+            f"{os.fspath(path)}: video codec '{codec}' is not supported by DALI's video decoder "
+            f"(supported: {', '.join(sorted(GPU_VIDEO_CODECS))}); convert it to VP9 or extract "
+            "frames to the frame_{k}/{video_id}.jpg layout"
+        )
+    if not gpu and codec not in CPU_VIDEO_CODECS:
+        raise VideoCodecError(
+            f"{os.fspath(path)}: video codec '{codec}' cannot be decoded by DALI's CPU video "
+            f"decoder (CPU supports: {', '.join(sorted(CPU_VIDEO_CODECS))}); it needs a GPU with "
+            "NVDEC, or convert it to VP9 (WebM) or to the frame_{k}/{video_id}.jpg frames layout"
+        )
+
+
+def video_frame_times(path: str | os.PathLike) -> np.ndarray:
+    """Sorted presentation times (seconds, first frame at 0) of every frame; read-only, cached.
+
+    Found by demuxing packets with PyAV (no decoding); cached per (path, mtime, size).
+    """
+    return _probe(path).times
+
+
+def _index_at(times: np.ndarray, second: float) -> int:
+    index = int(np.searchsorted(times, second + _TIME_EPS_S, side="right")) - 1
+    return min(max(index, 0), len(times) - 1)
+
+
+def frame_index_at(path: str | os.PathLike, second: float) -> int:
+    """Index (presentation order, DALI's ``start_frame``) of the last frame shown at ``second``.
+
+    That is the last frame whose timestamp, relative to the stream's first frame, is <= second,
+    clamped to [0, number of frames - 1].
+    """
+    return _index_at(video_frame_times(path), second)
+
+
+def frames_at_seconds(path: str | os.PathLike, seconds: Sequence[float]) -> list[int]:
+    """:func:`frame_index_at` for several seconds with one probe of the file."""
+    times = video_frame_times(path)
+    return [_index_at(times, s) for s in seconds]
+
+
+def clip_second(k: int) -> float:
+    """Time in the video of the frame that stands for clip second k (frames layout frame_{k})."""
+    return k + FRAME_OFFSET_S

@@ -1,0 +1,182 @@
+"""The DALI loader end to end on real synthetic media: shapes, values, shards, resume, bad input."""
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+from dali_pipelines.loader import DaliLoader, LoaderConfig
+from dali_pipelines.sources import Shard
+from equiav.data.index import read_dataset, read_label_csv, write_dataset
+from tests.test_audio_pipeline import reference_fbank
+
+MEAN, STD = -4.346, 4.332
+
+
+def make_loader(info, name="train.json", shard=None, state=None, **kw):
+    kw.setdefault("batch_size", 2)
+    cfg = LoaderConfig(frames_per_clip=4, eval_frame=2, audio_mean=MEAN, audio_std=STD, **kw)
+    entries = read_dataset(info.root / name)
+    return DaliLoader(entries, read_label_csv(info.label_csv), cfg, shard, "cpu", state)
+
+
+def collect(loader, steps=None):
+    out = []
+    for batch in loader:
+        out.append({k: v.clone() for k, v in batch.items()})
+        if steps is not None and len(out) == steps:
+            break
+    return out
+
+
+@pytest.mark.parametrize("name", ["test.json", "test_webm.json"])
+def test_eval_batches_match_the_reference_steps(synth_small, name):
+    loader = make_loader(synth_small, name, mode="eval", batch_size=3)
+    entries = read_dataset(synth_small.root / name)
+    labels = read_label_csv(synth_small.label_csv)
+    batches = collect(loader)
+    assert [len(b["index"]) for b in batches] == [3, 1]  # 4 entries, the padding row removed
+    seen = torch.cat([b["index"] for b in batches]).tolist()
+    assert seen == list(range(len(entries)))
+    b = batches[0]
+    assert b["audio"].shape == (3, 3, 128, 1024) and b["audio"].dtype == torch.float32
+    assert b["visual"].shape == (3, 3, 224, 224) and b["visual"].dtype == torch.float32
+    assert b["labels"].shape == (3, len(labels))
+    assert (b["frame_k"] == 2).all()
+    for row, i in enumerate(b["index"].tolist()):
+        entry = entries[i]
+        np.testing.assert_array_equal(b["labels"][row].numpy(), labels.multi_hot(entry.labels))
+        # Audio: the paper's steps with torchaudio, padded to 1024 frames after the log.
+        ref = reference_fbank(entry.wav)
+        padded = np.zeros((1024, 128), np.float32)
+        padded[: len(ref)] = ref
+        got = b["audio"][row, 0].T.numpy()
+        np.testing.assert_allclose(got, (padded - MEAN) / STD, atol=2e-3)
+        assert torch.equal(b["audio"][row, 0], b["audio"][row, 2])
+        if name == "test.json":  # the frames layout: compare the clean view with torchvision
+            img = Image.open(entry.frame_path(2)).convert("RGB")
+            t = TF.to_tensor(TF.center_crop(TF.resize(img, 224, TF.InterpolationMode.BICUBIC), 224))
+            t = TF.normalize(t, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+            assert (b["visual"][row] - t).abs().mean() < 1.5 / 255 / 0.226
+
+
+def test_two_eval_shards_count_every_sample_once(synth_small):
+    seen, steps = [], set()
+    for rank in range(2):
+        batches = collect(
+            make_loader(synth_small, "train.json", Shard(rank, 2), mode="eval", batch_size=3)
+        )
+        steps.add(len(batches))
+        seen += torch.cat([b["index"] for b in batches]).tolist()
+    assert sorted(seen) == list(range(8)) and len(steps) == 1
+
+
+def test_train_shards_cover_an_epoch_once_and_reshuffle(synth_small):
+    per_epoch = []
+    for epoch in range(2):
+        seen = []
+        for rank in range(2):
+            loader = make_loader(synth_small, shard=Shard(rank, 2))
+            for _ in range(epoch + 1):
+                batches = collect(loader)
+            seen.append(torch.cat([b["index"] for b in batches]).tolist())
+        assert not set(seen[0]) & set(seen[1])
+        assert sorted(seen[0] + seen[1]) == list(range(8))
+        per_epoch.append(seen)
+    assert per_epoch[0] != per_epoch[1]
+
+
+def test_same_seed_same_batches_other_seed_differs(synth_small):
+    a = collect(make_loader(synth_small, seed=3))
+    b = collect(make_loader(synth_small, seed=3))
+    c = collect(make_loader(synth_small, seed=4))
+    for x, y in zip(a, b, strict=True):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    assert [x["index"].tolist() for x in a] != [x["index"].tolist() for x in c]
+
+
+def _assert_same(xs, ys):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys, strict=True):
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+
+
+@pytest.mark.parametrize("name", ["train.json", "train_webm.json"])
+# mid-epoch, at the very end of an epoch, and in the next epoch (4 steps each)
+@pytest.mark.parametrize("stop_after", [1, 4, 5])
+def test_resume_yields_the_same_next_batches(synth_small, name, stop_after):
+    straight = make_loader(synth_small, name)
+    full = collect(straight) + collect(straight)
+    first = make_loader(synth_small, name)
+    if stop_after > 4:
+        done = collect(first) + collect(first, steps=stop_after - 4)
+    else:
+        done = collect(first, steps=stop_after)
+    state = first.state_dict()
+    resumed = make_loader(synth_small, name, state=state)
+    rest = collect(resumed)
+    if stop_after < 4:
+        rest += collect(resumed)
+    _assert_same(done + rest, full)
+
+
+def test_resume_on_another_world_size_continues_the_epoch(synth_small, caplog):
+    first = make_loader(synth_small, shard=Shard(0, 2))  # 8 clips / (2 x 2) = 2 steps
+    done = collect(first, steps=1)
+    state = first.state_dict()
+    assert state["global_position"] == 4
+    with caplog.at_level(logging.WARNING):
+        resumed = make_loader(synth_small, shard=Shard(0, 1), state=state)
+    assert "re-sharded" in caplog.text
+    rest = collect(resumed)
+    seen = torch.cat([b["index"] for b in rest]).tolist()
+    other_rank = make_loader(synth_small, shard=Shard(1, 2))
+    first_step = collect(other_rank, steps=1)[0]["index"].tolist()
+    # The whole epoch is seen once: rank 0's and rank 1's first step, then the rest on one process.
+    assert sorted(done[0]["index"].tolist() + first_step + seen) == list(range(8))
+
+
+@pytest.fixture
+def broken_copy(synth_small, tmp_path):
+    """A copy of the training list whose media we may break."""
+    root = tmp_path / "copy"
+    shutil.copytree(synth_small.root / "wav", root / "wav")
+    shutil.copytree(synth_small.root / "frames", root / "frames")
+    entries = read_dataset(synth_small.root / "train.json")
+    moved = [
+        type(e)(e.video_id, str(root / "wav" / f"{e.video_id}.wav"), str(root / "frames"), e.labels)
+        for e in entries
+    ]
+    write_dataset(root / "train.json", moved)
+    shutil.copy(synth_small.label_csv, root / "class_labels_indices.csv")
+    return root, moved
+
+
+def test_files_broken_mid_run_are_skipped_by_name(synth_small, broken_copy, caplog):
+    root, entries = broken_copy
+    labels = read_label_csv(root / "class_labels_indices.csv")
+    cfg = LoaderConfig(batch_size=2, mode="eval", frames_per_clip=4, eval_frame=2)
+    loader = DaliLoader(entries, labels, cfg)
+    # Break files after the loader was built (as if they changed on disk mid-epoch).
+    wav = entries[3].wav
+    data = open(wav, "rb").read()
+    open(wav, "wb").write(data[: len(data) // 2])
+    jpg = entries[5].frame_path(2)
+    data = open(jpg, "rb").read()
+    open(jpg, "wb").write(data[: len(data) - 100])
+    with caplog.at_level(logging.WARNING):
+        batches = collect(loader)
+    seen = torch.cat([b["index"] for b in batches]).tolist()
+    assert sorted(seen) == [0, 1, 2, 4, 6, 7]  # the two broken entries dropped, no duplicates
+    assert set(loader.skipped) == {entries[3].video_id, entries[5].video_id}
+    assert f"{entries[3].video_id}.wav: truncated" in caplog.text
+    assert "truncated JPEG" in caplog.text
+    # Training keeps going too, reading a replacement for each broken sample.
+    cfg = LoaderConfig(batch_size=2, mode="train", frames_per_clip=4, eval_frame=2)
+    train = DaliLoader(entries, labels, cfg)
+    assert sum(len(b["index"]) for b in collect(train)) == 8
