@@ -36,7 +36,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from dali_pipelines import audio
 from dali_pipelines.pipelines import OUTPUTS, PipelineOptions, build_pipeline
 from dali_pipelines.sources import SampleSource, Shard, SourceSpec
-from equiav.data.index import Entry, LabelSet
+from equiav.data.index import Entry, LabelSet, read_label_csv
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -199,3 +199,110 @@ class DaliLoader:
             + self.steps_done * self.cfg.batch_size * self.shard.world_size,
             "world_size": self.shard.world_size,
         }
+
+
+def checked_entries(
+    json_path: str,
+    label_csv: str,
+    *,
+    seconds: float,
+    sample_rate: int,
+    frames_per_clip: int,
+    weights_csv: str | None = None,
+    gpu: bool = False,
+    progress: bool = True,
+) -> tuple[list[Entry], np.ndarray | None]:
+    """The usable entries of a dataset file (and their weights), after the cached dataset check.
+
+    Entries with errors are skipped, each logged with its file, then counted; warnings are what
+    the pipeline repairs (resample, downmix, pad). Without a GPU, a video codec that DALI's CPU
+    decoder cannot handle is an error for that entry. Under ``torch.distributed`` rank 0 checks
+    first and the others read its cache.
+    """
+    from equiav.data.check import check_dataset
+
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if dist else 0
+    kwargs = dict(
+        label_csv=label_csv,
+        weights_csv=weights_csv,
+        seconds=seconds,
+        sample_rate=sample_rate,
+        frames_per_clip=frames_per_clip,
+    )
+    if dist and rank != 0:
+        torch.distributed.barrier()  # wait for rank 0 to fill the cache
+    report = check_dataset(json_path, progress=progress and rank == 0, **kwargs)
+    if dist and rank == 0:
+        torch.distributed.barrier()
+    if not gpu:
+        report = report.promote("cpu_undecodable")
+    errors = report.errors()
+    if rank == 0:
+        for issue in errors:
+            log.warning("skipping entry: %s", issue.format())
+        if errors:
+            counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts().items()))
+            log.warning(
+                "%s: %d of %d entries skipped for errors (%s)",
+                json_path,
+                len(report.entries) - len(report.usable),
+                len(report.entries),
+                counts,
+            )
+    entries = report.clean_entries()
+    if not entries:
+        raise ValueError(f"{json_path}: no usable entries ({report.summary()})")
+    weights = report.clean_weights() if weights_csv is not None else None
+    return entries, weights
+
+
+def build_loader(
+    cfg,
+    split: str,
+    mode: str,
+    shard: Shard | None = None,
+    device: torch.device | str = "cpu",
+    state: dict | None = None,
+    balanced: bool = False,
+) -> DaliLoader:
+    """A ``DaliLoader`` over ``cfg.data.{split}_json`` (e.g. split "train", "test", "retrieval").
+
+    ``cfg`` is an ``equiav.config.Config``; ``balanced`` draws training samples with the dataset's
+    class-balanced weights (``data.weights_csv``).
+    """
+    data = cfg.data
+    json_path = getattr(data, f"{split}_json")
+    if json_path is None:
+        raise ValueError(f"data.{split}_json is not set")
+    if data.label_csv is None:
+        raise ValueError("data.label_csv is not set")
+    if balanced and data.weights_csv is None:
+        raise ValueError("class-balanced sampling needs data.weights_csv")
+    device = torch.device(device)
+    entries, weights = checked_entries(
+        json_path,
+        data.label_csv,
+        seconds=data.clip_seconds,
+        sample_rate=data.sample_rate,
+        frames_per_clip=data.frames_per_clip,
+        weights_csv=data.weights_csv if balanced else None,
+        gpu=device.type == "cuda",
+    )
+    lcfg = LoaderConfig(
+        batch_size=cfg.train.batch_size
+        if mode != "eval"
+        else (cfg.eval.batch_size or cfg.train.batch_size),
+        mode=mode,
+        seed=cfg.train.seed,
+        audio_mean=data.resolved_mean(),
+        audio_std=data.resolved_std(),
+        target_frames=data.target_length,
+        image_size=data.image_size,
+        frames_per_clip=data.frames_per_clip,
+        eval_frame=data.eval_frame,
+        num_threads=data.num_threads,
+        prefetch=data.prefetch,
+        weights=weights,
+    )
+    return DaliLoader(entries, read_label_csv(data.label_csv), lcfg, shard, device, state)

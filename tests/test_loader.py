@@ -180,3 +180,59 @@ def test_files_broken_mid_run_are_skipped_by_name(synth_small, broken_copy, capl
     cfg = LoaderConfig(batch_size=2, mode="train", frames_per_clip=4, eval_frame=2)
     train = DaliLoader(entries, labels, cfg)
     assert sum(len(b["index"]) for b in collect(train)) == 8
+
+
+def _config(root, train_json="train.json"):
+    from equiav.config import apply_overrides, default_config
+
+    return apply_overrides(
+        default_config(),
+        {
+            "data.dataset": "synthetic",
+            "data.train_json": str(root / train_json),
+            "data.test_json": str(root / "test.json"),
+            "data.label_csv": str(root / "class_labels_indices.csv"),
+            "data.audio_mean": MEAN,
+            "data.audio_std": STD,
+            "data.clip_seconds": 4.0,
+            "data.frames_per_clip": 4,
+            "data.eval_frame": 2,
+            "train.batch_size": 2,
+        },
+    )
+
+
+def test_build_loader_skips_entries_with_errors_by_name(broken_copy, caplog):
+    from dali_pipelines.loader import build_loader
+
+    root, entries = broken_copy
+    (root / "wav" / f"{entries[1].video_id}.wav").unlink()
+    (root / "frames" / "frame_3" / f"{entries[6].video_id}.jpg").unlink()
+    with caplog.at_level(logging.WARNING):
+        loader = build_loader(_config(root), "train", "eval")
+    assert f"{entries[1].video_id}.wav" in caplog.text
+    assert "missing_frames" in caplog.text and entries[6].video_id in caplog.text
+    assert "2 of 8 entries skipped" in caplog.text
+    seen = []
+    for b in loader:
+        seen += [loader.entries[i].video_id for i in b["index"].tolist()]
+    assert sorted(seen) == sorted(e.video_id for i, e in enumerate(entries) if i not in (1, 6))
+
+
+def test_build_loader_refuses_h264_without_a_gpu(tmp_path):
+    from dali_pipelines.loader import build_loader
+    from equiav.data.synth import generate
+
+    info = generate(
+        tmp_path,
+        clips=3,
+        classes=2,
+        seed=1,
+        video_format="mp4",
+        seconds=2.0,
+        test_fraction=0.0,
+        workers=1,
+    )
+    cfg = _config(info.root, "train_mp4.json")
+    with pytest.raises(ValueError, match="h264"):
+        build_loader(cfg, "train", "train")
