@@ -1,0 +1,160 @@
+"""The ViT tower shared by both modalities: patch embedding, fixed 2-D sin-cos positions, blocks.
+
+A tower maps an image-like input (B, 3, H, W) to its token sequence (B, H/16 * W/16, width),
+BEFORE any final LayerNorm: EquiAV keeps one final norm per view (`norm_a` for the clean audio
+view, `norm_a_aug` for the augmented one, same for visual), so the norms live in the models that
+own the towers. There is no class token.
+
+Audio: the input is the fbank as (B, 3, F, T) = (B, 3, 128, 1024), giving an 8 x 64 grid (frequency
+rows, time columns). Visual: (B, 3, 224, 224), a 14 x 14 grid. Both sizes come from the config.
+
+The blocks are timm's `Block` (pre-norm attention + MLP). Their attention calls
+`torch.nn.functional.scaled_dot_product_attention` when its `fused_attn` flag is set; timm sets
+that flag from a global switch (`TIMM_FUSED_ATTN`, `timm.layers.set_fused_attn`) at
+construction, so the tower sets it on every block itself (`force_fused_attention`) to use SDPA
+whatever that switch says.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from equiav.config import DataConfig, ModelConfig
+
+
+def sincos_pos_embed_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """Sin-cos codes of `positions` (M,): (M, embed_dim) = [sin(p w_k) | cos(p w_k)], k < D/2,
+    w_k = 10000^(-k / (D/2)). Computed in float64."""
+    if embed_dim % 2:
+        raise ValueError(f"sin-cos embedding width must be even, got {embed_dim}")
+    half = embed_dim // 2
+    omega = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float64) / half)
+    angles = positions.to(torch.float64).reshape(-1, 1) * omega.reshape(1, -1)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_rows: int, grid_cols: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embeddings, laid out as MAE's helper lays them out.
+
+    Returns float32 (grid_rows * grid_cols, embed_dim); token n is grid cell (n // cols, n % cols),
+    i.e. row-major, which is the order of a flattened patch-embedding conv output. Channels
+    [0, D/2) are the 1-D code of the cell's COLUMN index and [D/2, D) of its ROW index: MAE builds
+    its grid with `meshgrid(w, h)`, so the half it labels "h" receives the column coordinate. The
+    released EquiAV checkpoints hold exactly this layout.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"2-D sin-cos embedding width must be a multiple of 4, got {embed_dim}")
+    rows = torch.arange(grid_rows).repeat_interleave(grid_cols)  # 0,0,..,0,1,1,..
+    cols = torch.arange(grid_cols).repeat(grid_rows)  # 0,1,..,C-1,0,1,..
+    emb = torch.cat(
+        [sincos_pos_embed_1d(embed_dim // 2, cols), sincos_pos_embed_1d(embed_dim // 2, rows)],
+        dim=1,
+    )
+    return emb.float()
+
+
+def force_fused_attention(blocks: nn.ModuleList) -> None:
+    """Make every block's attention call `F.scaled_dot_product_attention` (see module doc)."""
+    for block in blocks:
+        block.attn.fused_attn = True
+
+
+class ViTTower(nn.Module):
+    """Patch embedding + fixed sin-cos positions + learned modality vector + transformer blocks.
+
+    `forward` returns the token sequence before the final norm, (B, num_patches, embed_dim).
+    `pos_embed` is a non-persistent buffer (regenerated, never trained, never saved).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        input_size: tuple[int, int],
+        patch_size: int = 16,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        in_chans: int = 3,
+    ) -> None:
+        super().__init__()
+        height, width = input_size
+        if height % patch_size or width % patch_size:
+            raise ValueError(
+                f"{name} tower: input size {input_size} is not a multiple of the patch size "
+                f"{patch_size}"
+            )
+        self.name = name
+        self.input_shape = (in_chans, height, width)
+        self.patch_embed = PatchEmbed(
+            img_size=(height, width), patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim
+        )
+        self.grid_size: tuple[int, int] = tuple(self.patch_embed.grid_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.register_buffer(
+            "pos_embed", sincos_pos_embed_2d(embed_dim, *self.grid_size)[None], persistent=False
+        )
+        self.modality = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # The original uses torch's LayerNorm (eps 1e-5), not timm's default (eps 1e-6); the
+        # same drop-path rate in every block, as the original finetuning model does.
+        self.blocks = nn.ModuleList(
+            Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=True,
+                drop_path=drop_path,
+                norm_layer=nn.LayerNorm,
+            )
+            for _ in range(depth)
+        )
+        force_fused_attention(self.blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> tokens (B, num_patches, embed_dim), before the final norm."""
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"{self.name} tower expects input (B, {', '.join(map(str, self.input_shape))}), "
+                f"got {tuple(x.shape)}"
+            )
+        x = self.patch_embed(x) + self.pos_embed + self.modality
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def audio_input_size(data: DataConfig) -> tuple[int, int]:
+    """(F, T): the audio tower's input height (mel bins) and width (frames)."""
+    return (data.num_mel_bins, data.target_length)
+
+
+def visual_input_size(data: DataConfig) -> tuple[int, int]:
+    """(H, W) of the visual tower's input."""
+    return (data.image_size, data.image_size)
+
+
+def _tower(name: str, size: tuple[int, int], model: ModelConfig) -> ViTTower:
+    return ViTTower(
+        name,
+        size,
+        patch_size=model.patch_size,
+        embed_dim=model.embed_dim,
+        depth=model.depth,
+        num_heads=model.num_heads,
+        mlp_ratio=model.mlp_ratio,
+        drop_path=model.drop_path,
+    )
+
+
+def build_audio_tower(model: ModelConfig, data: DataConfig) -> ViTTower:
+    """The audio tower for inputs (B, 3, num_mel_bins, target_length)."""
+    return _tower("audio", audio_input_size(data), model)
+
+
+def build_visual_tower(model: ModelConfig, data: DataConfig) -> ViTTower:
+    """The visual tower for inputs (B, 3, image_size, image_size)."""
+    return _tower("visual", visual_input_size(data), model)
