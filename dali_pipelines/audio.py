@@ -37,21 +37,48 @@ def samples_for_frames(frames: int = TARGET_FRAMES) -> int:
     return FRAME_LENGTH + (frames - 1) * FRAME_SHIFT
 
 
-def waveform(wav_bytes: DataNode, target_frames: int = TARGET_FRAMES) -> tuple[DataNode, DataNode]:
-    """DALI stage: (mono float waveform, mean removed, cut/padded; its valid length).
+def _decode(wav_bytes: DataNode) -> DataNode:
+    """Mono float waveform of 16 kHz wav bytes, its mean removed.
 
     The input must already be at 16 kHz: DALI's resampler does not low-pass (see
     ``kernels.resample``), so ``sources.read_wav`` resamples other rates before the pipeline.
-    The waveform's mean is taken over the whole file before cutting, as the paper's loader does.
     """
     audio, _rate = fn.decoders.audio(wav_bytes, downmix=True, dtype=types.FLOAT)
-    audio = audio - fn.reductions.mean(audio)
+    return audio - fn.reductions.mean(audio)
+
+
+def _pad_cut(audio: DataNode, target_frames: int) -> tuple[DataNode, DataNode]:
     max_samples = samples_for_frames(target_frames)
     length = dmath.min(audio.shape(dtype=types.INT64), max_samples)
     audio = fn.slice(
         audio, start=[0], shape=[max_samples], axes=[0], out_of_bounds_policy="pad", fill_values=0.0
     )
     return audio, length
+
+
+def waveform(wav_bytes: DataNode, target_frames: int = TARGET_FRAMES) -> tuple[DataNode, DataNode]:
+    """DALI stage: (mono float waveform, mean removed, cut/padded; its valid length).
+
+    The waveform's mean is taken over the whole file before cutting, as the paper's loader does.
+    """
+    return _pad_cut(_decode(wav_bytes), target_frames)
+
+
+def mixed_waveform(
+    wav_bytes: DataNode, partner_bytes: DataNode, lam: DataNode, target_frames: int = TARGET_FRAMES
+) -> tuple[DataNode, DataNode]:
+    """Finetuning mixup before the filterbank, as the paper's loader mixes.
+
+    Both waveforms lose their mean, the partner is cut or zero-padded to the first one's length,
+    ``lam * first + (1 - lam) * partner`` loses its mean again, then pad/cut as ``waveform``.
+    """
+    first, partner = _decode(wav_bytes), _decode(partner_bytes)
+    length = fn.cast(first.shape(dtype=types.INT64), dtype=types.FLOAT)
+    partner = fn.slice(
+        partner, start=[0], shape=length, axes=[0], out_of_bounds_policy="pad", fill_values=0.0
+    )
+    mixed = first * lam + partner * (1.0 - lam)
+    return _pad_cut(mixed - fn.reductions.mean(mixed), target_frames)
 
 
 def features(
@@ -73,12 +100,3 @@ def features(
     elif t > target_frames:
         feats = feats[:, :target_frames]
     return (feats - mean) / std
-
-
-def as_model_input(feats: torch.Tensor) -> torch.Tensor:
-    """(B, T, F) filterbank -> (B, 3, F, T): three equal channels, frequency as height.
-
-    The audio tower's patch grid is 8 frequency rows x 64 time columns over a 128 x 1024 image.
-    The channels are an expanded view (no copy).
-    """
-    return feats.transpose(1, 2).unsqueeze(1).expand(-1, 3, -1, -1)

@@ -33,10 +33,11 @@ import numpy as np
 import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from dali_pipelines import audio
-from dali_pipelines.pipelines import OUTPUTS, PipelineOptions, build_pipeline
+from dali_pipelines import audio, augment
+from dali_pipelines.pipelines import PipelineOptions, build_pipeline, output_names
 from dali_pipelines.sources import SampleSource, Shard, SourceSpec
 from equiav.data.index import Entry, LabelSet, read_label_csv
+from kernels import augment as K
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -47,7 +48,7 @@ class LoaderConfig:
     """What a loader needs beyond the entries: sizes, normalisation, resources, seed."""
 
     batch_size: int
-    mode: str = "train"  # "train" or "eval"
+    mode: str = "train"  # "eval", "train", "pretrain" or "finetune" (see sources.SourceSpec)
     seed: int = 0
     audio_mean: float = -4.346
     audio_std: float = 4.332
@@ -59,6 +60,12 @@ class LoaderConfig:
     prefetch: int = 2
     py_workers: int = 0
     weights: np.ndarray | None = field(default=None, repr=False)
+    augment: object | None = None  # equiav.config.AugmentConfig (pretrain, finetune)
+    cen_num: int = 0  # pretrain: sampled vectors per modality (0 without cen_mean)
+    time_shift_applied: bool = True  # pretrain quirk switch (paper_exact: False)
+    ft_specaug: bool = True  # finetune quirk switch (paper_exact: False)
+    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 class DaliLoader:
@@ -91,13 +98,18 @@ class DaliLoader:
             labels=labels,
             batch_size=cfg.batch_size,
             shard=shard,
-            mode="eval" if cfg.mode == "eval" else "train",
+            mode=cfg.mode,
             seed=cfg.seed,
             frames_per_clip=cfg.frames_per_clip,
             eval_frame=cfg.eval_frame,
             weights=cfg.weights,
             start_epoch=self.epoch,
             start_offset=start_offset,
+            augment=cfg.augment,
+            frames=cfg.target_frames,
+            image_size=cfg.image_size,
+            cen_num=cfg.cen_num if cfg.mode == "pretrain" else 0,
+            ft_specaug=cfg.ft_specaug,
         )
         self.source = SampleSource(self.spec)
         if start_offset and len(self.source) == 0:
@@ -121,10 +133,10 @@ class DaliLoader:
             image_size=cfg.image_size,
             py_workers=cfg.py_workers,
         )
-        self.pipe = build_pipeline(cfg.mode, self.source, self.opts)
+        self.pipe = build_pipeline(self.source, self.opts)
         self.iterator = DALIGenericIterator(
             [self.pipe],
-            list(OUTPUTS),
+            list(output_names(self.source)),
             last_batch_policy=LastBatchPolicy.DROP,
             auto_reset=False,
             prepare_first_batch=False,
@@ -157,6 +169,14 @@ class DaliLoader:
         )
 
     @property
+    def steps_per_epoch(self) -> int:
+        """Batches in a whole epoch for this process (a resumed first epoch may be shorter)."""
+        s = self.spec
+        if s.mode == "eval":
+            return len(self.source) // s.batch_size
+        return len(self.entries) // (s.batch_size * s.shard.world_size)
+
+    @property
     def skipped(self) -> dict[str, str]:
         """Entries skipped mid-run because their files broke: video id -> reason."""
         return self.source.skipped
@@ -170,21 +190,44 @@ class DaliLoader:
         self.steps_done = 0
 
     def _device_stage(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        dev = self.device
-        valid = out["valid"].reshape(-1).bool()
+        """The filterbank and the filterbank/image augmentations, on the training device."""
+        dev, cfg, mode = self.device, self.cfg, self.cfg.mode
         wave = out["wave"].to(dev, non_blocking=True)
         wave_len = out["wave_len"].reshape(-1).to(dev)
-        feats = audio.features(
-            wave, wave_len, self.cfg.audio_mean, self.cfg.audio_std, self.cfg.target_frames
-        )
+        feats = audio.features(wave, wave_len, cfg.audio_mean, cfg.audio_std, cfg.target_frames)
+        image = feats.unsqueeze(1)  # (B, 1, T, F): the fbank image, time as height
         batch = {
-            "audio": audio.as_model_input(feats),
             "visual": out["visual"].to(dev, non_blocking=True),
             "labels": out["labels"].to(dev, non_blocking=True),
             "index": out["index"].reshape(-1),
             "frame_k": out["frame_k"],
         }
-        if self.cfg.mode == "eval" and not bool(valid.all()):
+        if mode == "pretrain":
+            params = out["a_params"].to(dev).long()
+            image = K.roll(image, params[:, 0], 2, params[:, 0] != 0)
+            clean = image.expand(-1, 3, -1, -1).contiguous()
+            aug = augment.apply_audio(clean, out["t_a"], params, cfg.time_shift_applied)
+            batch["audio_aug"] = aug.transpose(2, 3)
+            batch["visual_aug"] = augment.apply_visual(
+                out["visual_aug"].to(dev, non_blocking=True),
+                out["t_v"],
+                cfg.image_mean,
+                cfg.image_std,
+            )
+            for name in ("t_a", "t_v", "t_a_cen", "t_v_cen"):
+                if name in out:
+                    batch[name] = out[name].to(dev, non_blocking=True)
+        elif mode == "finetune":
+            params = out["ft_params"].to(dev).long()
+            image = K.roll(image, params[:, 0], 2, params[:, 0] != 0)
+            masked = params[:, 2] > params[:, 1]
+            image = K.mask_rows(image, params[:, 1], params[:, 2], 2, masked)
+            masked = params[:, 4] > params[:, 3]
+            image = K.mask_rows(image, params[:, 3], params[:, 4], 3, masked)
+        # The model's layout: (B, 3, F, T), three equal channels (an expanded view, no copy).
+        batch["audio"] = image.transpose(2, 3).expand(-1, 3, -1, -1)
+        valid = out["valid"].reshape(-1).bool()
+        if mode == "eval" and not bool(valid.all()):
             keep = valid.nonzero().reshape(-1)
             batch = {k: v[keep.to(v.device)] for k, v in batch.items()}
         return batch
@@ -304,5 +347,11 @@ def build_loader(
         num_threads=data.num_threads,
         prefetch=data.prefetch,
         weights=weights,
+        augment=cfg.augment,
+        cen_num=cfg.model.cen_num if cfg.model.cen_mean else 0,
+        time_shift_applied=cfg.quirks.time_shift_applied,
+        ft_specaug=cfg.quirks.ft_specaug,
+        image_mean=data.image_mean,
+        image_std=data.image_std,
     )
     return DaliLoader(entries, read_label_csv(data.label_csv), lcfg, shard, device, state)

@@ -1,17 +1,22 @@
-"""One DALI pipeline definition per mode, sharing the decode and feature stages.
+"""One DALI pipeline per mode, sharing the decode and feature stages.
 
-Modes:
+Modes (the source's, see ``sources.SourceSpec``):
 
 - ``eval``: no augmentation, frame k = ``eval_frame``, every sample exactly once (``valid`` marks
   the padding rows of the last batch).
-- ``train``: the epoch's seeded order and sharding (``sources``), a frame k drawn per view, the
-  clean audio and visual views. The augmenting modes (``pretrain``, ``finetune``) add their random
-  draws on top of the same stages.
+- ``train``: the epoch's seeded order and sharding, a random frame k, the clean views.
+- ``pretrain``: as ``train``, plus the augmented visual view from its own frame draw, cropped and
+  resized here with the crop the source drew (the rest of its augmentation, and all of the
+  audio's, runs on the filterbank and the image right after the iterator: ``loader``), plus the
+  t-vectors.
+- ``finetune``: the sample's and its mixup partner's waveforms mixed before the filterbank and
+  their clean frames mixed after normalisation.
 
-Every pipeline returns, by name (see ``OUTPUTS``): ``wave`` (B, N) float32 and ``wave_len`` (B,)
-(the audio stage before the filterbank, which runs right after the iterator: see ``audio``),
-``visual`` (B, 3, S, S) float32 normalised, ``labels`` (B, C) float32 multi-hot, ``index`` (B,)
-entry indices, ``valid`` (B,) and ``frame_k`` (B, views).
+Outputs by name (``output_names(source)``): ``wave`` (B, N) float32 and ``wave_len`` (B,) (the
+audio stage before the filterbank, see ``audio``), ``visual`` (B, 3, S, S) float32 normalised,
+``labels``, ``index``, ``valid``, ``frame_k``, and the mode's extras: ``visual_aug`` (B, 3, S, S)
+in [0, 1] and the draws ``t_a``, ``t_v``, ``a_params`` (+ ``t_a_cen``, ``t_v_cen``) for pretraining;
+``ft_params`` for finetuning.
 
 The device follows the pipeline: ``device_id=None`` runs DALI's CPU-only mode, a device id makes
 the image/video decoders "mixed" (nvJPEG, NVDEC) and the rest "gpu".
@@ -21,14 +26,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nvidia.dali import fn, pipeline_def
+from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 
 from dali_pipelines import audio, video
 from dali_pipelines.sources import SampleSource
 
-OUTPUTS = ("wave", "wave_len", "visual", "labels", "index", "valid", "frame_k")
-MODES = ("eval", "train")
+# Source outputs passed through to the iterator unchanged, per mode.
+_PASS = {
+    "eval": ("labels", "index", "valid", "frame_k"),
+    "train": ("labels", "index", "valid", "frame_k"),
+    "pretrain": ("labels", "index", "valid", "frame_k", "t_a", "t_v", "a_params"),
+    "finetune": ("labels", "index", "valid", "frame_k", "ft_params"),
+}
 
 
 @dataclass(frozen=True)
@@ -40,48 +50,99 @@ class PipelineOptions:
     device_id: int | None = None
     prefetch: int = 2
     seed: int = 0
-    sample_rate: int = audio.SAMPLE_RATE
     target_frames: int = audio.TARGET_FRAMES
     image_size: int = 224
     py_workers: int = 0  # >0: read files in that many Python worker processes
 
 
-def _visual(frame_inputs: list, video_files: bool, image_size: int, device: str):
-    """Decode one view's frame (JPEG bytes, or video bytes and a frame number); its clean view."""
+def output_names(source: SampleSource) -> tuple[str, ...]:
+    """Names of the pipeline's outputs, in order, for the source's mode."""
+    mode = source.spec.mode
+    names = ("wave", "wave_len", "visual") + _PASS[mode]
+    if mode == "pretrain":
+        names += ("visual_aug",)
+        if source.spec.cen_num > 0:
+            names += ("t_a_cen", "t_v_cen")
+    return names
+
+
+def _decode(src: dict, view: int, video_files: bool, device: str):
+    """Decode one view's frame: JPEG bytes, or video bytes and a frame number."""
     if video_files:
-        frame = video.decode_video_frame(frame_inputs[0], frame_inputs[1], device)
-    else:
-        frame = video.decode_jpeg(frame_inputs[0], device)
-    return video.clean_view(frame, device, image_size)
+        return video.decode_video_frame(src[f"frame{view}"], src[f"frame{view}_index"], device)
+    return video.decode_jpeg(src[f"frame{view}"], device)
+
+
+def _augmented_crop(frame, crop, image_size: int, device: str):
+    """The pretraining visual crop (i, j, h, w drawn by the source), resized to the output size
+    with antialiased bilinear interpolation, as float CHW in [0, 1].
+
+    Cropped first, then resized (as torchvision's ``resized_crop``): resizing a region of interest
+    instead would let the antialiasing filter read pixels outside the crop at its borders.
+    """
+    crop = fn.cast(crop, dtype=types.FLOAT)
+    cropped = fn.slice(
+        frame,
+        fn.stack(crop[0], crop[1]),
+        fn.stack(crop[2], crop[3]),
+        axes=[0, 1],
+        normalized_anchor=False,
+        normalized_shape=False,
+        device=device,
+    )
+    resized = fn.resize(
+        cropped,
+        device=device,
+        size=[image_size, image_size],
+        interp_type=types.INTERP_LINEAR,
+        antialias=True,
+        dtype=types.FLOAT,
+    )
+    return fn.crop_mirror_normalize(
+        resized, device=device, dtype=types.FLOAT, output_layout="CHW", mean=[0.0], std=[255.0]
+    )
 
 
 @pipeline_def
-def _clean_pipeline(source: SampleSource, opts: PipelineOptions):
-    """Clean views of one frame per sample: the ``eval`` and ``train`` modes."""
+def _pipeline(source: SampleSource, opts: PipelineOptions):
     device = "cpu" if opts.device_id is None else "gpu"
-    wav, *frame_inputs, labels, index, valid, frame_k = fn.external_source(
-        source=source,
-        num_outputs=source.num_outputs,
-        batch=False,
-        parallel=opts.py_workers > 0,
+    mode = source.spec.mode
+    names = source.output_names
+    nodes = fn.external_source(
+        source=source, num_outputs=len(names), batch=False, parallel=opts.py_workers > 0
     )
-    wave, wave_len = audio.waveform(wav, opts.target_frames)
+    src = dict(zip(names, nodes, strict=True))
+    if mode == "finetune":
+        wave, wave_len = audio.mixed_waveform(
+            src["wav"], src["wav_partner"], src["lam"], opts.target_frames
+        )
+    else:
+        wave, wave_len = audio.waveform(src["wav"], opts.target_frames)
     if device == "gpu":
         wave = wave.gpu()
-    visual = _visual(frame_inputs, source.video_files, opts.image_size, device)
-    return wave, wave_len, visual, labels, index, valid, frame_k
+    frame = _decode(src, 0, source.video_files, device)
+    visual = video.clean_view(frame, device, opts.image_size)
+    if mode == "finetune":  # frames mixed after normalisation, as the original does
+        partner = video.clean_view(
+            _decode(src, 1, source.video_files, device), device, opts.image_size
+        )
+        lam = src["lam"].gpu() if device == "gpu" else src["lam"]
+        visual = visual * lam + partner * (1.0 - lam)
+    outputs = [wave, wave_len, visual] + [src[name] for name in _PASS[mode]]
+    if mode == "pretrain":
+        aug_frame = _decode(src, 1, source.video_files, device)
+        outputs.append(_augmented_crop(aug_frame, src["vcrop"], opts.image_size, device))
+        if source.spec.cen_num > 0:
+            outputs += [src["t_a_cen"], src["t_v_cen"]]
+    return tuple(outputs)
 
 
-def build_pipeline(mode: str, source: SampleSource, opts: PipelineOptions) -> Pipeline:
-    """Build (not yet run) the pipeline of ``mode``."""
-    if mode not in MODES:
-        raise ValueError(f"unknown pipeline mode {mode!r}; expected one of {MODES}")
-    if (mode == "eval") != (source.spec.mode == "eval"):
-        raise ValueError(f"pipeline mode {mode!r} needs a source in matching mode")
+def build_pipeline(source: SampleSource, opts: PipelineOptions) -> Pipeline:
+    """Build (not yet run) the pipeline of the source's mode."""
     kwargs = {}
     if opts.py_workers > 0:
         kwargs = {"py_num_workers": opts.py_workers, "py_start_method": "spawn"}
-    pipe = _clean_pipeline(
+    pipe = _pipeline(
         source,
         opts,
         batch_size=opts.batch_size,

@@ -166,30 +166,68 @@ def validate_jpeg(path: str, data: np.ndarray) -> None:
         raise CorruptMediaError(f"{path}: truncated JPEG (no end-of-image marker)")
 
 
+def jpeg_size(path: str, data: np.ndarray) -> tuple[int, int]:
+    """(height, width) from a JPEG's start-of-frame segment, without decoding."""
+    b, pos = data.tobytes(), 2
+    while pos + 4 <= len(b):
+        if b[pos] != 0xFF:
+            raise CorruptMediaError(f"{path}: corrupt JPEG marker at byte {pos}")
+        marker = b[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        size = struct.unpack(">H", b[pos + 2 : pos + 4])[0]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            h, w = struct.unpack(">HH", b[pos + 5 : pos + 9])
+            return h, w
+        pos += 2 + size
+    raise CorruptMediaError(f"{path}: JPEG without a frame header")
+
+
+MODES = ("eval", "train", "pretrain", "finetune")
+
+
 @dataclass
 class SourceSpec:
-    """Everything a source callback needs, kept picklable for DALI's parallel external source."""
+    """Everything a source callback needs, kept picklable for DALI's parallel external source.
+
+    ``mode``: ``eval`` (every entry once, frame ``eval_frame``), ``train`` (seeded order, a random
+    frame), ``pretrain`` (two frame draws and the augmentation draws of ``augment``) or
+    ``finetune`` (a mixup partner, the clean-fbank roll and SpecAugment draws).
+    """
 
     entries: Sequence[Entry]
     labels: LabelSet
     batch_size: int
     shard: Shard
-    mode: str  # "train" or "eval"
+    mode: str = "train"
     seed: int = 0
     frames_per_clip: int = 10
     eval_frame: int = 5
-    views: int = 1  # visual views read per sample (pretraining reads two frames)
     weights: np.ndarray | None = None
     start_epoch: int = 0
     start_offset: int = 0
+    augment: object | None = None  # equiav.config.AugmentConfig for pretrain/finetune
+    frames: int = 1024  # fbank frames T after pad/cut
+    bins: int = 128  # mel bins F
+    image_size: int = 224
+    cen_num: int = 0  # sampled-but-not-applied vectors per modality (pretrain, cen_mean)
+    ft_specaug: bool = True  # finetune SpecAugment (paper_exact: off)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown source mode {self.mode!r}; expected one of {MODES}")
+        if self.mode in ("pretrain", "finetune") and self.augment is None:
+            raise ValueError(f"mode {self.mode!r} needs the augmentation config")
 
 
 class SampleSource:
-    """Per-sample ``fn.external_source`` callback: wav bytes, frame bytes, labels and bookkeeping.
+    """Per-sample ``fn.external_source`` callback: file bytes, labels, draws and bookkeeping.
 
-    Outputs per sample, in order: wav bytes, then per visual view the encoded frame bytes (a JPEG,
-    or a video file followed by the frame number to decode), the multi-hot label vector, the entry
-    index, the ``valid`` flag and the frame second k of each view. ``num_outputs`` counts them.
+    Its outputs are named (``output_names``, in order): ``wav``; per visual view ``frame{v}`` (JPEG
+    bytes, or video bytes followed by ``frame{v}_index``, the frame number to decode); ``labels``
+    (multi-hot, mixed in finetune mode), ``index``, ``valid``, ``frame_k``; then the mode's draws
+    (see ``_draws``).
 
     A file that is missing or structurally broken when it is read is logged by name and replaced by
     the next readable entry of the epoch (``valid`` = 0 in eval mode), so one bad file never stops a
@@ -226,8 +264,24 @@ class SampleSource:
         return self.spec.entries[0].is_video_file
 
     @property
-    def num_outputs(self) -> int:
-        return 1 + self.spec.views * (2 if self.video_files else 1) + 4
+    def views(self) -> int:
+        """Frames read per sample: two in pretraining (clean and augmented) and finetuning
+        (the sample's and its mixup partner's), else one."""
+        return 2 if self.spec.mode in ("pretrain", "finetune") else 1
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        names = ["wav"]
+        for v in range(self.views):
+            names += [f"frame{v}", f"frame{v}_index"] if self.video_files else [f"frame{v}"]
+        names += ["labels", "index", "valid", "frame_k"]
+        if self.spec.mode == "pretrain":
+            names += ["vcrop", "t_a", "t_v", "a_params"]
+            if self.spec.cen_num > 0:
+                names += ["t_a_cen", "t_v_cen"]
+        elif self.spec.mode == "finetune":
+            names += ["wav_partner", "lam", "ft_params"]
+        return tuple(names)
 
     def __call__(self, info) -> tuple[np.ndarray, ...]:
         pos, valid = self.epoch_positions(info.epoch_idx)
@@ -235,9 +289,11 @@ class SampleSource:
         if i >= len(pos):
             raise StopIteration
         index, ok = int(pos[i]), int(valid[i])
+        epoch = self.spec.start_epoch + info.epoch_idx
         for attempt in range(len(self.spec.entries)):
             try:
-                return self._read(index, ok, self.spec.start_epoch + info.epoch_idx, i)
+                out = self._read(index, ok, epoch, self._global_position(epoch, i))
+                return tuple(out[name] for name in self.output_names)
             except (OSError, CorruptMediaError) as e:
                 self._skip(self.spec.entries[index], e)
                 index = int(pos[(i + attempt + 1) % len(pos)])
@@ -255,27 +311,6 @@ class SampleSource:
                 err,
             )
 
-    def _read(self, index: int, ok: int, epoch: int, i: int) -> tuple[np.ndarray, ...]:
-        s, entry = self.spec, self.spec.entries[index]
-        out: list[np.ndarray] = [read_wav(entry.wav)]
-        ks = []
-        for view in range(s.views):
-            if s.mode == "eval":
-                k = s.eval_frame
-            else:
-                k = frame_draw(
-                    s.seed, epoch, self._global_position(epoch, i), view, s.frames_per_clip
-                )
-            ks.append(k)
-            out += self._read_frame(entry, k)
-        out += [
-            self.multi_hot[index],
-            np.array(index, np.int64),
-            np.array(ok, np.int32),
-            np.array(ks, np.int32),
-        ]
-        return tuple(out)
-
     def _global_position(self, epoch: int, i: int) -> int:
         # Position in the epoch's global order, the same whatever the world size, so that a run
         # resumed on another number of processes draws the same frames for the same samples.
@@ -283,13 +318,118 @@ class SampleSource:
         offset = s.start_offset if epoch == s.start_epoch else 0
         return offset + i * s.shard.world_size + s.shard.rank
 
-    def _read_frame(self, entry: Entry, k: int) -> list[np.ndarray]:
-        if entry.is_video_file:
-            from dali_pipelines.video import frame_index_at
+    def _read(self, index: int, ok: int, epoch: int, gpos: int) -> dict[str, np.ndarray]:
+        s = self.spec
+        entry = s.entries[index]
+        out: dict[str, np.ndarray] = {"wav": read_wav(entry.wav)}
+        partner = entry
+        if s.mode == "finetune":
+            out.update(self._mixup(index, epoch, gpos))
+            partner = s.entries[int(out.pop("partner"))]
+        ks = []
+        for view in range(self.views):
+            k = (
+                s.eval_frame
+                if s.mode == "eval"
+                else frame_draw(s.seed, epoch, gpos, view, s.frames_per_clip)
+            )
+            ks.append(k)
+            out.update(
+                self._read_frame(partner if view == 1 and s.mode == "finetune" else entry, k, view)
+            )
+        out.setdefault("labels", self.multi_hot[index])
+        out["index"] = np.array(index, np.int64)
+        out["valid"] = np.array(ok, np.int32)
+        out["frame_k"] = np.array(ks, np.int32)
+        if s.mode == "pretrain":
+            out.update(self._pretrain_draws(epoch, gpos, out))
+        return out
 
-            frame = frame_index_at(entry.video_path, k + 0.5)
-            return [read_bytes(entry.video_path), np.array(frame, np.int32)]
+    def _read_frame(self, entry: Entry, k: int, view: int) -> dict[str, np.ndarray]:
+        if entry.is_video_file:
+            from dali_pipelines.video import frame_index_at, frame_size
+
+            index = frame_index_at(entry.video_path, k + 0.5)
+            return {
+                f"frame{view}": read_bytes(entry.video_path),
+                f"frame{view}_index": np.array(index, np.int32),
+                f"_size{view}": np.array(frame_size(entry.video_path)),
+            }
         path = entry.frame_path(k)
         data = read_bytes(path)
         validate_jpeg(path, data)
-        return [data]
+        return {f"frame{view}": data, f"_size{view}": np.array(jpeg_size(path, data))}
+
+    def _pretrain_draws(self, epoch: int, gpos: int, out: dict) -> dict[str, np.ndarray]:
+        """The augmented views' draws (t-vectors and what applies them) and the clean roll."""
+        from dali_pipelines import augment
+
+        s, aug = self.spec, self.spec.augment
+        a = augment.draw_audio(
+            augment.rng_for(s.seed, epoch, gpos, "audio"),
+            aug,
+            s.frames,
+            s.bins,
+            aug.time_mask,
+            aug.freq_mask,
+        )
+        h, w = (int(x) for x in out["_size1"])
+        v = augment.draw_visual(augment.rng_for(s.seed, epoch, gpos, "visual"), aug, h, w)
+        roll = self._clean_roll(epoch, gpos)
+        draws = {
+            "vcrop": np.array(v.crop, np.int32),
+            "t_a": a.t,
+            "t_v": v.t,
+            "a_params": np.array([roll, *a.crop, a.shift], np.int32),
+        }
+        if s.cen_num > 0:
+            draws["t_a_cen"], draws["t_v_cen"] = augment.draw_cen(
+                s.seed,
+                epoch,
+                gpos,
+                aug,
+                s.cen_num,
+                s.frames,
+                s.bins,
+                aug.time_mask,
+                aug.freq_mask,
+                s.image_size,
+            )
+        return draws
+
+    def _clean_roll(self, epoch: int, gpos: int) -> int:
+        """Time roll of the clean fbank in training (``augment.noise``), in [-T, T)."""
+        from dali_pipelines import augment
+
+        s = self.spec
+        rng = augment.rng_for(s.seed, epoch, gpos, "roll")
+        shift = int(rng.integers(-s.frames, s.frames))
+        return shift if s.augment.noise else 0
+
+    def _mixup(self, index: int, epoch: int, gpos: int) -> dict[str, np.ndarray]:
+        """Finetuning: the mixup partner (uniform over the dataset), lambda, mixed labels, the
+        clean roll and SpecAugment's masks (torchaudio-style: width uniform up to the maximum)."""
+        from dali_pipelines import augment
+
+        s, aug = self.spec, self.spec.augment
+        rng = augment.rng_for(s.seed, epoch, gpos, "mixup")
+        mix = rng.uniform() < aug.mixup
+        partner = int(rng.integers(len(s.entries)))
+        lam = float(rng.beta(aug.mixup_alpha, aug.mixup_alpha))
+        masks = []
+        for width, size in ((aug.ft_timem, s.frames), (aug.ft_freqm, s.bins)):
+            value = rng.uniform() * width
+            start = rng.uniform() * (size - value)
+            masks += [int(start), int(start + value)]
+        if not mix:
+            partner, lam = index, 1.0
+        if not s.ft_specaug:
+            masks = [0, 0, 0, 0]
+        labels = lam * self.multi_hot[index] + (1 - lam) * self.multi_hot[partner]
+        return {
+            "partner": np.array(partner),
+            "wav_partner": read_wav(s.entries[partner].wav),
+            "lam": np.array(lam, np.float32),
+            "labels": labels.astype(np.float32),
+            "ft_params": np.array([self._clean_roll(epoch, gpos), *masks], np.int32),
+        }

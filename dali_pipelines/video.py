@@ -151,6 +151,7 @@ def clean_view(frame: DataNode, device: str, image_size: int = 224) -> DataNode:
 
 class _VideoProbe(NamedTuple):
     codec: str
+    size: tuple[int, int]  # (height, width) of the decoded frames
     times: np.ndarray  # sorted presentation times in seconds, relative to the first frame
 
 
@@ -166,6 +167,7 @@ def _probe_cached(path: str, mtime_ns: int, size: int) -> _VideoProbe:
             raise ValueError(f"{path}: no video stream")
         stream = container.streams.video[0]
         codec = stream.codec_context.codec.canonical_name
+        size = (stream.codec_context.height, stream.codec_context.width)
         stamps = []
         # DALI's frame index holds one entry per packet of the stream, stamped with pts (dts when
         # pts is missing), sorted by that stamp; the decoder emits frames in the same order.
@@ -182,7 +184,7 @@ def _probe_cached(path: str, mtime_ns: int, size: int) -> _VideoProbe:
     pts = np.sort(np.asarray(stamps, dtype=np.int64))
     times = (pts - pts[0]).astype(np.float64) * float(time_base)
     times.flags.writeable = False  # shared through the cache
-    return _VideoProbe(codec, times)
+    return _VideoProbe(codec, size, times)
 
 
 def _probe(path: str | os.PathLike) -> _VideoProbe:
@@ -192,6 +194,11 @@ def _probe(path: str | os.PathLike) -> _VideoProbe:
     except FileNotFoundError:
         raise FileNotFoundError(f"video file not found: {path}") from None
     return _probe_cached(path, stat.st_mtime_ns, stat.st_size)
+
+
+def frame_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of the first video stream's frames, from the container's headers."""
+    return _probe(path).size
 
 
 def video_codec(path: str | os.PathLike) -> str:

@@ -236,3 +236,19 @@ def test_build_loader_refuses_h264_without_a_gpu(tmp_path):
     cfg = _config(info.root, "train_mp4.json")
     with pytest.raises(ValueError, match="h264"):
         build_loader(cfg, "train", "train")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["test.json", "test_webm.json"])
+def test_gpu_loader_matches_the_cpu_loader(synth_small, name):
+    """The same pipeline code with the GPU operators (nvJPEG/NVDEC, Triton fbank)."""
+    entries = read_dataset(synth_small.root / name)
+    labels = read_label_csv(synth_small.label_csv)
+    cfg = LoaderConfig(batch_size=2, mode="eval", frames_per_clip=4, eval_frame=2)
+    cpu = collect(DaliLoader(entries, labels, cfg, None, "cpu"))
+    gpu = collect(DaliLoader(entries, labels, cfg, None, "cuda"))
+    for c, g in zip(cpu, gpu, strict=True):
+        assert g["audio"].device.type == "cuda" and g["visual"].device.type == "cuda"
+        assert torch.equal(c["index"], g["index"].cpu())
+        assert (c["audio"] - g["audio"].cpu()).abs().mean() < 1e-4
+        assert (c["visual"] - g["visual"].cpu()).abs().mean() < 1.0 / 255 / 0.226

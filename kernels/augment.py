@@ -1,0 +1,460 @@
+"""Batched augmentation kernels for the EquiAV views, applied on the training device.
+
+The random parameters are drawn per sample on the host (``dali_pipelines.augment``) and recorded in
+the t-vectors; these functions apply the same numbers to a whole (B, C, H, W) float32 batch, on CPU
+or CUDA with the same code. The reference semantics are ``torchvision.transforms.functional`` on
+float tensors (spec: "Pretraining augmentations and their parameter vectors"), sample by sample:
+
+- ``resized_crop``: crop, then ``interpolate(bilinear, align_corners=False, antialias)``; equal to
+  torchvision's tensor path bit for bit (it is the same interpolation call, one sample at a time,
+  because crops differ in size).
+- ``adjust_brightness/contrast/saturation/hue`` and ``color_jitter``: torchvision's float formulas
+  written with the same float32 operations in the same order, so the results are equal bit for
+  bit on CPU (the tests allow 1e-6, hue 1e-5). Like torchvision, brightness, contrast and saturation
+  clamp to [0, 1] (so a normalised fbank is clipped to [0, 1] whenever jitter is on), and hue
+  clamps only the p/q/t terms of its HSV -> RGB step, not v.
+- ``gaussian_blur``: torchvision's normalised 1-D Gaussian, reflect padding, depthwise convolution;
+  applied as two 1-D passes instead of one 2-D pass (same function; rounding differs by a few ulp).
+- ``hflip``, ``grayscale`` (three equal channels), ``normalize``; ``mask_rows`` and ``roll`` for the
+  fbank image (SpecAugment masks and the time shift, compared with slicing and ``torch.roll``).
+
+Conventions: per-sample parameters are 1-D tensors of length B (lists are accepted); they may live
+on the host or on x's device. Checks and index selection run where the parameters live, so host
+parameters cost the device no synchronisation. ``active`` (B,) bool selects the samples an op
+touches (None: all); inactive samples come back bit for bit unchanged. Inputs are never modified.
+Every function runs in float32 with autocast disabled, so an enclosing ``torch.autocast`` cannot
+change the views. torchvision rounds its Python-float factors to float32 on float32 images; ours are
+float32 tensors, so pass the same float32 numbers to both when comparing.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma, as TensorFlow rounds them).
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+
+# HSV -> RGB: for each hue sector 0..5, which of the candidates (v, q, p, t) is r, g and b.
+_HSV_SECTORS = ((0, 3, 2), (1, 0, 2), (2, 0, 3), (2, 1, 0), (3, 2, 0), (0, 2, 1))
+
+Param = torch.Tensor | Sequence[float] | Sequence[int]
+
+
+# ------------------------------------------------------------------------------------------------
+# Argument handling
+# ------------------------------------------------------------------------------------------------
+
+
+def _float32_kernel(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Check that x is a (B, C, H, W) float32 batch and run ``fn`` with autocast disabled."""
+
+    @functools.wraps(fn)
+    def wrapper(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.dtype != torch.float32:
+            got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x)
+            raise TypeError(f"{fn.__name__}: x must be a (B, C, H, W) float32 tensor, got {got}")
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(x, *args, **kwargs)
+
+    return wrapper
+
+
+def _param(value: Param, batch: int, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """A (B,) parameter as a tensor of ``dtype`` on its own device (lists go to the host)."""
+    t = torch.as_tensor(value)
+    if t.shape != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},), got {tuple(t.shape)}")
+    if t.is_floating_point() and not dtype.is_floating_point:
+        if not torch.equal(t, t.round()):
+            raise ValueError(f"{name} must hold whole numbers, got {t.tolist()}")
+    return t.to(dtype)
+
+
+def _active(active: Param | None, batch: int) -> torch.Tensor:
+    """The (B,) bool mask of samples to change (None: all)."""
+    if active is None:
+        return torch.ones(batch, dtype=torch.bool)
+    mask = torch.as_tensor(active)
+    if mask.shape != (batch,) or mask.dtype != torch.bool:
+        raise ValueError(
+            f"active must be a ({batch},) bool tensor, got {tuple(mask.shape)} {mask.dtype}"
+        )
+    return mask
+
+
+def _require(ok: torch.Tensor, message: str) -> None:
+    """Raise ValueError(message) unless every element of ``ok`` is true."""
+    if not bool(ok.all()):
+        raise ValueError(message)
+
+
+def _apply(
+    x: torch.Tensor,
+    active: torch.Tensor,
+    fn: Callable[..., torch.Tensor],
+    *params: torch.Tensor,
+) -> torch.Tensor:
+    """``fn(x[i], *params[i])`` written into a copy of x for the active samples i.
+
+    ``fn`` works on a (n, C, H, W) sub-batch with (n,) parameters on x's device and must return a
+    new tensor; the inactive samples are copied untouched.
+    """
+    index = active.nonzero().flatten()
+    if index.numel() == x.shape[0]:  # all active: no gather/scatter needed
+        return fn(x, *(p.to(x.device) for p in params))
+    out = x.clone()
+    if index.numel() > 0:
+        index_x = index.to(x.device)
+        sub = [p[index].to(x.device) for p in params]
+        out[index_x] = fn(x[index_x], *sub)
+    return out
+
+
+def _column(p: torch.Tensor) -> torch.Tensor:
+    """(n,) -> (n, 1, 1, 1), to broadcast one value per sample over (n, C, H, W)."""
+    return p.view(-1, 1, 1, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Geometry
+# ------------------------------------------------------------------------------------------------
+
+
+@_float32_kernel
+def resized_crop(
+    x: torch.Tensor,
+    top: Param,
+    left: Param,
+    height: Param,
+    width: Param,
+    out_size: tuple[int, int],
+    antialias: bool = True,
+) -> torch.Tensor:
+    """Per sample ``x[b, :, top:top+height, left:left+width]`` resized to ``out_size`` (oh, ow).
+
+    Bilinear with align_corners=False and (by default) antialiasing, as torchvision's
+    ``F.resized_crop(x[b], top, left, height, width, out_size, BILINEAR, antialias=antialias)`` on a
+    tensor. Crops must lie inside the image. Returns (B, C, oh, ow).
+    """
+    batch, channels, h_in, w_in = x.shape
+    oh, ow = (int(s) for s in out_size)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"out_size must be positive, got {out_size}")
+    names = ("top", "left", "height", "width")
+    params = [
+        _param(p, batch, n, torch.long)
+        for p, n in zip((top, left, height, width), names, strict=True)
+    ]
+    boxes = torch.stack([p.cpu() for p in params], 1)
+    out = x.new_empty(batch, channels, oh, ow)
+    # One interpolation per sample: crops differ in size, and this is torchvision's own call.
+    for b, (t, le, h, w) in enumerate(boxes.tolist()):
+        if t < 0 or le < 0 or h < 1 or w < 1 or t + h > h_in or le + w > w_in:
+            raise ValueError(
+                f"resized_crop: sample {b} crop (top={t}, left={le}, height={h}, width={w}) "
+                f"is not inside the {h_in}x{w_in} image"
+            )
+        crop = x[b : b + 1, :, t : t + h, le : le + w]
+        if (h, w) == (oh, ow):  # torchvision returns a same-size crop as it is
+            out[b] = crop[0]
+        else:
+            out[b] = F.interpolate(
+                crop, size=(oh, ow), mode="bilinear", align_corners=False, antialias=antialias
+            )[0]
+    return out
+
+
+@_float32_kernel
+def hflip(x: torch.Tensor, active: Param | None = None) -> torch.Tensor:
+    """Reverse the last axis (W) of the active samples (torchvision ``F.hflip``)."""
+    return _apply(x, _active(active, x.shape[0]), lambda s: s.flip(-1))
+
+
+@_float32_kernel
+def mask_rows(
+    x: torch.Tensor, start: Param, end: Param, axis: int, active: Param | None = None
+) -> torch.Tensor:
+    """Set positions [start, end) along ``axis`` (2: time rows, 3: frequency columns) to 0.
+
+    The SpecAugment masks of the fbank image; needs 0 <= start <= end <= x.shape[axis] for the
+    active samples.
+    """
+    batch = x.shape[0]
+    axis = _spatial_axis(axis)
+    length = x.shape[axis]
+    start = _param(start, batch, "start", torch.long)
+    end = _param(end, batch, "end", torch.long)
+    mask = _active(active, batch).to(start.device)
+    ok = (start >= 0) & (start <= end) & (end <= length)
+    _require(ok | ~mask, f"mask_rows: need 0 <= start <= end <= {length} on axis {axis}")
+    pos = torch.arange(length, device=x.device)
+    start, end, mask = start.to(x.device), end.to(x.device), mask.to(x.device)
+    hit = (pos >= start[:, None]) & (pos < end[:, None]) & mask[:, None]  # (B, length)
+    shape = (batch, 1, length, 1) if axis == 2 else (batch, 1, 1, length)
+    return x.masked_fill(hit.view(shape), 0.0)
+
+
+@_float32_kernel
+def roll(x: torch.Tensor, shift: Param, axis: int, active: Param | None = None) -> torch.Tensor:
+    """``torch.roll(x[b], shift[b], axis - 1)`` per active sample, as one gather over the batch."""
+    batch = x.shape[0]
+    axis = _spatial_axis(axis)
+    length = x.shape[axis]
+    shift = _param(shift, batch, "shift", torch.long)
+    shift = torch.where(_active(active, batch).to(shift.device), shift, 0).to(x.device)
+    # torch.roll: out[j] = x[(j - shift) mod length]; remainder is non-negative for any sign.
+    source = torch.remainder(torch.arange(length, device=x.device) - shift[:, None], length)
+    shape = (batch, 1, length, 1) if axis == 2 else (batch, 1, 1, length)
+    return torch.gather(x, axis, source.view(shape).expand(x.shape))
+
+
+def _spatial_axis(axis: int) -> int:
+    """Axis 2 (H) or 3 (W) of a (B, C, H, W) batch; -2 and -1 are accepted too."""
+    if axis not in (2, 3, -2, -1):
+        raise ValueError(f"axis must be 2 (H, time) or 3 (W, frequency), got {axis}")
+    return axis % 4
+
+
+# ------------------------------------------------------------------------------------------------
+# Colour (torchvision's float tensor formulas)
+# ------------------------------------------------------------------------------------------------
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """(n, 3, H, W) -> (n, 1, H, W) luma with torchvision's weights and summation order."""
+    r, g, b = x.unbind(1)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """ratio * a + (1 - ratio) * b clamped to [0, 1], ratio (n,) per sample."""
+    r = _column(ratio)
+    return (r * a + (1.0 - r) * b).clamp(0.0, 1.0)
+
+
+def _brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    # torchvision blends with zeros; the (1 - factor) * 0 term adds only a signed zero.
+    return (_column(factor) * x).clamp(0.0, 1.0)
+
+
+def _contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    return _blend(x, mean, factor)
+
+
+def _saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(x, _gray(x), factor)
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torchvision's (Pillow's) RGB -> HSV on (n, 3, H, W); h in [0, 1)."""
+    r, g, b = x.unbind(1)
+    maxc = x.amax(1)
+    minc = x.amin(1)
+    flat = maxc == minc  # grey pixels: s = h = 0; the divisors below are then set to 1
+    span = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = span / torch.where(flat, ones, maxc)
+    divisor = torch.where(flat, ones, span)
+    rc = (maxc - r) / divisor
+    gc = (maxc - g) / divisor
+    bc = (maxc - b) / divisor
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.fmod(h / 6.0 + 1.0, 1.0)
+    return h, s, maxc
+
+
+def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """torchvision's HSV -> RGB: p, q, t are clamped to [0, 1], v is not."""
+    sector = torch.floor(h * 6.0)
+    f = h * 6.0 - sector
+    sector = torch.remainder(sector.to(torch.int64), 6)
+    p = torch.clamp(v * (1.0 - s), 0.0, 1.0)
+    q = torch.clamp(v * (1.0 - s * f), 0.0, 1.0)
+    t = torch.clamp(v * (1.0 - s * (1.0 - f)), 0.0, 1.0)
+    candidates = torch.stack((v, q, p, t), 1)  # (n, 4, H, W)
+    table = torch.tensor(_HSV_SECTORS, device=h.device)
+    pick = table[sector].permute(0, 3, 1, 2)  # (n, 3, H, W): candidate index of r, g, b
+    return torch.gather(candidates, 1, pick)
+
+
+def _hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    h, s, v = _rgb_to_hsv(x)
+    h = torch.remainder(h + factor.view(-1, 1, 1), 1.0)
+    return _hsv_to_rgb(h, s, v)
+
+
+_COLOUR_OPS = (_brightness, _contrast, _saturation, _hue)
+_COLOUR_NAMES = ("brightness", "contrast", "saturation", "hue")
+
+
+def _check_factor(op: int, factor: torch.Tensor, mask: torch.Tensor) -> None:
+    """torchvision's ranges: brightness/contrast/saturation >= 0, hue in [-0.5, 0.5]."""
+    ok = factor.abs() <= 0.5 if op == 3 else factor >= 0
+    wanted = "in [-0.5, 0.5]" if op == 3 else ">= 0"
+    _require(ok | ~mask, f"{_COLOUR_NAMES[op]} factors must be {wanted}, got {factor.tolist()}")
+
+
+def _colour(x: torch.Tensor, op: int, factor: Param, active: Param | None) -> torch.Tensor:
+    batch, channels = x.shape[:2]
+    if channels != 3:
+        raise ValueError(f"adjust_{_COLOUR_NAMES[op]} needs 3 channels, got {channels}")
+    factor = _param(factor, batch, f"{_COLOUR_NAMES[op]} factor", torch.float32)
+    mask = _active(active, batch).to(factor.device)
+    _check_factor(op, factor, mask)
+    return _apply(x, mask, _COLOUR_OPS[op], factor)
+
+
+@_float32_kernel
+def adjust_brightness(x: torch.Tensor, factor: Param, active: Param | None = None) -> torch.Tensor:
+    """torchvision ``adjust_brightness`` per sample: factor * x, clamped to [0, 1]."""
+    return _colour(x, 0, factor, active)
+
+
+@_float32_kernel
+def adjust_contrast(x: torch.Tensor, factor: Param, active: Param | None = None) -> torch.Tensor:
+    """torchvision ``adjust_contrast`` per sample: blend with the image's grayscale mean."""
+    return _colour(x, 1, factor, active)
+
+
+@_float32_kernel
+def adjust_saturation(x: torch.Tensor, factor: Param, active: Param | None = None) -> torch.Tensor:
+    """torchvision ``adjust_saturation`` per sample: blend with the grayscale image."""
+    return _colour(x, 2, factor, active)
+
+
+@_float32_kernel
+def adjust_hue(x: torch.Tensor, factor: Param, active: Param | None = None) -> torch.Tensor:
+    """torchvision ``adjust_hue`` per sample (factor in [-0.5, 0.5]): shift h in HSV space."""
+    return _colour(x, 3, factor, active)
+
+
+@_float32_kernel
+def color_jitter(
+    x: torch.Tensor, order: torch.Tensor, factors: torch.Tensor, active: Param | None = None
+) -> torch.Tensor:
+    """Colour jitter with each sample's own order of the four adjustments.
+
+    order (B, 4) long: a permutation of 0 brightness, 1 contrast, 2 saturation, 3 hue per sample;
+    factors (B, 4) float: [brightness, contrast, saturation, hue] as applied (not the recorded
+    ``factor - 1``). Equal to torchvision's adjust_* applied one after another in that order.
+    """
+    batch, channels = x.shape[:2]
+    if channels != 3:
+        raise ValueError(f"color_jitter needs 3 channels, got {channels}")
+    order = torch.as_tensor(order)
+    factors = torch.as_tensor(factors)
+    if order.shape != (batch, 4) or factors.shape != (batch, 4):
+        raise ValueError(
+            f"order and factors must have shape ({batch}, 4), got "
+            f"{tuple(order.shape)} and {tuple(factors.shape)}"
+        )
+    order = order.long()
+    factors = factors.float().to(order.device)
+    mask = _active(active, batch).to(order.device)
+    identity = torch.arange(4, device=order.device)
+    _require(
+        (order.sort(1).values == identity).all(1) | ~mask,
+        f"color_jitter: each order row must be a permutation of 0..3, got {order.tolist()}",
+    )
+    for op in range(4):
+        _check_factor(op, factors[:, op], mask)
+    # Position by position, each op goes to the samples that have it there.
+    out = x
+    for pos in range(4):
+        for op in range(4):
+            chosen = mask & (order[:, pos] == op)
+            if bool(chosen.any()):
+                out = _apply(out, chosen, _COLOUR_OPS[op], factors[:, op])
+    return out if out is not x else x.clone()
+
+
+@_float32_kernel
+def grayscale(x: torch.Tensor, active: Param | None = None) -> torch.Tensor:
+    """torchvision ``rgb_to_grayscale(num_output_channels=3)`` for the active samples."""
+    if x.shape[1] != 3:
+        raise ValueError(f"grayscale needs 3 channels, got {x.shape[1]}")
+    return _apply(x, _active(active, x.shape[0]), lambda s: _gray(s).expand(s.shape).contiguous())
+
+
+@_float32_kernel
+def normalize(x: torch.Tensor, mean: Param, std: Param) -> torch.Tensor:
+    """(x - mean[c]) / std[c] per channel (torchvision ``F.normalize``)."""
+    channels = x.shape[1]
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device)
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
+    if mean.shape != (channels,) or std.shape != (channels,):
+        raise ValueError(f"mean and std must have {channels} values each")
+    _require(std != 0, f"normalize: std must be non-zero, got {std.tolist()}")
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Gaussian blur
+# ------------------------------------------------------------------------------------------------
+
+
+def _kernel_size(sigma: torch.Tensor | float, scale: float) -> torch.Tensor | int:
+    # float64, as Python's math.ceil on the same number: float32 arithmetic could round 3 * sigma
+    # down onto an integer (sigma = float32(1/3)) and change the size.
+    if isinstance(sigma, torch.Tensor):
+        return 2 * torch.ceil(sigma.double() * scale).long() + 1
+    return 2 * math.ceil(float(sigma) * scale) + 1
+
+
+def audio_blur_kernel_size(sigma: torch.Tensor | float) -> torch.Tensor | int:
+    """Audio blur kernel size 2 * ceil(sigma) + 1 (spec), per sample for a tensor."""
+    return _kernel_size(sigma, 1.0)
+
+
+def visual_blur_kernel_size(sigma: torch.Tensor | float) -> torch.Tensor | int:
+    """Visual blur kernel size 2 * ceil(3 sigma) + 1 (spec), per sample for a tensor."""
+    return _kernel_size(sigma, 3.0)
+
+
+def _gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """(n, size) 1-D Gaussians on the integer offsets around the centre, each summing to 1."""
+    half = (size - 1) * 0.5
+    offsets = torch.linspace(-half, half, steps=size, dtype=sigma.dtype, device=sigma.device)
+    pdf = torch.exp(-0.5 * (offsets / sigma[:, None]).pow(2))
+    return pdf / pdf.sum(1, keepdim=True)
+
+
+def _blur(x: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """Blur (n, C, H, W) with per-sample sigma and one kernel size: reflect pad, then the
+    vertical and the horizontal 1-D pass as depthwise convolutions over n * C channels."""
+    n, c, h, w = x.shape
+    kernels = _gaussian_kernels(sigma, size).repeat_interleave(c, 0)  # (n * C, size)
+    pad = size // 2
+    y = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, kernels.view(n * c, 1, size, 1), groups=n * c)
+    y = F.conv2d(y, kernels.view(n * c, 1, 1, size), groups=n * c)
+    return y.view(n, c, h, w)
+
+
+@_float32_kernel
+def gaussian_blur(
+    x: torch.Tensor, sigma: Param, kernel_size: Param, active: Param | None = None
+) -> torch.Tensor:
+    """torchvision ``F.gaussian_blur(x[b], [k, k], [s, s])`` per active sample.
+
+    kernel_size (B,) odd positive integers (see ``audio_blur_kernel_size`` and
+    ``visual_blur_kernel_size``); samples are grouped by kernel size, one pair of convolutions per
+    group. Reflect padding needs k // 2 < H and W.
+    """
+    batch, _, h, w = x.shape
+    sigma = _param(sigma, batch, "sigma", torch.float32)
+    sizes = _param(kernel_size, batch, "kernel_size", torch.long).to(sigma.device)
+    mask = _active(active, batch).to(sigma.device)
+    _require((sigma > 0) | ~mask, f"gaussian_blur: sigma must be > 0, got {sigma.tolist()}")
+    ok = (sizes > 0) & (sizes % 2 == 1) & (sizes // 2 < min(h, w))
+    _require(ok | ~mask, f"gaussian_blur: kernel sizes must be odd, positive and fit {h}x{w}")
+    out = x
+    for size in torch.unique(sizes[mask]).tolist():
+        out = _apply(out, mask & (sizes == size), functools.partial(_blur, size=size), sigma)
+    return out if out is not x else x.clone()

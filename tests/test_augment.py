@@ -1,0 +1,295 @@
+"""Pretraining augmentations: the t-vectors tell the truth, and the draws follow the spec.
+
+Truthfulness: the reference is ``torchvision.transforms.functional`` (plus torch for the masks,
+roll and flip) applied to the clean view (audio) or the decoded frame (visual) with the values
+read back from t_a / t_v alone; nothing from our code. It must reproduce the views the loader
+produced, for many seeds and every flag forced on and off.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from dali_pipelines import augment
+from dali_pipelines.loader import DaliLoader, LoaderConfig
+from equiav.config import AugmentConfig
+from equiav.data.index import read_dataset, read_label_csv
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+ADJUST = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+
+
+def reference_audio(clean: torch.Tensor, t: torch.Tensor, shift_applied: bool = True):
+    """The augmented (3, T, F) view from the clean one and t_a, with torchvision."""
+    x = clean.clone()
+    frames, bins = x.shape[1], x.shape[2]
+    t = t.double()
+    if t[0] > 0:
+        x[:, int(t[1]) : int(t[2]), :] = 0
+        x[:, :, int(t[3]) : int(t[4])] = 0
+        if shift_applied:
+            x = torch.roll(x, int(round(float(t[6]) * frames)), dims=1)
+    # The original's swapped scaling: i and h are divided by F, j and w by T.
+    i, j = round(float(t[8]) * bins), round(float(t[9]) * frames)
+    h, w = round(float(t[10]) * bins), round(float(t[11]) * frames)
+    x = TF.resized_crop(x, i, j, h, w, [frames, bins], InterpolationMode.BILINEAR, antialias=True)
+    x = _jitter(x, t[12:21])
+    if t[21] > 0:
+        sigma = float(t[22].float())
+        x = TF.gaussian_blur(x, [2 * math.ceil(sigma) + 1] * 2, [sigma, sigma])
+    if t[23] > 0:
+        x = TF.hflip(x)
+    return x
+
+
+def _jitter(x, t):
+    if t[0] > 0:
+        factors = [
+            float(t[5].float()) + 1,
+            float(t[6].float()) + 1,
+            float(t[7].float()) + 1,
+            float(t[8].float()),
+        ]
+        for op in t[1:5].long().tolist():
+            x = ADJUST[op](x, factors[op])
+    return x
+
+
+def reference_visual(frame: torch.Tensor, t: torch.Tensor, size: int):
+    """The augmented visual view from the decoded (3, H, W) frame in [0, 1] and t_v."""
+    height, width = frame.shape[1:]
+    i, j = round(float(t[1]) * height), round(float(t[2]) * width)
+    h, w = round(float(t[3]) * height), round(float(t[4]) * width)
+    x = TF.resized_crop(frame, i, j, h, w, [size, size], InterpolationMode.BILINEAR, antialias=True)
+    x = _jitter(x, t[5:14])
+    if t[14] > 0:
+        sigma = float(t[15])
+        x = TF.gaussian_blur(x, [2 * math.ceil(3 * sigma) + 1] * 2, [sigma, sigma])
+    if t[16] > 0:
+        x = TF.hflip(x)
+    if t[17] > 0:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    return TF.normalize(x, MEAN, STD)
+
+
+FLAGS = {
+    "default": {},
+    "all_on": dict(specaug_p=1.0, jitter_p=1.0, blur_p=1.0, flip_p=1.0, gray_p=1.0),
+    "all_off": dict(specaug_p=0.0, jitter_p=0.0, blur_p=0.0, flip_p=0.0, gray_p=0.0),
+}
+
+
+def pretrain_batches(info, aug, seed, batches=2, shift_applied=True, cen_num=3):
+    cfg = LoaderConfig(
+        batch_size=4,
+        mode="pretrain",
+        seed=seed,
+        frames_per_clip=4,
+        eval_frame=2,
+        augment=aug,
+        cen_num=cen_num,
+        time_shift_applied=shift_applied,
+    )
+    entries = read_dataset(info.root / "train.json")
+    loader = DaliLoader(entries, read_label_csv(info.label_csv), cfg)
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == batches:
+            break
+    return loader, out
+
+
+@pytest.mark.parametrize("flags", list(FLAGS))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_vectors_reproduce_the_augmented_views(synth_small, flags, seed):
+    aug = dataclasses.replace(AugmentConfig(), **FLAGS[flags])
+    loader, batches = pretrain_batches(synth_small, aug, seed)
+    for batch in batches:
+        assert batch["audio_aug"].shape == batch["audio"].shape
+        assert batch["visual_aug"].shape == batch["visual"].shape == (4, 3, 224, 224)
+        assert batch["t_a"].shape == (4, 24) and batch["t_v"].shape == (4, 18)
+        assert batch["t_a_cen"].shape == (4, 3, 24) and batch["t_v_cen"].shape == (4, 3, 18)
+        for b in range(4):
+            clean = batch["audio"][b].transpose(1, 2)  # (3, T, F)
+            got = batch["audio_aug"][b].transpose(1, 2)
+            want = reference_audio(clean, batch["t_a"][b])
+            # Interpolation in float32 by the same formula: agreement to rounding (1e-4 in
+            # normalised-fbank units, whose range is about +-3).
+            assert (got - want).abs().max() < 1e-4, (flags, b)
+            entry = loader.entries[int(batch["index"][b])]
+            k = int(batch["frame_k"][b, 1])
+            frame = TF.to_tensor(Image.open(entry.frame_path(k)).convert("RGB"))
+            want_v = reference_visual(frame, batch["t_v"][b], 224)
+            # DALI's antialiased bilinear resize vs torchvision's tensor path: mean < 0.5/255,
+            # pixels < 6/255 (in normalised units: divided by the std, ~0.226).
+            diff = (batch["visual_aug"][b] - want_v).abs() * 0.226
+            assert diff.mean() < 0.5 / 255 and diff.max() < 6 / 255, (flags, b, diff.mean())
+
+
+def test_wrong_axis_or_order_is_caught(synth_small):
+    aug = dataclasses.replace(AugmentConfig(), **FLAGS["all_on"])
+    _, batches = pretrain_batches(synth_small, aug, seed=3, batches=1)
+    batch = batches[0]
+    clean = batch["audio"][0].transpose(1, 2)
+    got = batch["audio_aug"][0].transpose(1, 2)
+    t = batch["t_a"][0].clone()
+    swapped = t.clone()
+    swapped[13:17] = t[13:17].flip(0)  # another jitter order
+    assert (reference_audio(clean, swapped) - got).abs().max() > 1e-3
+    crop = t.clone()
+    crop[8], crop[9] = t[9], t[8]  # crop offsets on the wrong axes
+    assert (reference_audio(clean, crop) - got).abs().max() > 1e-3
+
+
+def test_paper_exact_time_shift_is_recorded_but_not_applied(synth_small):
+    aug = dataclasses.replace(AugmentConfig(), **FLAGS["all_on"])
+    _, batches = pretrain_batches(synth_small, aug, seed=0, batches=1, shift_applied=False)
+    batch = batches[0]
+    for b in range(4):
+        t = batch["t_a"][b]
+        assert t[5] == 1 and t[0] == 1
+        clean = batch["audio"][b].transpose(1, 2)
+        got = batch["audio_aug"][b].transpose(1, 2)
+        assert (reference_audio(clean, t, shift_applied=False) - got).abs().max() < 1e-4
+
+
+def test_resume_mid_epoch_through_the_augmenting_pipeline(synth_small):
+    aug = AugmentConfig()
+    cfg = LoaderConfig(
+        batch_size=2,
+        mode="pretrain",
+        seed=5,
+        frames_per_clip=4,
+        eval_frame=2,
+        augment=aug,
+        cen_num=2,
+    )
+    entries = read_dataset(synth_small.root / "train.json")
+    labels = read_label_csv(synth_small.label_csv)
+    loader = DaliLoader(entries, labels, cfg)
+    straight = [b for _ in range(2) for b in loader][:6]
+    first = DaliLoader(entries, labels, cfg)
+    done = []
+    for b in first:
+        done.append(b)
+        if len(done) == 3:
+            break
+    resumed = DaliLoader(entries, labels, cfg, state=first.state_dict())
+    rest = [b for b in resumed][:1]
+    for b in resumed:
+        rest.append(b)
+        if len(rest) == 3:
+            break
+    for x, y in zip(done + rest, straight, strict=True):
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+
+
+# ---- distributions of the draws (no DALI) ----------------------------------------------------
+
+
+def _draws(n=4000, frames=1024, bins=128):
+    aug = AugmentConfig()
+    audio = [
+        augment.draw_audio(augment.rng_for(0, 0, p, "audio"), aug, frames, bins, 192, 48)
+        for p in range(n)
+    ]
+    visual = [
+        augment.draw_visual(augment.rng_for(0, 0, p, "visual"), aug, 240, 320) for p in range(n)
+    ]
+    return np.stack([a.t for a in audio]), np.stack([v.t for v in visual]), audio, visual
+
+
+def test_audio_draws_follow_the_spec():
+    ta, _, audio, _ = _draws()
+    on = ta[:, 0] == 1
+    assert abs(on.mean() - 0.8) < 0.03
+    assert (ta[~on, :7] == 0).all()
+    width = ta[on, 2] - ta[on, 1]
+    assert width.min() >= 0 and width.max() <= 191 and abs(width.mean() - 95.5) < 5
+    assert ta[on, 1].min() >= 0 and ta[on, 2].max() <= 1024
+    fw = ta[on, 4] - ta[on, 3]
+    assert fw.max() <= 47 and ta[on, 4].max() <= 128
+    shifts = ta[on, 6] * 1024
+    assert shifts.min() >= -1024 and shifts.max() < 1024 and abs(shifts.mean()) < 40
+    assert np.allclose(shifts, np.round(shifts))
+    assert (ta[:, 7] == 1).all()
+    crops = np.array([a.crop for a in audio])
+    i, j, h, w = crops.T
+    assert (i + h <= 1024).all() and (j + w <= 128).all() and (h > 0).all() and (w > 0).all()
+    ratio, area = w / h, h * w / (1024 * 128)
+    assert ratio.min() >= 0.1 - 0.02 and ratio.max() <= 0.1875 + 0.02
+    assert area.min() >= 0.07 and area.max() <= 1.0
+    np.testing.assert_allclose(ta[:, 8], i / 128)  # the quirk: time offset over F
+    np.testing.assert_allclose(ta[:, 9], j / 1024)
+    _check_jitter(ta[:, 12:21])
+    _check_bernoulli(ta[:, 21], 0.5)
+    sig = ta[ta[:, 21] == 1, 22]
+    assert sig.min() >= 0.1 and sig.max() <= 2.0 and abs(sig.mean() - 1.05) < 0.05
+    _check_bernoulli(ta[:, 23], 0.5)
+
+
+def test_visual_draws_follow_the_spec():
+    _, tv, _, visual = _draws()
+    assert (tv[:, 0] == 1).all()
+    crops = np.array([v.crop for v in visual])
+    i, j, h, w = crops.T
+    assert (i + h <= 240).all() and (j + w <= 320).all()
+    ratio = w / h
+    assert ratio.min() >= 0.75 - 0.05 and ratio.max() <= 4 / 3 + 0.05
+    np.testing.assert_allclose(
+        tv[:, 1:5], np.stack([i / 240, j / 320, h / 240, w / 320], 1), rtol=1e-6
+    )
+    _check_jitter(tv[:, 5:14])
+    _check_bernoulli(tv[:, 14], 0.5)
+    _check_bernoulli(tv[:, 16], 0.5)
+    _check_bernoulli(tv[:, 17], 0.2)
+
+
+def _check_bernoulli(x, p):
+    assert set(np.unique(x)) <= {0.0, 1.0}
+    assert abs(x.mean() - p) < 0.03
+
+
+def _check_jitter(j):
+    on = j[:, 0] == 1
+    _check_bernoulli(j[:, 0], 0.8)
+    assert (np.sort(j[on, 1:5], 1) == [0, 1, 2, 3]).all()
+    assert (j[~on, 1:5] == [0, 1, 2, 3]).all() and (j[~on, 5:] == 0).all()
+    firsts = np.bincount(j[on, 1].astype(int), minlength=4) / on.sum()
+    assert np.abs(firsts - 0.25).max() < 0.04  # every order equally likely
+    for col, bound in ((5, 0.4), (6, 0.4), (7, 0.4), (8, 0.1)):
+        v = j[on, col]
+        assert v.min() >= -bound and v.max() <= bound and abs(v.mean()) < bound / 10
+
+
+def test_rrc_params_match_torchvision_distribution():
+    from torchvision.transforms import RandomResizedCrop
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    ours = np.array(
+        [augment.rrc_params(rng, 1024, 128, (0.08, 1.0), (0.1, 0.1875)) for _ in range(3000)]
+    )
+    img = torch.empty(1, 1024, 128)
+    ref = np.array(
+        [RandomResizedCrop.get_params(img, [0.08, 1.0], [0.1, 0.1875]) for _ in range(3000)]
+    )
+    for col in range(4):
+        q = [0.1, 0.5, 0.9]
+        np.testing.assert_allclose(
+            np.quantile(ours[:, col], q), np.quantile(ref[:, col], q), rtol=0.12, atol=3
+        )
+
+
+def test_neutral_vectors():
+    assert augment.neutral_audio().tolist()[13:17] == [0, 1, 2, 3]
+    assert augment.neutral_visual().tolist()[6:10] == [0, 1, 2, 3]
+    assert augment.neutral_audio().sum() == 6 and augment.neutral_visual().sum() == 6

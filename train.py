@@ -1,0 +1,142 @@
+"""Train EquiAV: ``python train.py pretrain|finetune --config FILE [--set key=value ...]``.
+
+Run under ``torchrun`` for several GPUs or nodes (``torchrun --nproc_per_node 8 train.py ...``);
+``batch_size`` is per process. ``--dry-run`` builds the model at its configured size without data
+and prints the trainable parameter count, in total and per module.
+
+The wiring, top to bottom: distributed set-up -> config (resolved, saved with the run) -> model
+(+ pretrained weights) -> task (loss, evaluation) -> ``equiav.train.loop.train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from equiav.config import Config, default_config, parse_args, resolve
+from equiav.losses import equiav_loss
+from equiav.model import EquiAVFinetune, EquiAVPretrain, count_parameters, load_mae_encoders
+from equiav.train.dist import DistInfo, destroy, init_distributed
+from equiav.train.loop import StopTraining, Task, train
+
+log = logging.getLogger("train")
+
+
+def pretrain_task(cfg: Config, load_weights: bool = True) -> Task:
+    """EquiAV pretraining: the model of the spec and (inter + intra_a + intra_v) / 3."""
+    model = EquiAVPretrain(cfg.model, cfg.data)
+    wanted = cfg.model.audio_pretrained_encoder or cfg.model.visual_pretrained_encoder
+    if load_weights and wanted:
+        reports = load_mae_encoders(
+            model, cfg.model.audio_pretrained_encoder, cfg.model.visual_pretrained_encoder
+        )
+        for report in reports.values():
+            log.info("%s", report.summary())
+
+    def loss(net, batch):
+        out = net(
+            batch["audio"],
+            batch["visual"],
+            batch["audio_aug"],
+            batch["visual_aug"],
+            batch["t_a"],
+            batch["t_v"],
+            batch.get("t_a_cen"),
+            batch.get("t_v_cen"),
+        )
+        losses = equiav_loss(out, cfg.model.temperature, cfg.quirks.inter_gather_with_grad)
+        total = losses.pop("total")
+        return total, {k: v.detach() for k, v in losses.items()}
+
+    return Task("pretrain", model, loss)
+
+
+def finetune_loss(trainfunc: str):
+    """BCE on multi-hot targets (AudioSet) or cross-entropy on the (mixed) label distribution."""
+
+    def loss(net, batch):
+        logits = net(batch["audio"], batch["visual"]).float()
+        if trainfunc == "BCE":
+            value = F.binary_cross_entropy_with_logits(logits, batch["labels"])
+        else:
+            value = F.cross_entropy(logits, batch["labels"])
+        return value, {}
+
+    return loss
+
+
+def finetune_task(cfg: Config, load_weights: bool = True) -> Task:
+    """Finetuning with the ftmode's head on the pretrained towers (lr x head_lr for new layers)."""
+    model = EquiAVFinetune(cfg.model, cfg.data, cfg.data.resolved_n_classes())
+    if not load_weights:
+        pass
+    elif cfg.model.pretrained_model:
+        log.info("%s", model.load_pretrained(cfg.model.pretrained_model).summary())
+    else:
+        log.warning("model.pretrained_model is not set: finetuning from scratch")
+    return Task(
+        "finetune",
+        model,
+        finetune_loss(cfg.train.trainfunc_ft),
+        new_parameters=model.new_parameters(),
+        balanced=cfg.train.bal,
+    )
+
+
+TASKS = {"pretrain": pretrain_task, "finetune": finetune_task}
+
+
+def dry_run(cfg: Config, mode: str) -> None:
+    """Build the model at its configured size, without data or pretrained weights, and print its
+    parameter counts."""
+    model = TASKS[mode](cfg, load_weights=False).model
+    counts = count_parameters(model)
+    print(f"trainable parameters: {sum(counts.values())}")
+    for name, n in counts.items():
+        print(f"  {name}: {n}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in TASKS:
+        print(
+            f"usage: train.py {{{','.join(TASKS)}}} --config FILE [--set key=value ...] "
+            "[--dry-run]",
+            file=sys.stderr,
+        )
+        return 2
+    mode = argv.pop(0)
+    cfg, rest = parse_args(argv, default_config(mode))
+    extra = argparse.ArgumentParser(prog=f"train.py {mode}")
+    extra.add_argument("--dry-run", action="store_true", help="build the model and count it")
+    args = extra.parse_args(rest)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.dry_run:
+        dry_run(cfg, mode)
+        return 0
+    dist: DistInfo = init_distributed(cfg.train.dist_backend)
+    if not dist.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        cfg = resolve(cfg)
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        summary = train(cfg, TASKS[mode](cfg), dist)
+    except StopTraining as e:
+        log.error("%s", e)
+        return 3
+    finally:
+        destroy()
+    if dist.is_main:
+        print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
