@@ -73,7 +73,7 @@ def mixed_waveform(
     ``lam * first + (1 - lam) * partner`` loses its mean again, then pad/cut as ``waveform``.
     """
     first, partner = _decode(wav_bytes), _decode(partner_bytes)
-    length = fn.cast(first.shape(dtype=types.INT64), dtype=types.FLOAT)
+    length = first.shape(dtype=types.INT32)
     partner = fn.slice(
         partner, start=[0], shape=length, axes=[0], out_of_bounds_policy="pad", fill_values=0.0
     )

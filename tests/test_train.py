@@ -1,0 +1,219 @@
+"""The pretraining trainer on the real DALI pipeline (CPU, fp32, tiny towers)."""
+
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from equiav.config import apply_overrides, default_config
+from equiav.train.checkpoint import load
+from equiav.train.dist import DistInfo
+from equiav.train.loop import StopTraining, Task, train
+from train import finetune_task, pretrain_task
+
+DIST = DistInfo(0, 1, 0, torch.device("cpu"))
+
+
+def tiny_config(info, save_path, mode="pretrain", **extra):
+    overrides = {
+        "data.dataset": "synthetic",
+        "data.train_json": str(info.root / "train.json"),
+        "data.test_json": str(info.root / "test.json"),
+        "data.label_csv": str(info.label_csv),
+        "data.audio_mean": -4.346,
+        "data.audio_std": 4.332,
+        "data.clip_seconds": 4.0,
+        "data.target_length": 512,
+        "data.frames_per_clip": 4,
+        "data.eval_frame": 2,
+        "data.image_size": 112,
+        "data.num_threads": 1,
+        "augment.time_mask": 96,
+        "model.embed_dim": 32,
+        "model.depth": 1,
+        "model.num_heads": 2,
+        "model.aug_hidden": 16,
+        "model.head_hidden": 32,
+        "model.head_out": 16,
+        "model.predictor_heads": 2,
+        "model.predictor_head_dim": 8,
+        "model.cen_num": 2,
+        "optim.lr": 1e-3,
+        "optim.warmup_epochs": 0.5,
+        "optim.max_epoch": 3,
+        "optim.fused": False,
+        "train.batch_size": 2,
+        "train.precision": "fp32",
+        "train.save_path": str(save_path),
+        "train.log_every": 1,
+    }
+    overrides.update(extra)
+    return apply_overrides(default_config(mode), overrides)
+
+
+def run(cfg, task_fn=pretrain_task, wrap=None):
+    torch.manual_seed(cfg.train.seed)
+    task = task_fn(cfg)
+    if wrap is not None:
+        task = wrap(task)
+    return train(cfg, task, DIST), task.model
+
+
+def test_a_short_run_lowers_the_loss(synth_small, tmp_path):
+    summary, _ = run(tiny_config(synth_small, tmp_path, **{"train.max_steps": 12}))
+    losses = [h["loss"] for h in summary["history"]]
+    assert summary["steps"] == 12 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert (tmp_path / "config.yaml").exists()
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    lines = (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) >= 12 and "train/inter" in lines[-1] and "perf/data_wait_frac" in lines[-1]
+
+
+def test_one_step_changes_every_parameter_and_no_buffer(synth_small, tmp_path):
+    cfg = tiny_config(synth_small, tmp_path, **{"train.max_steps": 1, "optim.grad_clip": 0.0})
+    torch.manual_seed(0)
+    before_model = pretrain_task(cfg).model
+    before = {k: v.clone() for k, v in before_model.state_dict().items()}
+    buffers = {k: v.clone() for k, v in before_model.named_buffers()}
+    _, model = run(cfg)
+    after = model.state_dict()
+    params = dict(model.named_parameters())
+    for name, value in after.items():
+        if name in params:
+            assert not torch.equal(value, before[name]), f"{name} did not change"
+    for name, value in model.named_buffers():
+        assert torch.equal(value, buffers[name]), f"buffer {name} changed"
+
+
+def test_resume_is_bit_exact_across_an_epoch_boundary(synth_small, tmp_path):
+    """6 steps straight == 3 steps, stop, resume, 3 more (8 clips / batch 2 = 4 steps an epoch)."""
+    straight_cfg = tiny_config(synth_small, tmp_path / "straight", **{"train.max_steps": 6})
+    _, straight = run(straight_cfg)
+    first = tiny_config(synth_small, tmp_path / "split", **{"train.max_steps": 3})
+    summary, _ = run(first)
+    assert summary["steps"] == 3 and summary["epoch"] == 0
+    second = tiny_config(
+        synth_small, tmp_path / "split", **{"train.max_steps": 6, "train.resume": "auto"}
+    )
+    summary, resumed = run(second)
+    assert summary["steps"] == 6
+    for (name, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoint_holds_everything_a_resume_needs(synth_small, tmp_path):
+    summary, _ = run(tiny_config(synth_small, tmp_path, **{"train.max_steps": 2}))
+    state = load(summary["checkpoint"])
+    for key in ("model", "optimizer", "schedule", "step", "rng", "loader", "config", "task"):
+        assert key in state
+    assert state["step"] == 2 and state["loader"][0]["global_position"] == 4
+
+
+def _nan_at(task: Task, steps: set[int]) -> Task:
+    calls = {"n": 0}
+    inner = task.loss
+
+    def loss(net, batch):
+        value, metrics = inner(net, batch)
+        calls["n"] += 1
+        return (value * float("nan") if calls["n"] in steps else value), metrics
+
+    task.loss = loss
+    return task
+
+
+def test_non_finite_losses_are_skipped_and_counted(synth_small, tmp_path):
+    cfg = tiny_config(synth_small, tmp_path, **{"train.max_steps": 4})
+    summary, _ = run(cfg, wrap=lambda t: _nan_at(t, {2, 3}))
+    assert summary["steps"] == 4 and summary["nonfinite_total"] == 2
+    assert summary["loss_is_finite"]
+
+
+def test_too_many_non_finite_losses_stop_the_run(synth_small, tmp_path):
+    cfg = tiny_config(
+        synth_small, tmp_path, **{"train.max_steps": 6, "train.max_nonfinite_in_row": 2}
+    )
+    with pytest.raises(StopTraining, match="2 non-finite losses in a row"):
+        run(cfg, wrap=lambda t: _nan_at(t, {2, 3}))
+
+
+def test_sigterm_writes_a_checkpoint_and_stops_cleanly(synth_small, tmp_path):
+    def wrap(task):
+        calls = {"n": 0}
+        inner = task.loss
+
+        def loss(net, batch):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return inner(net, batch)
+
+        task.loss = loss
+        return task
+
+    summary, _ = run(tiny_config(synth_small, tmp_path, **{"train.max_steps": 8}), wrap=wrap)
+    assert summary["stopped_by_signal"] == signal.SIGTERM and summary["steps"] == 2
+    assert load(summary["checkpoint"])["step"] == 2
+
+
+def test_missing_checkpoint_is_a_clear_error(synth_small, tmp_path):
+    cfg = tiny_config(synth_small, tmp_path, **{"train.resume": str(tmp_path / "nope.pt")})
+    with pytest.raises(Exception, match="nope.pt"):
+        run(cfg)
+
+
+def _eval_loss(cfg, model):
+    """Mean BCE of the model over the training clips, read in eval mode (no augmentation)."""
+    from dali_pipelines.loader import build_loader
+
+    loader = build_loader(cfg, "train", "eval")
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            logits = model(batch["audio"], batch["visual"])
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, batch["labels"], reduction="sum"
+            )
+            total, n = total + float(loss), n + logits.numel()
+    model.train()
+    return total / n
+
+
+@pytest.mark.parametrize("ftmode", ["multimodal", "audio_only", "video_only"])
+def test_finetune_modes_train_and_lower_the_loss(synth_small, tmp_path, ftmode):
+    cfg = tiny_config(
+        synth_small,
+        tmp_path,
+        "finetune",
+        **{
+            "model.ftmode": ftmode,
+            "train.max_steps": 12,
+            "optim.lr": 1e-4,
+            "augment.ft_timem": 96,
+            "model.pretrained_model": None,
+            "train.batch_size": 4,
+            "augment.mixup": 0.0,
+            "optim.head_lr": 10.0,
+            "optim.max_epoch": 10,
+        },
+    )
+    torch.manual_seed(cfg.train.seed)
+    before = _eval_loss(cfg, finetune_task(cfg).model)
+    summary, model = run(cfg, task_fn=finetune_task)
+    assert summary["steps"] == 12 and summary["loss_is_finite"]
+    after = _eval_loss(cfg, model)
+    assert after < before - 0.02, (before, after)
+
+
+def test_dry_run_prints_the_parameter_count(capsys):
+    from train import main
+
+    assert main(["pretrain", "--config", "configs/pretrain_audioset.yaml", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "trainable parameters: 210963968" in out and "tower_a: 85" in out
