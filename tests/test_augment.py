@@ -293,3 +293,51 @@ def test_neutral_vectors():
     assert augment.neutral_audio().tolist()[13:17] == [0, 1, 2, 3]
     assert augment.neutral_visual().tolist()[6:10] == [0, 1, 2, 3]
     assert augment.neutral_audio().sum() == 6 and augment.neutral_visual().sum() == 6
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "finetune", "eval"])
+def test_preview_writes_valid_pngs(synth_small, tmp_path, mode):
+    from dali_pipelines.preview import main
+
+    name = "test.json" if mode == "eval" else "train.json"
+    args = [
+        str(synth_small.root / name),
+        "--mode",
+        mode,
+        "--out",
+        str(tmp_path),
+        "--samples",
+        "2",
+        "--set",
+        "data.clip_seconds=4.0",
+        "--set",
+        "data.frames_per_clip=4",
+        "--set",
+        "data.eval_frame=2",
+        "--set",
+        "eval.retrieval_frame=2",
+        "--set",
+        "data.dataset=synthetic",
+        "--set",
+        "data.audio_mean=-4.346",
+        "--set",
+        "data.audio_std=4.332",
+    ]
+    assert main(args) == 0
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert len(pngs) == 2
+    for p in pngs:
+        img = Image.open(p)
+        img.verify()
+        assert img.size[0] > 300
+
+
+def test_vector_descriptions_read_back_the_numbers():
+    from dali_pipelines.preview import describe_audio, describe_visual
+
+    t = augment.neutral_audio()
+    assert "specaug off" in describe_audio(t) and "jitter off" in describe_audio(t)
+    tv = augment.neutral_visual()
+    tv[5:10] = (1, 2, 0, 3, 1)
+    tv[10] = 0.12
+    assert "jitter on, order 2,0,3,1 (b=+0.12" in describe_visual(tv)
