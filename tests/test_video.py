@@ -293,8 +293,9 @@ def test_clean_view_matches_torchvision(clip):
         assert got.shape == (3, 224, 224) and got.dtype == np.float32
         diff = np.abs(got - torchvision_clean_view(img)) * std * 255.0  # in [0, 255] pixel units
         # Measured on these frames: mean 0.14-0.17, max 1.0-2.0 (one or two uint8 levels; PIL
-        # rounds between its two resize passes, DALI keeps float). DALI's own resize_shorter + centre crop rounds
-        # the long side and the crop offset differently: mean 1.0-2.0, max 26-65 on these.
+        # rounds between its two resize passes, DALI keeps float). DALI's own resize_shorter +
+        # centre crop rounds the long side and the crop offset differently: mean 1.0-2.0, max
+        # 26-65 on these.
         assert diff.mean() < 0.3, (img.shape, diff.mean())
         assert diff.max() < 2.5, (img.shape, diff.max())
 
