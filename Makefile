@@ -17,9 +17,19 @@ SEED ?= 0
 SECONDS ?= 10
 FORMAT ?= all
 
-.PHONY: setup test lint format demo synth check fbank frame help
+.PHONY: setup test lint format demo synth check preview pretrain pretrain-demo finetune \
+	evaluate retrieval bench bench-loader bench-step bench-report help
 help:
-	@echo "targets: setup test lint format demo synth check (see README.md)"
+	@echo "targets: setup test lint format demo synth check preview pretrain pretrain-demo"
+	@echo "         finetune evaluate retrieval bench bench-loader bench-step bench-report"
+	@echo "(see README.md)"
+
+# Training: CONFIG picks the preset, NPROC the processes per node (default: all local GPUs, or
+# one process without a GPU); extra `--set key=value` overrides go in ARGS.
+NPROC ?= $(shell $(PY) -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
+PRETRAIN_CONFIG ?= configs/pretrain_audioset.yaml
+FINETUNE_CONFIG ?= configs/finetune_as20k.yaml
+ARGS ?=
 
 setup: $(SETUP)
 
@@ -54,3 +64,39 @@ check: $(SETUP)
 
 demo: $(SETUP)
 	$(PY) -m equiav.demo --config configs/demo.yaml
+
+preview: $(SETUP)
+	$(PY) -m dali_pipelines.preview $(SYNTH_OUT)/train.json --mode pretrain --out runs/preview
+
+pretrain: $(SETUP)
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) train.py pretrain \
+		--config $(PRETRAIN_CONFIG) $(ARGS)
+
+# A short pretraining on the synthetic data (generated if missing), CPU-sized.
+pretrain-demo: $(SETUP)
+	$(PY) -m equiav.demo --config configs/demo.yaml --stage pretrain $(ARGS)
+
+finetune: $(SETUP)
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) train.py finetune \
+		--config $(FINETUNE_CONFIG) $(ARGS)
+
+# make evaluate CKPT=runs/x/checkpoints/best.pt DATA=data/AudioSet_20K/test.json LABELS=...
+CKPT ?=
+DATA ?=
+LABELS ?= $(dir $(DATA))class_labels_indices.csv
+evaluate: $(SETUP)
+	$(PY) evaluate.py --checkpoint $(CKPT) --data $(DATA) --label-csv $(LABELS) $(ARGS)
+
+retrieval: $(SETUP)
+	$(PY) evaluate.py retrieval --checkpoint $(CKPT) --data $(DATA) $(ARGS)
+
+bench: bench-loader bench-step bench-report
+
+bench-loader: $(SETUP)
+	$(PY) -m bench.loader $(ARGS)
+
+bench-step: $(SETUP)
+	$(PY) -m bench.step $(ARGS)
+
+bench-report: $(SETUP)
+	$(PY) -m bench.report

@@ -1,0 +1,151 @@
+"""What every benchmark shares: a description of the machine and the result-file writer/reader.
+
+A result is one JSON file `bench/results/{name}-{host}.json` (schema: `bench/report.py`'s module
+docstring): a second run of the same benchmark on the same machine replaces the first. Writes are
+atomic (a temporary file renamed over the target), so a killed run never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: Where results go unless a caller passes `results_dir`.
+DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+#: Keys every result JSON has (`write_result` fills `benchmark`, `machine` and `created`).
+RESULT_KEYS = ("benchmark", "machine", "config", "rows", "summary")
+
+
+class ResultError(ValueError):
+    """A result file or payload that does not follow the schema; the message names the file."""
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _package_version(*names: str) -> str | None:
+    """The installed version of the first distribution found among `names`, else None."""
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def machine_info() -> dict[str, Any]:
+    """Hostname, CPU model and core count, GPUs (name of the first, count), and the versions of
+    Python, torch (and its CUDA), DALI and timm."""
+    cuda = torch.cuda.is_available()
+    count = torch.cuda.device_count() if cuda else 0
+    return {
+        "hostname": socket.gethostname(),
+        "cpu_model": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "gpu_name": torch.cuda.get_device_name(0) if count else None,
+        "gpu_count": count,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        # DALI's distribution name carries the CUDA major version.
+        "dali": _package_version(
+            "nvidia-dali-cuda120", "nvidia-dali-cuda130", "nvidia-dali-cuda110"
+        ),
+        "timm": _package_version("timm"),
+        "platform": platform.platform(),
+    }
+
+
+def _safe_host(hostname: str) -> str:
+    """The hostname as a file-name part: letters, digits, '.', '_' and '-' only."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", hostname) or "unknown"
+
+
+def result_path(name: str, results_dir: str | os.PathLike | None = None) -> Path:
+    """`{results_dir}/{name}-{host}.json` (default directory: `bench/results/`)."""
+    if not re.fullmatch(r"[A-Za-z0-9_]+(-[A-Za-z0-9_]+)*", name):
+        raise ValueError(f"result name {name!r}: use letters, digits, '_' and '-' only")
+    directory = Path(results_dir) if results_dir is not None else DEFAULT_RESULTS_DIR
+    return directory / f"{name}-{_safe_host(socket.gethostname())}.json"
+
+
+def check_result(result: Any, source: str) -> dict[str, Any]:
+    """Check that `result` has the schema's shape (keys, a list of dict rows, dict config, summary
+    and machine); return it, or raise ResultError naming `source`."""
+    if not isinstance(result, dict):
+        raise ResultError(f"{source}: a result must be a JSON object, got {type(result).__name__}")
+    missing = [k for k in RESULT_KEYS if k not in result]
+    if missing:
+        raise ResultError(f"{source}: result lacks {', '.join(missing)}")
+    if not isinstance(result["benchmark"], str):
+        raise ResultError(f"{source}: 'benchmark' must be a string")
+    for key in ("machine", "config", "summary"):
+        if not isinstance(result[key], dict):
+            raise ResultError(f"{source}: '{key}' must be an object")
+    rows = result["rows"]
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ResultError(f"{source}: 'rows' must be a list of objects")
+    return result
+
+
+def write_result(
+    name: str, payload: dict[str, Any], results_dir: str | os.PathLike | None = None
+) -> Path:
+    """Write `payload` ({"config", "rows", "summary"}; "machine" is added when absent) as
+    `{results_dir}/{name}-{host}.json`, atomically; return the path.
+
+    `benchmark` is set to `name` and `created` to the UTC time of writing.
+    """
+    path = result_path(name, results_dir)
+    result = {"benchmark": name, "machine": payload.get("machine") or machine_info()}
+    result.update({k: v for k, v in payload.items() if k not in ("benchmark", "machine")})
+    result["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    check_result(result, f"result {name!r}")
+    text = json.dumps(result, indent=2, allow_nan=False) + "\n"  # NaN is not JSON
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def read_result(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check one result JSON; errors name the file."""
+    path = Path(path)
+    try:
+        result = json.loads(path.read_text())
+    except OSError as e:
+        raise ResultError(f"{path}: cannot read: {e.strerror}") from e
+    except json.JSONDecodeError as e:
+        raise ResultError(f"{path}: not valid JSON: {e}") from e
+    return check_result(result, str(path))
+
+
+def ran_on_gpu(result: dict[str, Any]) -> bool:
+    """Whether a result was measured on a GPU: its `summary.device` when it names one ("cuda" /
+    "cpu"), else whether its machine had a GPU."""
+    device = result.get("summary", {}).get("device")
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    machine = result.get("machine", {})
+    return bool(machine.get("gpu_count")) and machine.get("gpu_name") is not None

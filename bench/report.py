@@ -1,0 +1,370 @@
+"""Turn every benchmark result in `bench/results/*.json` into `bench/REPORT.md` with PNG plots.
+
+    python -m bench.report [--results bench/results] [--out bench]
+
+writes `{out}/REPORT.md` and `{out}/plots/{result}.png` (one plot per result of a kind that has
+one). Results measured without a GPU are marked "not yet measured on a GPU".
+
+Result schema (every benchmark writes one JSON object per run with `bench.common.write_result`,
+as `bench/results/{name}-{host}.json`)::
+
+    {
+      "benchmark": "step-grid",          # the name; its part before the first "-" is the KIND
+      "machine": {...},                  # bench.common.machine_info(): hostname, cpu_model,
+                                         #   cpu_cores, gpu_name, gpu_count, python, torch,
+                                         #   torch_cuda, dali, timm, platform
+      "config": {...},                   # what was run (free-form, flat where possible)
+      "rows": [{...}, ...],              # one flat object per measurement (see the kinds)
+      "summary": {...},                  # free-form; "device": "cuda" | "cpu" (optional) says
+                                         #   where it ran, else the machine's GPU count decides
+      "created": "2026-01-01T00:00:00+00:00"   # added by write_result
+    }
+
+Row fields by kind (other fields are shown in the table as they are; a row with a "status"
+other than "ok" is listed but not plotted):
+
+- `loader`: {"pipeline": str, "samples_per_s": float, ...} e.g. mode, batch_size, workers.
+  Plot: samples/s by pipeline (and mode, when rows have one).
+- `step` (bench/step.py): {"mode", "precision", "optimizer", "compile", "batch_size",
+  "batch_kind" ("paper" | "max" | "smoke"), "status", "step_time_ms", "samples_per_s",
+  "peak_memory_gib", "achieved_tflops", "mfu", ...}. Plot: step time by precision at the base
+  batch (paper or smoke), one bar per optimizer/compile variant, a panel per mode.
+- `end_to_end`: {"mode": str, "pipeline": str, "samples_per_s": float (loader + step),
+  "step_only_samples_per_s": float (the same step on synthetic device tensors), ...}.
+  Plot: end-to-end vs step-only samples/s per mode and pipeline.
+- `scaling`: {"gpus": int, "samples_per_s": float (all GPUs together), "mode": str (optional),
+  ...}. Plot: samples/s against GPUs, a line per mode, with ideal linear scaling from the
+  smallest GPU count dashed.
+
+Any other kind gets a table and no plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import DEFAULT_RESULTS_DIR, ResultError, ran_on_gpu, read_result
+
+NOT_ON_GPU = "not yet measured on a GPU"
+
+# Required row fields of each plotted kind (checked before plotting; errors name the file).
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "loader": ("pipeline", "samples_per_s"),
+    "step": ("mode", "precision", "optimizer", "compile", "batch_kind", "step_time_ms"),
+    "end_to_end": ("mode", "pipeline", "samples_per_s", "step_only_samples_per_s"),
+    "scaling": ("gpus", "samples_per_s"),
+}
+
+# Table columns shown first for a kind (others follow in the order they first appear).
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "step": (
+        "mode",
+        "precision",
+        "optimizer",
+        "compile",
+        "batch_size",
+        "batch_kind",
+        "status",
+        "step_time_ms",
+        "samples_per_s",
+        "peak_memory_gib",
+        "achieved_tflops",
+        "mfu",
+    ),
+}
+# Step rows carry more than a table should show; these are left out of it.
+HIDDEN: dict[str, tuple[str, ...]] = {
+    "step": (
+        "optimizer_impl",
+        "steps",
+        "warmup_steps",
+        "step_time_ms_min",
+        "peak_reserved_gib",
+        "flops_per_sample",
+    ),
+}
+
+
+def kind_of(result: dict[str, Any]) -> str:
+    """A result's kind: its benchmark name up to the first "-" ("step-grid" -> "step")."""
+    return result["benchmark"].split("-", 1)[0]
+
+
+def load_results(results_dir: str | os.PathLike) -> list[tuple[Path, dict[str, Any]]]:
+    """Every `*.json` in `results_dir`, checked against the schema, sorted by file name."""
+    directory = Path(results_dir)
+    if not directory.is_dir():
+        raise ResultError(f"{directory}: no such results directory")
+    results = []
+    for path in sorted(directory.glob("*.json")):
+        result = read_result(path)
+        kind = kind_of(result)
+        for i, row in enumerate(result["rows"]):
+            if row.get("status", "ok") != "ok":
+                continue
+            missing = [k for k in REQUIRED.get(kind, ()) if k not in row]
+            if missing:
+                raise ResultError(f"{path}: row {i} of a {kind} result lacks {', '.join(missing)}")
+        results.append((path, result))
+    return results
+
+
+def _ok_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in result["rows"] if r.get("status", "ok") == "ok"]
+
+
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _bar_labels(ax, bars, fmt: str = "{:.0f}") -> None:
+    for bar in bars:
+        height = bar.get_height()
+        if math.isfinite(height) and height > 0:
+            ax.annotate(
+                fmt.format(height),
+                (bar.get_x() + bar.get_width() / 2, height),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
+
+
+def _plot_loader(plt, result: dict[str, Any], title: str):
+    rows = _ok_rows(result)
+    labels = [r["pipeline"] + (f" ({r['mode']})" if "mode" in r else "") for r in rows]
+    values = [float(r["samples_per_s"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.5))
+    bars = ax.barh(labels, values, color="tab:blue")
+    ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("samples/s")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_step(plt, result: dict[str, Any], title: str):
+    rows = [r for r in _ok_rows(result) if r["batch_kind"] != "max"]
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    fig, axes = plt.subplots(1, max(1, len(modes)), figsize=(5 * max(1, len(modes)), 4))
+    axes = list(axes) if len(modes) > 1 else [axes]
+    for ax, mode in zip(axes, modes, strict=False):
+        mode_rows = [r for r in rows if r["mode"] == mode]
+        precisions = list(dict.fromkeys(r["precision"] for r in mode_rows))
+        variants = list(
+            dict.fromkeys(
+                f"{r['optimizer']}{' + compile' if r['compile'] else ''}" for r in mode_rows
+            )
+        )
+        width = 0.8 / len(variants)
+        for j, variant in enumerate(variants):
+            heights = []
+            for precision in precisions:
+                match = [
+                    r["step_time_ms"]
+                    for r in mode_rows
+                    if r["precision"] == precision
+                    and f"{r['optimizer']}{' + compile' if r['compile'] else ''}" == variant
+                ]
+                heights.append(float(match[0]) if match else float("nan"))
+            xs = [i + (j - (len(variants) - 1) / 2) * width for i in range(len(precisions))]
+            bars = ax.bar(xs, heights, width, label=variant)
+            _bar_labels(ax, bars, "{:.1f}")
+        batch = mode_rows[0].get("batch_size")
+        ax.set_xticks(range(len(precisions)), precisions)
+        ax.set_ylabel("step time (ms)")
+        ax.set_title(f"{mode}, batch {batch}")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_end_to_end(plt, result: dict[str, Any], title: str):
+    rows = _ok_rows(result)
+    labels = [f"{r['mode']}\n{r['pipeline']}" for r in rows]
+    xs = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows)), 4))
+    e2e = [float(r["samples_per_s"]) for r in rows]
+    step = [
+        float(r["step_only_samples_per_s"])
+        if r["step_only_samples_per_s"] is not None
+        else float("nan")
+        for r in rows
+    ]
+    _bar_labels(ax, ax.bar([x - 0.2 for x in xs], e2e, 0.4, label="end to end"))
+    _bar_labels(ax, ax.bar([x + 0.2 for x in xs], step, 0.4, label="step only"))
+    ax.set_xticks(list(xs), labels)
+    ax.set_ylabel("samples/s")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _plot_scaling(plt, result: dict[str, Any], title: str):
+    rows = _ok_rows(result)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in dict.fromkeys(r.get("mode", "") for r in rows):
+        points = sorted(
+            (int(r["gpus"]), float(r["samples_per_s"])) for r in rows if r.get("mode", "") == mode
+        )
+        gpus = [g for g, _ in points]
+        line = ax.plot(gpus, [s for _, s in points], marker="o", label=mode or "measured")[0]
+        g0, s0 = points[0]
+        ax.plot(gpus, [s0 * g / g0 for g in gpus], "--", color=line.get_color(), alpha=0.5)
+    ax.set_xlabel("GPUs")
+    ax.set_ylabel("samples/s (dashed: linear scaling)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+PLOTTERS = {
+    "loader": _plot_loader,
+    "step": _plot_step,
+    "end_to_end": _plot_end_to_end,
+    "scaling": _plot_scaling,
+}
+TITLES = {
+    "loader": "Loader throughput by pipeline",
+    "step": "Training step time by precision",
+    "end_to_end": "End to end vs step only",
+    "scaling": "Scaling",
+}
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(rows: list[dict[str, Any]], kind: str) -> list[str]:
+    if not rows:
+        return ["(no rows)"]
+    hidden = set(HIDDEN.get(kind, ()))
+    columns = [c for c in COLUMNS.get(kind, ()) if any(c in r for r in rows)]
+    for row in rows:
+        columns += [k for k in row if k not in columns and k not in hidden]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_format(r.get(c)) for c in columns) + " |" for r in rows]
+    return lines
+
+
+def _machine_line(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    gpu = f"{m.get('gpu_count')} x {m.get('gpu_name')}" if m.get("gpu_count") else "no GPU"
+    parts = [
+        f"host `{m.get('hostname')}`",
+        f"{m.get('cpu_model')} ({m.get('cpu_cores')} cores)",
+        gpu,
+        f"torch {m.get('torch')}",
+        f"DALI {m.get('dali')}",
+        f"timm {m.get('timm')}",
+        f"Python {m.get('python')}",
+    ]
+    if result.get("created"):
+        parts.append(f"written {result['created']}")
+    return "Machine: " + ", ".join(parts) + "."
+
+
+def write_report(
+    results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR,
+    out_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Write `{out_dir}/REPORT.md` and its plots under `{out_dir}/plots/` from every result in
+    `results_dir` (out_dir default: the results directory's parent); return the report's path."""
+    results = load_results(results_dir)
+    out = Path(out_dir) if out_dir is not None else Path(results_dir).resolve().parent
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    plt = _pyplot()
+
+    lines = [
+        "# Benchmark report",
+        "",
+        f"Generated by `python -m bench.report` from {len(results)} result file(s) in "
+        f"`{os.path.relpath(results_dir, out)}`. Result schema: `bench/report.py`. Results "
+        f"marked *{NOT_ON_GPU}* ran on a machine (or device) without a GPU: they check the "
+        "benchmark, they do not measure it.",
+        "",
+    ]
+    if not results:
+        lines += ["No results yet: run the benchmarks (`python -m bench.step`, ...).", ""]
+    by_kind: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+    for path, result in results:
+        by_kind.setdefault(kind_of(result), []).append((path, result))
+    order = [k for k in PLOTTERS if k in by_kind] + sorted(k for k in by_kind if k not in PLOTTERS)
+    for kind in order:
+        lines += [f"## {TITLES.get(kind, kind)} (`{kind}-*`)", ""]
+        if not any(ran_on_gpu(r) for _, r in by_kind[kind]):
+            lines += [f"**{NOT_ON_GPU[0].upper()}{NOT_ON_GPU[1:]}.**", ""]
+        for path, result in by_kind[kind]:
+            gpu_note = "" if ran_on_gpu(result) else f" ({NOT_ON_GPU})"
+            lines += [f"### `{path.name}`{gpu_note}", "", _machine_line(result), ""]
+            lines += _table(result["rows"], kind) + [""]
+            if kind in PLOTTERS and _ok_rows(result):
+                fig = PLOTTERS[kind](plt, result, f"{TITLES[kind]}\n{path.stem}{gpu_note}")
+                image = plots / f"{path.stem}.png"
+                fig.savefig(image, dpi=100)
+                plt.close(fig)
+                lines += [f"![{TITLES[kind]}]({os.path.relpath(image, out)})", ""]
+            if result["summary"]:
+                lines += ["Summary: `" + json.dumps(result["summary"], sort_keys=True) + "`", ""]
+            if result["config"]:
+                lines += [
+                    "<details><summary>config</summary>",
+                    "",
+                    "```json",
+                    json.dumps(result["config"], indent=1, sort_keys=True),
+                    "```",
+                    "</details>",
+                    "",
+                ]
+    report = out / "REPORT.md"
+    tmp = report.with_name(report.name + ".tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, report)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.report", description="bench/results/*.json -> bench/REPORT.md"
+    )
+    parser.add_argument("--results", default=str(DEFAULT_RESULTS_DIR), help="result JSON folder")
+    parser.add_argument("--out", default=None, help="report folder (default: bench/)")
+    args = parser.parse_args(argv)
+    try:
+        path = write_report(args.results, args.out)
+    except ResultError as e:
+        print(f"bench.report: {e}", file=sys.stderr)
+        return 1
+    print(f"bench.report: wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""The benchmark machinery: the FLOP counter against a hand count and against torch's own
+FlopCounterMode on the real models, the training-step benchmark in its CPU smoke mode, the result
+files and the report.
+
+FlopCounterMode sees attention only as matmuls when SDPA runs its math backend (the CPU's fused
+attention kernel is not in its formula table), so the measurements force that backend; its
+backward then runs two matmuls per forward matmul, as the counter assumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+
+import matplotlib.image
+import pytest
+import torch
+from timm.models.vision_transformer import Block
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench import report, step
+from bench.common import ResultError, read_result, result_path, write_result
+from bench.flops import finetune_flops, pretrain_flops, vit_block_flops
+from equiav.config import DataConfig, ModelConfig
+from equiav.losses import equiav_loss
+from equiav.model import EquiAVFinetune, EquiAVPretrain
+
+SMALL_MODEL = ModelConfig(**step.SMOKE_MODEL)
+SMALL_DATA = DataConfig(**step.SMOKE_DATA)
+
+
+def test_vit_block_count_equals_hand_count():
+    # One ViT-B block on the 196 visual tokens, counted by hand: 2 * m * k * n per matmul.
+    n, d, h = 196, 768, 3072
+    qkv = 2 * 196 * 768 * 2304  # 693_633_024
+    scores = 2 * 196 * 768 * 196  # q @ k^T over 12 heads of 64: 59_006_976
+    weighted = 2 * 196 * 196 * 768  # attention @ v: 59_006_976
+    proj = 2 * 196 * 768 * 768  # 231_211_008
+    mlp = 2 * (2 * 196 * 768 * 3072)  # fc1 + fc2: 1_849_688_064
+    assert qkv + scores + weighted + proj + mlp == 2_892_546_048
+    assert vit_block_flops(n, d, h) == 2_892_546_048
+
+
+def test_vit_block_count_equals_flop_counter_on_a_timm_block():
+    block = Block(96, 4, mlp_ratio=4.0, qkv_bias=True)
+    block.attn.fused_attn = True
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter, torch.no_grad():
+        block(torch.randn(3, 37, 96))
+    assert counter.get_total_flops() == 3 * vit_block_flops(37, 96, 384)
+
+
+def _pretrain_inputs(model: ModelConfig, data: DataConfig, batch: int, device: str = "cpu"):
+    g = torch.Generator().manual_seed(0) if device == "cpu" else None
+
+    def randn(*shape):
+        if g is None:
+            return torch.empty(*shape, device=device)
+        return torch.randn(*shape, generator=g)
+
+    audio = (batch, 3, data.num_mel_bins, data.target_length)
+    visual = (batch, 3, data.image_size, data.image_size)
+    return (
+        randn(*audio),
+        randn(*visual),
+        randn(*audio),
+        randn(*visual),
+        randn(batch, 24),
+        randn(batch, 18),
+        randn(batch, model.cen_num, 24),
+        randn(batch, model.cen_num, 18),
+    )
+
+
+def test_pretrain_count_equals_flop_counter_on_the_small_model():
+    torch.manual_seed(0)
+    model = EquiAVPretrain(SMALL_MODEL, SMALL_DATA)
+    batch = 3
+    inputs = _pretrain_inputs(SMALL_MODEL, SMALL_DATA, batch)
+    count = pretrain_flops(SMALL_MODEL, SMALL_DATA, batch)
+
+    forward = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), forward, torch.no_grad():
+        equiav_loss(model(*inputs))
+    assert forward.get_total_flops() == count.forward_total
+
+    train = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), train:
+        equiav_loss(model(*inputs))["total"].backward()
+    measured = train.get_total_flops()
+    # Autograd computes no input gradient for the layers that read data: exactly the difference
+    # between the 3 x forward convention and what runs.
+    assert measured == count.executed_train_total
+    assert count.executed_train_total < count.train_total
+    # Every part of the model contributes, so a part left out of the count would show above.
+    assert all(v > 0 for v in count.forward.values())
+
+
+@pytest.mark.parametrize("ftmode", ["multimodal", "audio_only", "video_only"])
+def test_finetune_count_equals_flop_counter_on_the_small_model(ftmode):
+    cfg = dataclasses.replace(SMALL_MODEL, ftmode=ftmode)
+    torch.manual_seed(0)
+    model = EquiAVFinetune(cfg, SMALL_DATA, n_classes=7)
+    audio, visual = _pretrain_inputs(cfg, SMALL_DATA, 2)[:2]
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        model(audio, visual).sum().backward()
+    count = finetune_flops(cfg, SMALL_DATA, 2, 7)
+    assert counter.get_total_flops() == count.executed_train_total
+    towers = {"multimodal": {"audio", "visual"}, "audio_only": {"audio"}, "video_only": {"visual"}}
+    assert {k.split("_")[0] for k in count.forward if k.endswith("_blocks")} == towers[ftmode]
+
+
+def test_paper_size_count_agrees_with_flop_counter_on_meta_tensors():
+    """The real paper-size model on shape-only (meta) tensors: no arithmetic runs."""
+    model_cfg, data_cfg, batch = ModelConfig(), DataConfig(), 2
+    with torch.device("meta"):
+        model = EquiAVPretrain(model_cfg, data_cfg)
+    inputs = _pretrain_inputs(model_cfg, data_cfg, batch, device="meta")
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        out = model(*inputs)
+        forward = counter.get_total_flops()
+        # equiav_loss cannot run on meta tensors (autocast); its matmuls are counted separately.
+        sum(z.sum() for z in out.values()).backward()
+    count = pretrain_flops(model_cfg, data_cfg, batch)
+    model_forward = count.forward_total - count.forward["loss"]
+    assert forward == model_forward
+    measured_train = counter.get_total_flops()
+    assert measured_train == 3 * model_forward - count.input_layers
+    # The MFU convention (3 x forward) is within 0.5 % of what runs at this size ...
+    assert abs(count.train_total - measured_train) / measured_train < 0.005
+    # ... and MEASURED.md's estimate (~790 GFLOP per sample) is the towers' share of it.
+    assert 790e9 < count.train_per_sample < 800e9
+
+
+def test_peak_table():
+    assert step.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert step.peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert step.peak_bf16_tflops("NVIDIA H200") == 989.0
+    assert step.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert step.peak_bf16_tflops("NVIDIA GeForce RTX 4090") is None
+    assert step.peak_bf16_tflops(None) is None
+
+
+def test_find_max_batch_doubles_until_the_first_failure():
+    tried = []
+
+    def fits(b):
+        tried.append(b)
+        return b <= 100
+
+    assert step.find_max_batch(fits, 16, 4096) == 64
+    assert tried == [16, 32, 64, 128]
+    assert step.find_max_batch(lambda b: b <= 8, 16, 4096) is None
+    assert step.find_max_batch(lambda b: True, 16, 256) == 256
+
+
+def test_train_step_changes_every_parameter():
+    setup = step.StepSetup("pretrain", "fp32", True, False)
+    cfg = step.run_config(setup, smoke=True)
+    train_step = step.TrainStep(setup, cfg, torch.device("cpu"))
+    before = {n: p.detach().clone() for n, p in train_step.model.named_parameters()}
+    train_step(step.synthetic_batch("pretrain", cfg, 4, torch.device("cpu")))
+    unchanged = [n for n, p in train_step.model.named_parameters() if torch.equal(p, before[n])]
+    assert unchanged == []
+
+
+@pytest.fixture(scope="module")
+def step_result(tmp_path_factory):
+    """The step benchmark's default run in smoke mode (CPU), written to a temporary directory."""
+    results = tmp_path_factory.mktemp("results")
+    path = step.run(device="cpu", steps=2, warmup=1, results_dir=results, log=lambda s: None)
+    return path
+
+
+def test_step_smoke_writes_a_valid_result(step_result):
+    assert step_result.name == f"step-smoke-{socket.gethostname()}.json"
+    result = read_result(step_result)  # checks the schema
+    assert result["benchmark"] == "step-smoke"
+    assert result["summary"]["device"] == "cpu"
+    assert result["config"]["smoke"] is True
+    assert result["machine"]["torch"] == torch.__version__
+    rows = result["rows"]
+    assert [(r["mode"], r["batch_size"], r["status"]) for r in rows] == [
+        ("pretrain", 4, "ok"),
+        ("finetune", 8, "ok"),
+    ]
+    smoke_cfg = step.run_config(step.StepSetup("pretrain", "bf16", True, False), smoke=True)
+    for row in rows:
+        assert row["step_time_ms"] > 0
+        assert row["samples_per_s"] == pytest.approx(row["batch_size"] / row["step_time_ms"] * 1e3)
+        assert row["mfu"] is None and row["peak_memory_gib"] is None  # no peak, no CUDA memory
+        flops = step.step_flops(row["mode"], smoke_cfg, row["batch_size"])
+        assert row["flops_per_sample"] == pytest.approx(flops.train_per_sample)
+        seconds = row["step_time_ms"] / 1e3
+        assert row["achieved_tflops"] == pytest.approx(flops.train_total / seconds / 1e12)
+
+
+@pytest.mark.cuda
+def test_step_on_cuda_measures_memory_and_searches_the_largest_batch(tmp_path):
+    path = step.run(
+        modes=("finetune",),
+        device="cuda",
+        smoke=True,
+        steps=2,
+        warmup=1,
+        batch_limit=64,
+        results_dir=tmp_path,
+        log=lambda s: None,
+    )
+    rows = read_result(path)["rows"]
+    assert [r["batch_kind"] for r in rows] == ["smoke", "max"]
+    assert rows[1]["status"] == "ok" and rows[1]["batch_size"] == 64  # the tiny model fits
+    assert all(r["peak_memory_gib"] > 0 for r in rows)
+    peak = step.peak_bf16_tflops(torch.cuda.get_device_name())
+    assert (rows[0]["mfu"] is None) == (peak is None)
+
+
+def _loader_payload(gpu: bool) -> dict:
+    machine = {"hostname": "gpu-node", "gpu_count": 8, "gpu_name": "NVIDIA H100 80GB HBM3"}
+    return {
+        "machine": machine if gpu else None,
+        "config": {"mode": "pretrain", "batch_size": 16},
+        "rows": [
+            {"pipeline": "dali", "samples_per_s": 98.0, "mode": "pretrain"},
+            {"pipeline": "baseline", "samples_per_s": 46.5, "mode": "pretrain"},
+        ],
+        "summary": {"speedup": 2.1},
+    }
+
+
+def test_report_writes_markdown_and_plots(step_result, tmp_path):
+    results = step_result.parent
+    write_result("loader-test", _loader_payload(gpu=True), results)
+    out = tmp_path / "out"
+    path = report.write_report(results, out)
+    text = path.read_text()
+    assert path == out / "REPORT.md"
+    images = sorted(p.name for p in (out / "plots").glob("*.png"))
+    stem = step_result.stem
+    assert images == sorted([f"{stem}.png", f"loader-test-{socket.gethostname()}.png"])
+    for name in images:
+        assert f"(plots/{name})" in text
+        pixels = matplotlib.image.imread(out / "plots" / name)
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+    # The CPU-only step result is marked, the (fake) GPU loader result is not.
+    assert f"### `{step_result.name}` (not yet measured on a GPU)" in text
+    assert f"### `loader-test-{socket.gethostname()}.json`\n" in text
+    loader_section = text.split("## Loader")[1].split("## ")[0]
+    assert "not yet measured" not in loader_section
+    assert "| dali | 98 | pretrain |" in text
+    assert "| pretrain | bf16 | fused | no | 4 | smoke | ok |" in text
+
+
+def test_report_names_a_bad_result_file(tmp_path):
+    bad = tmp_path / "loader-bad.json"
+    bad.write_text(json.dumps({"benchmark": "loader", "machine": {}, "config": {}, "summary": {}}))
+    with pytest.raises(ResultError, match="loader-bad.json.*rows"):
+        report.write_report(tmp_path, tmp_path / "out")
+    bad.write_text("{not json")
+    assert report.main(["--results", str(tmp_path), "--out", str(tmp_path / "out")]) == 1
+    bad.write_text(
+        json.dumps(
+            {
+                "benchmark": "loader",
+                "machine": {},
+                "config": {},
+                "summary": {},
+                "rows": [{"samples_per_s": 1.0}],
+            }
+        )
+    )
+    with pytest.raises(ResultError, match="loader-bad.json: row 0 .* lacks pipeline"):
+        report.write_report(tmp_path, tmp_path / "out")
+
+
+def test_write_result_is_atomic_and_named_by_host(tmp_path):
+    path = write_result("scaling-demo", _loader_payload(gpu=False), tmp_path)
+    assert path == result_path("scaling-demo", tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+    result = read_result(path)
+    assert result["machine"]["hostname"] == socket.gethostname()
+    assert result["rows"][0]["pipeline"] == "dali"
+    with pytest.raises(ValueError, match="result name"):
+        write_result("../escape", _loader_payload(gpu=False), tmp_path)
+    with pytest.raises(ResultError, match="rows"):
+        write_result("x", {"config": {}, "rows": {}, "summary": {}}, tmp_path)
