@@ -27,7 +27,7 @@ from equiav.train.loop import StopTraining, Task, train
 log = logging.getLogger("train")
 
 
-def pretrain_task(cfg: Config, load_weights: bool = True) -> Task:
+def pretrain_task(cfg: Config, load_weights: bool = True, dist: DistInfo | None = None) -> Task:
     """EquiAV pretraining: the model of the spec and (inter + intra_a + intra_v) / 3."""
     model = EquiAVPretrain(cfg.model, cfg.data)
     wanted = cfg.model.audio_pretrained_encoder or cfg.model.visual_pretrained_encoder
@@ -70,7 +70,36 @@ def finetune_loss(trainfunc: str):
     return loss
 
 
-def finetune_task(cfg: Config, load_weights: bool = True) -> Task:
+def validation(cfg: Config, dist: DistInfo):
+    """The per-epoch evaluation of finetuning on the validation list (``data.val_json``, or the
+    held-out ``data.val_fraction`` of the training list); None when there is neither."""
+    if cfg.data.val_fraction <= 0 and cfg.data.val_json is None:
+        return None
+    from dali_pipelines.loader import build_loader
+    from dali_pipelines.sources import Shard
+    from evaluate import evaluate_model
+
+    cache = {}
+
+    def run(model):
+        if "loader" not in cache:  # built once, on first use (after the training loader)
+            cache["loader"] = build_loader(
+                cfg, "val", "eval", Shard(dist.rank, dist.world_size), dist.device
+            )
+        loader = cache["loader"]
+        return evaluate_model(
+            model,
+            loader,
+            loader.labels.names,
+            dist,
+            metric=cfg.data.resolved_metric(),
+            precision=cfg.train.precision,
+        )
+
+    return run
+
+
+def finetune_task(cfg: Config, load_weights: bool = True, dist: DistInfo | None = None) -> Task:
     """Finetuning with the ftmode's head on the pretrained towers (lr x head_lr for new layers)."""
     model = EquiAVFinetune(cfg.model, cfg.data, cfg.data.resolved_n_classes())
     if not load_weights:
@@ -127,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve(cfg)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        summary = train(cfg, TASKS[mode](cfg), dist)
+        summary = train(cfg, TASKS[mode](cfg, dist=dist), dist)
     except StopTraining as e:
         log.error("%s", e)
         return 3

@@ -300,6 +300,18 @@ def checked_entries(
     return entries, weights
 
 
+def holdout_indices(n: int, fraction: float, held_out: bool) -> np.ndarray:
+    """Indices of the validation part (``held_out``) or the rest of ``n`` entries.
+
+    The split is a fixed seeded draw of ``round(n * fraction)`` entries (at least one), the same
+    for every run and rank, so that a user can choose checkpoints without the test list.
+    """
+    n_val = max(1, round(n * fraction))
+    chosen = np.zeros(n, bool)
+    chosen[np.random.default_rng(0x7A1).permutation(n)[:n_val]] = True
+    return np.flatnonzero(chosen if held_out else ~chosen)
+
+
 def build_loader(
     cfg,
     split: str,
@@ -309,15 +321,19 @@ def build_loader(
     state: dict | None = None,
     balanced: bool = False,
 ) -> DaliLoader:
-    """A ``DaliLoader`` over ``cfg.data.{split}_json`` (e.g. split "train", "test", "retrieval").
+    """A ``DaliLoader`` over ``cfg.data.{split}_json`` (split "train", "val", "test", "retrieval").
+
+    With ``data.val_fraction`` > 0, "val" is a held-out part of the training list and "train"
+    the rest (see ``holdout_indices``).
 
     ``cfg`` is an ``equiav.config.Config``; ``balanced`` draws training samples with the dataset's
     class-balanced weights (``data.weights_csv``).
     """
     data = cfg.data
-    json_path = getattr(data, f"{split}_json")
+    holdout = data.val_fraction > 0 and split in ("train", "val")
+    json_path = data.train_json if holdout else getattr(data, f"{split}_json")
     if json_path is None:
-        raise ValueError(f"data.{split}_json is not set")
+        raise ValueError(f"data.{'train' if holdout else split}_json is not set")
     if data.label_csv is None:
         raise ValueError("data.label_csv is not set")
     if balanced and data.weights_csv is None:
@@ -332,6 +348,10 @@ def build_loader(
         weights_csv=data.weights_csv if balanced else None,
         gpu=device.type == "cuda",
     )
+    if holdout:
+        keep = holdout_indices(len(entries), data.val_fraction, split == "val")
+        entries = [entries[i] for i in keep]
+        weights = weights[keep] if weights is not None else None
     lcfg = LoaderConfig(
         batch_size=cfg.train.batch_size
         if mode != "eval"

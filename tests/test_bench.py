@@ -288,3 +288,35 @@ def test_write_result_is_atomic_and_named_by_host(tmp_path):
         write_result("../escape", _loader_payload(gpu=False), tmp_path)
     with pytest.raises(ResultError, match="rows"):
         write_result("x", {"config": {}, "rows": {}, "summary": {}}, tmp_path)
+
+
+def test_loader_benchmark_smoke_writes_a_valid_result(synth_small, tmp_path):
+    import json
+
+    from bench.loader import main
+
+    args = [
+        "--data",
+        str(synth_small.root),
+        "--seconds",
+        "4",
+        "--batch-size",
+        "2",
+        "--batches",
+        "2",
+        "--warmup",
+        "1",
+        "--cores",
+        "1",
+        "--smoke",
+        "--results-dir",
+        str(tmp_path),
+    ]
+    assert main(args) == 0
+    (path,) = tmp_path.glob("loader-smoke-*.json")
+    result = json.loads(path.read_text())
+    pipelines = {row["pipeline"] for row in result["rows"]}
+    assert pipelines == {"dali-frames", "dali-webm", "baseline-frames", "baseline-webm"}
+    assert all(row["samples_per_s"] > 0 for row in result["rows"])
+    assert set(result["summary"]["ratio"]) == {"frames", "webm"}
+    assert result["summary"]["baseline_ms_per_sample_core"] > 0

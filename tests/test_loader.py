@@ -252,3 +252,20 @@ def test_gpu_loader_matches_the_cpu_loader(synth_small, name):
         assert torch.equal(c["index"], g["index"].cpu())
         assert (c["audio"] - g["audio"].cpu()).abs().mean() < 1e-4
         assert (c["visual"] - g["visual"].cpu()).abs().mean() < 1.0 / 255 / 0.226
+
+
+def test_val_fraction_holds_out_part_of_the_training_list(synth_small):
+    from dali_pipelines.loader import build_loader
+    from equiav.config import apply_overrides
+
+    cfg = apply_overrides(_config(synth_small.root), {"data.val_fraction": 0.25})
+    train = build_loader(cfg, "train", "eval")
+    val = build_loader(cfg, "val", "eval")
+    train_ids = {e.video_id for e in train.entries}
+    val_ids = {e.video_id for e in val.entries}
+    assert len(val_ids) == 2 and not train_ids & val_ids
+    assert train_ids | val_ids == {
+        e.video_id for e in read_dataset(synth_small.root / "train.json")
+    }
+    again = build_loader(cfg, "val", "eval")  # the same split every time
+    assert {e.video_id for e in again.entries} == val_ids

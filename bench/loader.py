@@ -1,0 +1,207 @@
+"""Loader benchmark: samples/s of the DALI ``pretrain`` pipeline vs the paper-style loader.
+
+``python -m bench.loader [--data DIR] [--clips N] [--batch-size 16] [--batches 20] [--cores C]
+[--device cpu|cuda] [--smoke]`` measures, side by side in one run on the same synthetic data and
+batch size:
+
+- ``dali-frames`` / ``dali-webm``: our pipeline in ``pretrain`` mode (decode, the filterbank and
+  every augmentation with its t-vectors and the ``cen_num`` vectors, i.e. everything the model
+  consumes), on the JPEG-frames layout and on VP9 video files; DALI gets ``--cores`` threads;
+- ``baseline-frames`` / ``baseline-webm``: ``bench.baseline`` (torch ``DataLoader``, ``--cores``
+  workers with one torch thread each, soundfile + torchaudio fbank, PIL/torchvision augmentations,
+  PyAV seek-and-decode for video files);
+
+plus the baseline's per-sample cost on one core (``baseline_ms_per_sample_core``), a sanity check
+against MEASURED.md's 42.8 ms (the benchmark says whether it is within 30 %). Writes
+``bench/results/loader-<host>.json`` and prints the ratios. Samples/s count samples delivered as
+tensors on the target device after ``--warmup`` batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+MEASURED_BASELINE_MS = 42.8
+
+
+def _dali_rows(
+    cfg, data_dir: Path, layouts, batches: int, warmup: int, device: str, cores: int
+) -> list[dict]:
+    from dali_pipelines.loader import build_loader
+
+    rows = []
+    for layout in layouts:
+        name = "train.json" if layout == "frames" else f"train_{layout}.json"
+        cfg.data.train_json = str(data_dir / name)
+        cfg.data.num_threads = cores
+        loader = build_loader(cfg, "train", "pretrain", device=device)
+        samples, start, seen = 0, None, 0
+        while seen < warmup + batches:
+            for batch in loader:
+                seen += 1
+                if seen == warmup:
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                elif seen > warmup:
+                    samples += len(batch["index"])
+                if seen >= warmup + batches:
+                    break
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        rows.append(
+            {
+                "pipeline": f"dali-{layout}",
+                "layout": layout,
+                "samples": samples,
+                "seconds": round(seconds, 3),
+                "samples_per_s": round(samples / seconds, 2),
+                "threads": cores,
+                "device": device,
+            }
+        )
+        print(f"dali-{layout}: {samples / seconds:.1f} samples/s", flush=True)
+    return rows
+
+
+def _baseline_rows(
+    cfg, data_dir: Path, layouts, batches: int, warmup: int, cores: int, cen_num: int
+) -> list[dict]:
+    from bench.baseline import PaperStyleDataset, make_loader, measure
+
+    rows = []
+    for layout in layouts:
+        name = "train.json" if layout == "frames" else f"train_{layout}.json"
+        dataset = PaperStyleDataset(
+            data_dir / name,
+            cfg.data.label_csv,
+            mode="pretrain",
+            audio_mean=cfg.data.resolved_mean(),
+            audio_std=cfg.data.resolved_std(),
+            target_length=cfg.data.target_length,
+            frames_per_clip=cfg.data.frames_per_clip,
+            eval_frame=cfg.data.eval_frame,
+            image_size=cfg.data.image_size,
+            cen_num=cen_num,
+        )
+        loader = make_loader(dataset, cfg.train.batch_size, cores)
+        result = measure(loader, batches, warmup)
+        rows.append({"pipeline": f"baseline-{layout}", "layout": layout, **result})
+        print(f"baseline-{layout}: {result['samples_per_s']:.1f} samples/s", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default="runs/bench-data", help="synthetic dataset folder")
+    parser.add_argument("--clips", type=int, default=96)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batches", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--cores", type=int, default=2, help="DALI threads / baseline workers")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--layouts", default="frames,webm")
+    parser.add_argument("--smoke", action="store_true", help="tiny run for tests")
+    parser.add_argument("--results-dir", default=None)
+    args = parser.parse_args(argv)
+
+    from bench.common import machine_info, write_result
+    from equiav.config import apply_overrides, default_config, resolve
+    from equiav.data.synth import generate
+
+    data_dir = Path(args.data)
+    frames = max(1, min(10, int(args.seconds)))
+    if not (data_dir / "train.json").exists() or not (data_dir / "train_webm.json").exists():
+        generate(
+            data_dir,
+            clips=args.clips,
+            classes=10,
+            seed=0,
+            video_format=("webm", "frames"),
+            seconds=args.seconds,
+            test_fraction=0.1,
+            progress=not args.smoke,
+        )
+    cfg = resolve(
+        apply_overrides(
+            default_config(),
+            {
+                "data.dataset": "synthetic",
+                "data.label_csv": str(data_dir / "class_labels_indices.csv"),
+                "data.audio_mean": -4.346,
+                "data.audio_std": 4.332,
+                "data.clip_seconds": args.seconds,
+                "data.frames_per_clip": frames,
+                "data.eval_frame": frames // 2,
+                "train.batch_size": args.batch_size,
+            },
+        )
+    )
+    layouts = [x for x in args.layouts.split(",") if x]
+    torch.set_num_threads(args.cores)
+    dali = _dali_rows(cfg, data_dir, layouts, args.batches, args.warmup, args.device, args.cores)
+    base = _baseline_rows(
+        cfg, data_dir, layouts, args.batches, args.warmup, args.cores, cfg.model.cen_num
+    )
+
+    from bench.baseline import PaperStyleDataset, per_sample_cost
+
+    probe = PaperStyleDataset(
+        data_dir / "train.json",
+        cfg.data.label_csv,
+        mode="pretrain",
+        target_length=cfg.data.target_length,
+        frames_per_clip=frames,
+        eval_frame=frames // 2,
+        cen_num=cfg.model.cen_num,
+    )
+    per_core = per_sample_cost(probe, 4 if args.smoke else 30)
+    ratios = {}
+    for layout in layouts:
+        d = next(r for r in dali if r["layout"] == layout)["samples_per_s"]
+        b = next(r for r in base if r["layout"] == layout)["samples_per_s"]
+        ratios[layout] = round(d / b, 2)
+    summary = {
+        "ratio": ratios,
+        "baseline_ms_per_sample_core": round(per_core, 2),
+        "baseline_vs_measured": round(per_core / MEASURED_BASELINE_MS, 2),
+        "baseline_within_30pct": abs(per_core / MEASURED_BASELINE_MS - 1) <= 0.30,
+        "target_cpu_ratio": 2.0,
+        "paper_step_consumes_per_gpu": 600,
+    }
+    payload = {
+        "benchmark": "loader",
+        "machine": machine_info(),
+        "config": {
+            "batch_size": args.batch_size,
+            "batches": args.batches,
+            "cores": args.cores,
+            "device": args.device,
+            "clips": args.clips,
+            "seconds": args.seconds,
+            "cen_num": cfg.model.cen_num,
+            "smoke": args.smoke,
+        },
+        "rows": dali + base,
+        "summary": summary,
+    }
+    name = "loader-smoke" if args.smoke else "loader"
+    path = write_result(name, payload, results_dir=args.results_dir)
+    for layout, r in ratios.items():
+        print(f"ratio DALI / baseline ({layout}): {r}x")
+    print(f"baseline per-core cost {per_core:.1f} ms/sample (MEASURED: {MEASURED_BASELINE_MS})")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
