@@ -341,3 +341,70 @@ def test_vector_descriptions_read_back_the_numbers():
     tv[5:10] = (1, 2, 0, 3, 1)
     tv[10] = 0.12
     assert "jitter on, order 2,0,3,1 (b=+0.12" in describe_visual(tv)
+
+
+def test_finetune_mixup_label_arithmetic_and_partner_draws(synth_small):
+    """Labels are lam * own + (1 - lam) * partner's, lam ~ Beta(10, 10), mixing with p 0.5."""
+    from dali_pipelines.sources import SampleSource, Shard, SourceSpec
+
+    entries = read_dataset(synth_small.root / "train.json")
+    labels = read_label_csv(synth_small.label_csv)
+    spec = SourceSpec(
+        entries,
+        labels,
+        batch_size=2,
+        shard=Shard(),
+        mode="finetune",
+        augment=AugmentConfig(),
+        frames=512,
+        frames_per_clip=4,
+    )
+    source = SampleSource(spec)
+    lams, mixed = [], 0
+    for position in range(400):
+        out = source._mixup(position % len(entries), epoch=0, gpos=position)
+        lam = float(out["lam"])
+        own = source.multi_hot[position % len(entries)]
+        partner = source.multi_hot[int(out["partner"])]
+        np.testing.assert_allclose(out["labels"], lam * own + (1 - lam) * partner, atol=1e-6)
+        if lam < 1.0:
+            mixed += 1
+            lams.append(lam)
+        t0, t1, f0, f1 = out["ft_params"][1:].tolist()
+        assert 0 <= t1 - t0 <= 192 and 0 <= f1 - f0 <= 48 and t1 <= 512 and f1 <= 128
+    assert abs(mixed / 400 - 0.5) < 0.08
+    # Beta(10, 10): mean 0.5, standard deviation 1 / sqrt(4 * 21) = 0.109
+    assert abs(np.mean(lams) - 0.5) < 0.03 and abs(np.std(lams) - 0.109) < 0.02
+
+
+def test_finetune_batches_mix_frames_after_normalisation(synth_small):
+    """The finetune visual equals lam * clean(own) + (1 - lam) * clean(partner)."""
+    cfg = LoaderConfig(
+        batch_size=4,
+        mode="finetune",
+        seed=2,
+        frames_per_clip=4,
+        eval_frame=2,
+        augment=dataclasses.replace(AugmentConfig(), mixup=1.0),
+    )
+    entries = read_dataset(synth_small.root / "train.json")
+    loader = DaliLoader(entries, read_label_csv(synth_small.label_csv), cfg)
+    batch = next(iter(loader))
+    source = loader.source
+    for b in range(4):
+        gpos = b  # first batch of epoch 0 on one process
+        draw = source._mixup(int(batch["index"][b]), 0, gpos)
+        lam = float(draw["lam"])
+        own = entries[int(batch["index"][b])]
+        partner = entries[int(draw["partner"])]
+        views = []
+        for entry, k in (
+            (own, int(batch["frame_k"][b, 0])),
+            (partner, int(batch["frame_k"][b, 1])),
+        ):
+            img = Image.open(entry.frame_path(k)).convert("RGB")
+            t = TF.to_tensor(TF.center_crop(TF.resize(img, 224, InterpolationMode.BICUBIC), 224))
+            views.append(TF.normalize(t, MEAN, STD))
+        want = lam * views[0] + (1 - lam) * views[1]
+        assert (batch["visual"][b] - want).abs().mean() < 1.5 / 255 / 0.226
+        np.testing.assert_allclose(batch["labels"][b].numpy(), draw["labels"], atol=1e-6)
