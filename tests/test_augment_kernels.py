@@ -491,3 +491,18 @@ def test_cuda_matches_cpu(images, kind):
         assert gpu[name].is_cuda, name
         error = (gpu[name].cpu() - cpu[name]).abs().max().item()
         assert error <= 1e-5, f"{name}: CUDA differs from CPU by {error}"
+
+
+def test_hue_fast_path_for_grey_images_is_exact_in_every_sector():
+    """Equal-channel images take a closed form; it must equal torchvision for any hue factor,
+    alone and in a batch mixed with colour images (which take the general path)."""
+    gen = torch.Generator().manual_seed(5)
+    grey = (torch.randn(1, 64, 48, generator=gen) * 1.5).expand(3, -1, -1)
+    colour = torch.rand(3, 64, 48, generator=gen)
+    factors = [-0.5, -0.41, -0.3, -0.17, -0.05, 0.0, 0.05, 0.17, 0.3, 0.41, 0.5]
+    for f in factors:
+        got = K.adjust_hue(torch.stack([grey, colour]), [f, f])
+        assert torch.equal(got[0], TF.adjust_hue(grey, f)), f
+        assert (got[1] - TF.adjust_hue(colour, f)).abs().max() < 1e-5, f
+        alone = K.adjust_hue(grey.unsqueeze(0).contiguous(), [f])
+        assert torch.equal(alone[0], TF.adjust_hue(grey, f)), f
