@@ -196,7 +196,8 @@ def draw_cen(
 def apply_audio(
     x: torch.Tensor, t: torch.Tensor, params: torch.Tensor, time_shift_applied: bool = True
 ) -> torch.Tensor:
-    """The augmented audio view of a (B, 3, T, F) clean filterbank image, as t_a describes it.
+    """The augmented audio view of a (B, 3, T, F) clean filterbank image (equal channels), as
+    t_a describes it.
 
     ``params`` (B, 6) int: [clean roll, crop i, j, h, w, time shift]; the crop is passed as
     integers because t_a records it scaled by the original's swapped factors. With
@@ -207,12 +208,15 @@ def apply_audio(
     t = t.to(x.device)
     params = params.to(x.device).long()
     spec = t[:, 0] > 0
+    # The three channels are equal until the colour jitter: mask, roll and crop one of them.
+    x = x[:, :1]
     x = K.mask_rows(x, t[:, 1].long(), t[:, 2].long(), 2, spec)
     x = K.mask_rows(x, t[:, 3].long(), t[:, 4].long(), 3, spec)
     if time_shift_applied:
         x = K.roll(x, params[:, 5], 2, spec)
     frames, bins = x.shape[2], x.shape[3]
     x = K.resized_crop(x, params[:, 1], params[:, 2], params[:, 3], params[:, 4], (frames, bins))
+    x = x.expand(-1, 3, -1, -1).contiguous()
     x = K.color_jitter(x, t[:, 13:17].long(), _factors(t[:, 17:21]), t[:, 12] > 0)
     sigma = t[:, 22]
     x = K.gaussian_blur(x, sigma, K.audio_blur_kernel_size(sigma), t[:, 21] > 0)

@@ -205,8 +205,9 @@ class DaliLoader:
         if mode == "pretrain":
             params = out["a_params"].to(dev).long()
             image = K.roll(image, params[:, 0], 2, params[:, 0] != 0)
-            clean = image.expand(-1, 3, -1, -1).contiguous()
-            aug = augment.apply_audio(clean, out["t_a"], params, cfg.time_shift_applied)
+            aug = augment.apply_audio(
+                image.expand(-1, 3, -1, -1), out["t_a"], params, cfg.time_shift_applied
+            )
             batch["audio_aug"] = aug.transpose(2, 3)
             batch["visual_aug"] = augment.apply_visual(
                 out["visual_aug"].to(dev, non_blocking=True),
