@@ -188,10 +188,16 @@ def _zero_invalid_frames(feats: torch.Tensor, num_frames: torch.Tensor) -> torch
     return torch.where((frame < num_frames[:, None])[:, :, None], feats, 0.0)
 
 
+@functools.lru_cache(maxsize=8)
+def _mel_on(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return kaldi_mel_matrix().to(device=device, dtype=dtype)
+
+
 def fbank_torch(wave: torch.Tensor, lengths: torch.Tensor | None = None) -> Fbank:
     """Kaldi log-mel fbank of a (B, N) float32 batch with torch ops (CPU or CUDA).
 
-    The mel product runs in float64, so neither TF32 nor autocast can change the result.
+    On a GPU the mel product runs in float64, so neither TF32 nor autocast can change the
+    result; on a CPU (no TF32) in float32.
     """
     num_frames, total = _prepare(wave, lengths)
     batch = wave.shape[0]
@@ -206,8 +212,11 @@ def fbank_torch(wave: torch.Tensor, lengths: torch.Tensor | None = None) -> Fban
         frames = frames * hann_window().to(wave.device)
         spectrum = torch.fft.rfft(frames, n=N_FFT)  # zero-pads 400 -> 512
         power = spectrum.real.square() + spectrum.imag.square()
-        mel = kaldi_mel_matrix().to(device=wave.device, dtype=torch.float64)
-        energies = torch.matmul(power.double(), mel).float()
+        if wave.device.type == "cpu":
+            # CPUs have no TF32: a float32 product is IEEE float32 (and ~3x faster than float64).
+            energies = torch.matmul(power, _mel_on(wave.device, torch.float32))
+        else:
+            energies = torch.matmul(power.double(), _mel_on(wave.device, torch.float64)).float()
         feats = torch.log(torch.clamp(energies, min=LOG_FLOOR))
     return Fbank(_zero_invalid_frames(feats, num_frames), num_frames)
 
