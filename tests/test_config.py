@@ -327,12 +327,12 @@ PRESET_EXPECTED = {
             "model.depth": 2,
             "model.num_heads": 4,
             "model.patch_size": 16,
-            "train.batch_size": 4,
-            "train.max_steps": 20,
+            "train.batch_size": 16,
+            "train.max_steps": None,
             "train.precision": "fp32",
             "data.label_csv": "runs/demo/data/class_labels_indices.csv",
         },
-        (None, "mAP", -4.346, 4.332),
+        (None, "mAP", -1.5713, 2.2615),
     ),
 }
 
