@@ -46,12 +46,13 @@ from equiav.embed import (
     USER_ERRORS,
     build_trained_model,
     check_label_count,
+    embed_checkpoint,
     eval_data_config,
     eval_precision,
     load_trained,
 )
 from equiav.metrics import evaluate_scores, gather_indexed
-from equiav.retrieval import DIRECTIONS, embed_dataset, retrieval_metrics, similarity, top_k_table
+from equiav.retrieval import DIRECTIONS, retrieval_metrics, similarity, top_k_table
 from equiav.train.dist import DistInfo, destroy, init_distributed
 from equiav.train.optim import autocast
 
@@ -223,30 +224,14 @@ def run_classification(args: argparse.Namespace, rest: list[str]) -> dict[str, A
 
 def run_retrieval(args: argparse.Namespace, rest: list[str]) -> dict[str, Any]:
     """Load a pretraining checkpoint, run zero-shot retrieval on `args.data`, write the files."""
-    from dali_pipelines.loader import build_loader
-    from dali_pipelines.sources import Shard
 
     cfg, state = load_trained(args.checkpoint, "pretrain", rest)
-    model = build_trained_model(cfg, state, args.checkpoint)
     dist = init_distributed(cfg.train.dist_backend)
     try:
-        with contextlib.ExitStack() as stack:
-            cfg = eval_data_config(
-                cfg,
-                "retrieval",
-                args.data,
-                args.label_csv,
-                stack,
-                frame=cfg.eval.retrieval_frame,
-                labels_needed=False,
-            )
-            loader = build_loader(
-                cfg, "retrieval", "eval", Shard(dist.rank, dist.world_size), dist.device
-            )
-        seeded = cfg.quirks.retrieval_seeded
-        ids, za, zv = embed_dataset(
-            model.to(dist.device), loader, cfg, seeded, eval_precision(cfg, dist.device)
+        cfg, loader, ids, za, zv = embed_checkpoint(
+            cfg, state, args.checkpoint, args.data, args.label_csv, dist
         )
+        seeded = cfg.quirks.retrieval_seeded
         results = {
             "checkpoint": str(args.checkpoint),
             "data": cfg.data.retrieval_json,

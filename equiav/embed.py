@@ -174,9 +174,40 @@ def write_embeddings(path: str | Path, ids: Sequence[str], za: np.ndarray, zv: n
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def embed_checkpoint(
+    cfg: Config, state: dict[str, Any], checkpoint: str, data: str, label_csv: str | None, dist
+) -> tuple[Config, Any, list[str], Any, Any]:
+    """Embed every clip of ``data`` with a pretraining checkpoint, as retrieval does (frame
+    ``eval.retrieval_frame``, seeded ``cen_num`` vectors unless ``quirks.retrieval_seeded`` is
+    off): -> (config used, loader, ids, z_inv audio, z_inv visual), gathered over the ranks."""
     from dali_pipelines.loader import build_loader
     from dali_pipelines.sources import Shard
+
+    with contextlib.ExitStack() as stack:
+        cfg = eval_data_config(
+            cfg,
+            "retrieval",
+            data,
+            label_csv,
+            stack,
+            frame=cfg.eval.retrieval_frame,
+            labels_needed=False,
+        )
+        loader = build_loader(
+            cfg, "retrieval", "eval", Shard(dist.rank, dist.world_size), dist.device
+        )
+    model = build_trained_model(cfg, state, checkpoint).to(dist.device)
+    ids, za, zv = embed_dataset(
+        model,
+        loader,
+        cfg,
+        seeded=cfg.quirks.retrieval_seeded,
+        precision=eval_precision(cfg, dist.device),
+    )
+    return cfg, loader, ids, za, zv
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     from equiav.train.dist import destroy, init_distributed
 
     parser = argparse.ArgumentParser(
@@ -196,26 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg, state = load_trained(args.checkpoint, "pretrain", rest)
         dist = init_distributed(cfg.train.dist_backend)
         try:
-            with contextlib.ExitStack() as stack:
-                cfg = eval_data_config(
-                    cfg,
-                    "retrieval",
-                    args.data,
-                    args.label_csv,
-                    stack,
-                    frame=cfg.eval.retrieval_frame,
-                    labels_needed=False,
-                )
-                loader = build_loader(
-                    cfg, "retrieval", "eval", Shard(dist.rank, dist.world_size), dist.device
-                )
-            model = build_trained_model(cfg, state, args.checkpoint).to(dist.device)
-            ids, za, zv = embed_dataset(
-                model,
-                loader,
-                cfg,
-                seeded=cfg.quirks.retrieval_seeded,
-                precision=eval_precision(cfg, dist.device),
+            _, _, ids, za, zv = embed_checkpoint(
+                cfg, state, args.checkpoint, args.data, args.label_csv, dist
             )
             if dist.is_main:
                 path = write_embeddings(args.out, ids, za, zv)
