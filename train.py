@@ -102,11 +102,9 @@ def validation(cfg: Config, dist: DistInfo):
 def finetune_task(cfg: Config, load_weights: bool = True, dist: DistInfo | None = None) -> Task:
     """Finetuning with the ftmode's head on the pretrained towers (lr x head_lr for new layers)."""
     model = EquiAVFinetune(cfg.model, cfg.data, cfg.data.resolved_n_classes())
-    if not load_weights:
-        pass
-    elif cfg.model.pretrained_model:
+    if load_weights and cfg.model.pretrained_model:
         log.info("%s", model.load_pretrained(cfg.model.pretrained_model).summary())
-    else:
+    elif load_weights:
         log.warning("model.pretrained_model is not set: finetuning from scratch")
     return Task(
         "finetune",
@@ -114,6 +112,7 @@ def finetune_task(cfg: Config, load_weights: bool = True, dist: DistInfo | None 
         finetune_loss(cfg.train.trainfunc_ft),
         new_parameters=model.new_parameters(),
         balanced=cfg.train.bal,
+        evaluate=validation(cfg, dist) if dist is not None else None,
     )
 
 

@@ -207,6 +207,7 @@ def test_finetune_modes_train_and_lower_the_loss(synth_small, tmp_path, ftmode):
     before = _eval_loss(cfg, finetune_task(cfg).model)
     summary, model = run(cfg, task_fn=finetune_task)
     assert summary["steps"] == 12 and summary["loss_is_finite"]
+    assert summary["best_metric"] is None  # no validation list configured
     after = _eval_loss(cfg, model)
     assert after < before - 0.02, (before, after)
 
@@ -217,3 +218,31 @@ def test_dry_run_prints_the_parameter_count(capsys):
     assert main(["pretrain", "--config", "configs/pretrain_audioset.yaml", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "trainable parameters: 210963968" in out and "tower_a: 85" in out
+
+
+def test_finetuning_validates_every_epoch_and_keeps_the_best(synth_small, tmp_path):
+    from train import finetune_task as task_fn
+
+    cfg = tiny_config(
+        synth_small,
+        tmp_path,
+        "finetune",
+        **{
+            "train.max_steps": 6,
+            "train.batch_size": 4,
+            "optim.max_epoch": 10,
+            "data.val_json": str(synth_small.root / "test.json"),
+            "model.pretrained_model": None,
+            "augment.ft_timem": 96,
+        },
+    )
+    torch.manual_seed(0)
+    summary = train(cfg, task_fn(cfg, dist=DIST), DIST)
+    rows = [
+        line
+        for line in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()
+        if "eval/mAP" in line
+    ]
+    assert len(rows) == 3  # 2 steps an epoch: after epochs 1, 2 and 3
+    assert summary["best_metric"] is not None and 0 < summary["best_metric"] <= 1
+    assert (tmp_path / "checkpoints" / "best.pt").exists()

@@ -218,7 +218,7 @@ def train(cfg: Config, task: Task, dist: DistInfo) -> dict:
                     values = {f"train/{k}": float(v) for k, v in metrics.items()}
                     values.update(
                         {
-                            "train/loss": float(loss),
+                            "train/loss": float(loss.detach()),
                             "train/lr": lr,
                             "train/grad_norm": grad_norm,
                             "train/nonfinite_total": nonfinite_total,
@@ -226,8 +226,8 @@ def train(cfg: Config, task: Task, dist: DistInfo) -> dict:
                     )
                     values.update({f"perf/{k}": v for k, v in timer.report().items()})
                     logger.log(step, values)
-                    history.append({"step": step, "loss": float(loss)})
-                bar.update(1, loss=f"{float(loss):.4f}", lr=f"{lr:.2e}")
+                    history.append({"step": step, "loss": float(loss.detach())})
+                bar.update(1, loss=f"{float(loss.detach()):.4f}", lr=f"{lr:.2e}")
                 if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0:
                     save()
                 if step >= total_steps or _agree(stop.signal is not None, device):
