@@ -240,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, weights in (("pretrained", pre["checkpoint"]), ("scratch", None)):
             run_dir = out / f"finetune-{name}-seed{seed}"
             res = finetune(ft_cfg, run_dir, seed, weights)
-            results[name].append(res["best_metric"] if res["best_metric"] is not None else 0.0)
+            if res["best_metric"] is None:
+                raise RuntimeError(f"{run_dir}: finetuning ran no evaluation")
+            results[name].append(res["best_metric"])
             runs[f"{name}-seed{seed}"] = run_dir
             print(
                 f"{name:>10} seed {seed}: held-out mAP {results[name][-1]:.3f} "
