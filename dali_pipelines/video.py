@@ -71,11 +71,16 @@ def decode_video_frame(video_bytes: DataNode, frame_index: DataNode, device: str
     returned by :func:`frame_index_at`; DALI fails the batch for an index outside
     [0, number of frames), which :func:`frame_index_at` never returns.
     """
+    # On the CPU, skipping DALI's frame index (a scan of every packet per call) is faster and
+    # decodes the same frame (measured on the synthetic VP9 clips: 38 -> 27 ms for frame 237,
+    # 6.9 -> 2.6 ms for frame 12, identical pixels); the GPU decoder keeps its default.
+    extra = {"build_index": False} if device == "cpu" else {}
     sequence = fn.decoders.video(
         video_bytes,
         device=_decoder_device(device),
         start_frame=fn.cast(frame_index, dtype=types.INT32),
         sequence_length=1,
+        **extra,
     )
     # (1, H, W, C) "FHWC" -> (H, W, C) "HWC".
     return fn.squeeze(sequence, axes=[0])
