@@ -48,104 +48,126 @@ def rrc_params(
     width: int,
     scale: tuple[float, float],
     ratio: tuple[float, float],
-) -> tuple[int, int, int, int]:
-    """(top, left, h, w) as ``torchvision.transforms.RandomResizedCrop.get_params`` draws them.
+    n: int = 1,
+) -> np.ndarray:
+    """(n, 4) crops (top, left, h, w) as ``RandomResizedCrop.get_params`` draws them.
 
-    Ten tries of a random area fraction and log-uniform aspect ratio (w/h); failing those, the
-    largest centred crop within the ratio range.
+    Per row: ten tries of a random area fraction and log-uniform aspect ratio (w/h), the first
+    that fits wins; failing all ten, the largest centred crop within the ratio range. Vectorised
+    over rows (the ``cen_num`` vectors draw 16 crops per sample per modality).
     """
     area = height * width
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            i = int(rng.integers(0, height - h + 1))
-            j = int(rng.integers(0, width - w + 1))
-            return i, j, h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    target = area * rng.uniform(scale[0], scale[1], size=(n, 10))
+    aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), size=(n, 10)))
+    w = np.round(np.sqrt(target * aspect)).astype(np.int64)  # half to even, as Python's round
+    h = np.round(np.sqrt(target / aspect)).astype(np.int64)
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.argmax(axis=1)
+    rows = np.arange(n)
+    h, w, found = h[rows, first], w[rows, first], fits.any(axis=1)
+    i = (rng.uniform(size=n) * (height - h + 1)).astype(np.int64)
+    j = (rng.uniform(size=n) * (width - w + 1)).astype(np.int64)
+    if not found.all():
+        in_ratio = width / height
+        if in_ratio < min(ratio):
+            fw, fh = width, int(round(width / min(ratio)))
+        elif in_ratio > max(ratio):
+            fh, fw = height, int(round(height * max(ratio)))
+        else:
+            fw, fh = width, height
+        h, w = np.where(found, h, fh), np.where(found, w, fw)
+        i = np.where(found, i, (height - fh) // 2)
+        j = np.where(found, j, (width - fw) // 2)
+    return np.stack([i, j, h, w], axis=1)
 
 
 def _jitter(rng: np.random.Generator, aug, out: np.ndarray, at: int) -> None:
-    """Writes [on, order x4, b-1, c-1, s-1, h] at ``out[at:]`` (the order and factors of
-    ``ColorJitter.get_params``: a permutation, then uniform factors around 1)."""
-    on = rng.uniform() < aug.jitter_p
-    order = rng.permutation(4)
-    b = rng.uniform(1 - aug.brightness, 1 + aug.brightness)
-    c = rng.uniform(1 - aug.contrast, 1 + aug.contrast)
-    s = rng.uniform(1 - aug.saturation, 1 + aug.saturation)
-    h = rng.uniform(-aug.hue, aug.hue)
-    if on:
-        out[at] = 1
-        out[at + 1 : at + 5] = order
-        out[at + 5 : at + 9] = (b - 1, c - 1, s - 1, h)
-    else:
-        out[at + 1 : at + 5] = (0, 1, 2, 3)
+    """Writes [on, order x4, b-1, c-1, s-1, h] into ``out[:, at:]`` per row (the order and
+    factors of ``ColorJitter.get_params``: a permutation, then uniform factors around 1)."""
+    n = len(out)
+    on = rng.uniform(size=n) < aug.jitter_p
+    order = np.argsort(rng.uniform(size=(n, 4)), axis=1)  # a uniform random permutation
+    factors = np.stack(
+        [
+            rng.uniform(-aug.brightness, aug.brightness, size=n),
+            rng.uniform(-aug.contrast, aug.contrast, size=n),
+            rng.uniform(-aug.saturation, aug.saturation, size=n),
+            rng.uniform(-aug.hue, aug.hue, size=n),
+        ],
+        axis=1,
+    )
+    out[:, at] = on
+    out[:, at + 1 : at + 5] = np.where(on[:, None], order, np.arange(4))
+    out[:, at + 5 : at + 9] = np.where(on[:, None], factors, 0.0)
+
+
+def _blur(rng: np.random.Generator, aug, out: np.ndarray, at: int) -> None:
+    n = len(out)
+    on = rng.uniform(size=n) < aug.blur_p
+    sigma = rng.uniform(*aug.blur_sigma, size=n)
+    out[:, at] = on
+    out[:, at + 1] = np.where(on, sigma, 0.0)
 
 
 @dataclass(frozen=True)
 class AudioDraw:
-    """One sample's audio augmentation: its t_a and the integer crop that t_a scales."""
+    """Audio augmentation draws: t_a (n, 24) and the integer crops that t_a scales."""
 
-    t: np.ndarray  # (24,) float32
-    crop: tuple[int, int, int, int]  # (i, j, h, w) on the (T, F) image
-    shift: int  # time shift in frames (0 when SpecAugment is off)
+    t: np.ndarray  # (n, 24) float32
+    crop: np.ndarray  # (n, 4) int: (i, j, h, w) on the (T, F) image
+    shift: np.ndarray  # (n,) time shifts in frames (0 where SpecAugment is off)
 
 
 def draw_audio(
-    rng: np.random.Generator, aug, frames: int, bins: int, time_mask: int, freq_mask: int
+    rng: np.random.Generator,
+    aug,
+    frames: int,
+    bins: int,
+    time_mask: int,
+    freq_mask: int,
+    n: int = 1,
 ) -> AudioDraw:
-    """Draw the pretraining audio augmentation of one sample (``aug``: ``AugmentConfig``)."""
-    t = np.zeros(T_A, np.float64)
-    on = rng.uniform() < aug.specaug_p
-    tv, tu = rng.uniform() * time_mask, rng.uniform()
-    fv, fu = rng.uniform() * freq_mask, rng.uniform()
-    shift = int(rng.integers(-frames, frames))
-    if on:
-        t0 = math.floor(tu * (frames - tv))
-        f0 = math.floor(fu * (bins - fv))
-        t[0:7] = (1, t0, t0 + math.floor(tv), f0, f0 + math.floor(fv), 1, shift / frames)
-    else:
-        shift = 0
-    i, j, h, w = rrc_params(rng, frames, bins, aug.audio_rrc_scale, aug.audio_rrc_ratio)
-    t[7:12] = (1, i / bins, j / frames, h / bins, w / frames)
+    """Draw ``n`` pretraining audio augmentations (``aug``: ``AugmentConfig``)."""
+    t = np.zeros((n, T_A), np.float64)
+    on = rng.uniform(size=n) < aug.specaug_p
+    tv, tu = rng.uniform(size=n) * time_mask, rng.uniform(size=n)
+    fv, fu = rng.uniform(size=n) * freq_mask, rng.uniform(size=n)
+    shift = np.where(on, rng.integers(-frames, frames, size=n), 0)
+    t0 = np.floor(tu * (frames - tv))
+    f0 = np.floor(fu * (bins - fv))
+    block = np.stack(
+        [np.ones(n), t0, t0 + np.floor(tv), f0, f0 + np.floor(fv), np.ones(n), shift / frames],
+        axis=1,
+    )
+    t[:, 0:7] = np.where(on[:, None], block, 0.0)
+    crop = rrc_params(rng, frames, bins, aug.audio_rrc_scale, aug.audio_rrc_ratio, n)
+    i, j, h, w = crop.T
+    t[:, 7:12] = np.stack([np.ones(n), i / bins, j / frames, h / bins, w / frames], axis=1)
     _jitter(rng, aug, t, 12)
-    blur_on, sigma = rng.uniform() < aug.blur_p, rng.uniform(*aug.blur_sigma)
-    if blur_on:
-        t[21:23] = (1, sigma)
-    t[23] = float(rng.uniform() < aug.flip_p)
-    return AudioDraw(t.astype(np.float32), (i, j, h, w), shift)
+    _blur(rng, aug, t, 21)
+    t[:, 23] = rng.uniform(size=n) < aug.flip_p
+    return AudioDraw(t.astype(np.float32), crop, shift)
 
 
 @dataclass(frozen=True)
 class VisualDraw:
-    """One sample's visual augmentation: its t_v and the integer crop on the decoded frame."""
+    """Visual augmentation draws: t_v (n, 18) and the integer crops on the decoded frame."""
 
-    t: np.ndarray  # (18,) float32
-    crop: tuple[int, int, int, int]  # (i, j, h, w) on the (H, W) frame
+    t: np.ndarray  # (n, 18) float32
+    crop: np.ndarray  # (n, 4) int: (i, j, h, w) on the (H, W) frame
 
 
-def draw_visual(rng: np.random.Generator, aug, height: int, width: int) -> VisualDraw:
-    """Draw the pretraining visual augmentation of one sample on a ``height`` x ``width`` frame."""
-    t = np.zeros(T_V, np.float64)
-    i, j, h, w = rrc_params(rng, height, width, aug.visual_rrc_scale, aug.visual_rrc_ratio)
-    t[0:5] = (1, i / height, j / width, h / height, w / width)
+def draw_visual(rng: np.random.Generator, aug, height: int, width: int, n: int = 1) -> VisualDraw:
+    """Draw ``n`` pretraining visual augmentations on a ``height`` x ``width`` frame."""
+    t = np.zeros((n, T_V), np.float64)
+    crop = rrc_params(rng, height, width, aug.visual_rrc_scale, aug.visual_rrc_ratio, n)
+    i, j, h, w = crop.T
+    t[:, 0:5] = np.stack([np.ones(n), i / height, j / width, h / height, w / width], axis=1)
     _jitter(rng, aug, t, 5)
-    blur_on, sigma = rng.uniform() < aug.blur_p, rng.uniform(*aug.blur_sigma)
-    if blur_on:
-        t[14:16] = (1, sigma)
-    t[16] = float(rng.uniform() < aug.flip_p)
-    t[17] = float(rng.uniform() < aug.gray_p)
-    return VisualDraw(t.astype(np.float32), (i, j, h, w))
+    _blur(rng, aug, t, 14)
+    t[:, 16] = rng.uniform(size=n) < aug.flip_p
+    t[:, 17] = rng.uniform(size=n) < aug.gray_p
+    return VisualDraw(t.astype(np.float32), crop)
 
 
 def neutral_audio() -> np.ndarray:
@@ -183,8 +205,8 @@ def draw_cen(
         rng_for(seed, epoch, position, "audio_cen"),
         rng_for(seed, epoch, position, "visual_cen"),
     )
-    ta = np.stack([draw_audio(ra, aug, frames, bins, time_mask, freq_mask).t for _ in range(count)])
-    tv = np.stack([draw_visual(rv, aug, image_size, image_size).t for _ in range(count)])
+    ta = draw_audio(ra, aug, frames, bins, time_mask, freq_mask, n=count).t
+    tv = draw_visual(rv, aug, image_size, image_size, n=count).t
     return ta, tv
 
 

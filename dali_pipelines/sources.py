@@ -377,10 +377,10 @@ class SampleSource:
         v = augment.draw_visual(augment.rng_for(s.seed, epoch, gpos, "visual"), aug, h, w)
         roll = self._clean_roll(epoch, gpos)
         draws = {
-            "vcrop": np.array(v.crop, np.int32),
-            "t_a": a.t,
-            "t_v": v.t,
-            "a_params": np.array([roll, *a.crop, a.shift], np.int32),
+            "vcrop": v.crop[0].astype(np.int32),
+            "t_a": a.t[0],
+            "t_v": v.t[0],
+            "a_params": np.array([roll, *a.crop[0], a.shift[0]], np.int32),
         }
         if s.cen_num > 0:
             draws["t_a_cen"], draws["t_v_cen"] = augment.draw_cen(

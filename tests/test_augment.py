@@ -196,15 +196,24 @@ def test_resume_mid_epoch_through_the_augmenting_pipeline(synth_small):
 
 
 def _draws(n=4000, frames=1024, bins=128):
+    """Half of the draws one per sample (as the source draws the applied ones), half in one
+    vectorised call (as the cen_num vectors are drawn): both must follow the spec."""
     aug = AugmentConfig()
-    audio = [
+    half = n // 2
+    single = [
         augment.draw_audio(augment.rng_for(0, 0, p, "audio"), aug, frames, bins, 192, 48)
-        for p in range(n)
+        for p in range(half)
     ]
-    visual = [
-        augment.draw_visual(augment.rng_for(0, 0, p, "visual"), aug, 240, 320) for p in range(n)
+    batch = augment.draw_audio(np.random.default_rng(1), aug, frames, bins, 192, 48, n=half)
+    ta = np.concatenate([a.t for a in single] + [batch.t])
+    a_crops = np.concatenate([a.crop for a in single] + [batch.crop])
+    vsingle = [
+        augment.draw_visual(augment.rng_for(0, 0, p, "visual"), aug, 240, 320) for p in range(half)
     ]
-    return np.stack([a.t for a in audio]), np.stack([v.t for v in visual]), audio, visual
+    vbatch = augment.draw_visual(np.random.default_rng(2), aug, 240, 320, n=half)
+    tv = np.concatenate([v.t for v in vsingle] + [vbatch.t])
+    v_crops = np.concatenate([v.crop for v in vsingle] + [vbatch.crop])
+    return ta, tv, a_crops, v_crops
 
 
 def test_audio_draws_follow_the_spec():
@@ -221,7 +230,7 @@ def test_audio_draws_follow_the_spec():
     assert shifts.min() >= -1024 and shifts.max() < 1024 and abs(shifts.mean()) < 40
     assert np.allclose(shifts, np.round(shifts))
     assert (ta[:, 7] == 1).all()
-    crops = np.array([a.crop for a in audio])
+    crops = audio
     i, j, h, w = crops.T
     assert (i + h <= 1024).all() and (j + w <= 128).all() and (h > 0).all() and (w > 0).all()
     ratio, area = w / h, h * w / (1024 * 128)
@@ -239,7 +248,7 @@ def test_audio_draws_follow_the_spec():
 def test_visual_draws_follow_the_spec():
     _, tv, _, visual = _draws()
     assert (tv[:, 0] == 1).all()
-    crops = np.array([v.crop for v in visual])
+    crops = visual
     i, j, h, w = crops.T
     assert (i + h <= 240).all() and (j + w <= 320).all()
     ratio = w / h
@@ -275,9 +284,7 @@ def test_rrc_params_match_torchvision_distribution():
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    ours = np.array(
-        [augment.rrc_params(rng, 1024, 128, (0.08, 1.0), (0.1, 0.1875)) for _ in range(3000)]
-    )
+    ours = np.array(augment.rrc_params(rng, 1024, 128, (0.08, 1.0), (0.1, 0.1875), n=3000))
     img = torch.empty(1, 1024, 128)
     ref = np.array(
         [RandomResizedCrop.get_params(img, [0.08, 1.0], [0.1, 0.1875]) for _ in range(3000)]
@@ -408,3 +415,12 @@ def test_finetune_batches_mix_frames_after_normalisation(synth_small):
         want = lam * views[0] + (1 - lam) * views[1]
         assert (batch["visual"][b] - want).abs().mean() < 1.5 / 255 / 0.226
         np.testing.assert_allclose(batch["labels"][b].numpy(), draw["labels"], atol=1e-6)
+
+
+def test_rrc_fallback_is_torchvisions_centre_crop():
+    from torchvision.transforms import RandomResizedCrop
+
+    img = torch.empty(1, 4, 400)  # no crop of area >= 90 % and ratio ~1 fits 4 rows
+    want = RandomResizedCrop.get_params(img, [0.9, 1.0], [0.75, 4 / 3])
+    got = augment.rrc_params(np.random.default_rng(0), 4, 400, (0.9, 1.0), (0.75, 4 / 3), n=3)
+    assert [tuple(row) for row in got.tolist()] == [tuple(want)] * 3
