@@ -18,10 +18,11 @@ SECONDS ?= 10
 FORMAT ?= all
 
 .PHONY: setup test lint format demo synth check preview pretrain pretrain-demo finetune \
-	evaluate retrieval bench bench-loader bench-step bench-report help
+	evaluate retrieval bench bench-loader bench-step bench-e2e bench-scaling bench-report help
 help:
 	@echo "targets: setup test lint format demo synth check preview pretrain pretrain-demo"
-	@echo "         finetune evaluate retrieval bench bench-loader bench-step bench-report"
+	@echo "         finetune evaluate retrieval bench bench-loader bench-step bench-e2e"
+	@echo "         bench-scaling bench-report"
 	@echo "(see README.md)"
 
 # Training: CONFIG picks the preset, NPROC the processes per node (default: all local GPUs, or
@@ -90,13 +91,19 @@ evaluate: $(SETUP)
 retrieval: $(SETUP)
 	$(PY) evaluate.py retrieval --checkpoint $(CKPT) --data $(DATA) $(ARGS)
 
-bench: bench-loader bench-step bench-report
+bench: bench-loader bench-step bench-e2e bench-scaling bench-report
 
 bench-loader: $(SETUP)
 	$(PY) -m bench.loader $(ARGS)
 
 bench-step: $(SETUP)
 	$(PY) -m bench.step $(ARGS)
+
+bench-e2e: $(SETUP)
+	$(PY) -m bench.end_to_end $(ARGS)
+
+bench-scaling: $(SETUP)
+	$(PY) -m bench.scaling $(ARGS)
 
 bench-report: $(SETUP)
 	$(PY) -m bench.report

@@ -34,7 +34,9 @@ other than "ok" is listed but not plotted):
   Plot: end-to-end vs step-only samples/s per mode and pipeline.
 - `scaling`: {"gpus": int, "samples_per_s": float (all GPUs together), "mode": str (optional),
   ...}. Plot: samples/s against GPUs, a line per mode, with ideal linear scaling from the
-  smallest GPU count dashed.
+  smallest GPU count dashed. A `summary.capacity` (`bench.scaling.capacity_model`'s output) is
+  rendered as tables: what one node and each node count need from the input pipeline, storage
+  and interconnect.
 
 Any other kind gets a table and no plot.
 """
@@ -196,7 +198,10 @@ def _plot_step(plt, result: dict[str, Any], title: str):
 
 def _plot_end_to_end(plt, result: dict[str, Any], title: str):
     rows = _ok_rows(result)
-    labels = [f"{r['mode']}\n{r['pipeline']}" for r in rows]
+    labels = [
+        f"{r['mode']}" + (f" ({r['model']})" if "model" in r else "") + f"\n{r['pipeline']}"
+        for r in rows
+    ]
     xs = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows)), 4))
     e2e = [float(r["samples_per_s"]) for r in rows]
@@ -273,6 +278,93 @@ def _table(rows: list[dict[str, Any]], kind: str) -> list[str]:
     return lines
 
 
+def _n(value: Any, fmt: str | None = None) -> str:
+    """A number for the capacity tables: `fmt`, else whole numbers from 100 up and three
+    significant digits below; "-" when absent."""
+    if value is None:
+        return "-"
+    if fmt is None:
+        fmt = "{:.0f}" if abs(value) >= 100 else "{:.3g}"
+    return fmt.format(value)
+
+
+def _pair(values: dict[str, Any], keys: Sequence[str], fmt: str | None = None) -> str:
+    return " / ".join(_n(values.get(k), fmt) for k in keys)
+
+
+def _capacity_lines(c: dict[str, Any]) -> list[str]:
+    """The capacity model of a scaling result (`bench.scaling.capacity_model`) as text and two
+    tables: what one node needs, and what each node count needs."""
+    node, ar, sources = c["per_node"], c["allreduce"], c.get("sources", {})
+    media = list(node["storage_read_mb_per_s"])
+    precisions = list(ar["grad_bytes"])
+    gpus = node["gpus"]
+    lines = [
+        f"**Capacity model** (`bench.scaling.capacity_model`): every GPU consumes "
+        f"{_n(c['per_gpu_samples_per_s'])} samples/s "
+        f"({sources.get('per_gpu_samples_per_s', 'given')}); at {c['batch_per_gpu']} samples "
+        f"per GPU a step takes {_n(1e3 * c['step_time_s'], '{:.1f}')} ms, and the gradient "
+        f"all-reduce can hide in {_n(100 * c['overlap_fraction'], '{:.0f}')} % of it "
+        f"({_n(1e3 * ar['window_s'], '{:.1f}')} ms).",
+        "",
+        f"| one node ({gpus} GPUs) needs | |",
+        "|---|---|",
+        f"| samples/s | {_n(node['samples_per_s'])} |",
+    ]
+    for m in media:
+        per_sample = node["bytes_per_sample"][m] / 1e3
+        lines.append(
+            f"| storage reads, {m} ({per_sample:.0f} kB/sample) | "
+            f"{_n(node['storage_read_mb_per_s'][m])} MB/s |"
+        )
+    if node.get("dali_cores_needed") is not None:
+        enough = node.get("cores_suffice")
+        verdict = {True: ": enough", False: ": too few", None: ""}[enough]
+        of = f" of {node['cores_available']}{verdict}" if node.get("cores_available") else ""
+        lines.append(
+            f"| CPU cores for the DALI pipeline (at {_n(node['dali_samples_per_s_per_core'])} "
+            f"samples/s per core) | {_n(node['dali_cores_needed'], '{:.1f}')} "
+            f"({_n(node['dali_cores_per_gpu'], '{:.2f}')} per GPU){of} |"
+        )
+    p_names = " / ".join(precisions)
+    lines += [
+        f"| gradient all-reduce per step ({ar['param_count'] / 1e6:.1f} M parameters), "
+        f"{p_names} | {_pair({k: v / 1e6 for k, v in ar['grad_bytes'].items()}, precisions)} MB |",
+        f"| NVLink per GPU to hide it, {p_names} | "
+        f"{_pair(ar['intra_node_gb_per_s_per_gpu'], precisions)} GB/s |",
+        "",
+        f"| nodes | GPUs | samples/s | storage MB/s ({' / '.join(media)}) | inter-node GB/s "
+        f"per node ({p_names}) | Gbit/s per NIC, one per GPU ({p_names}) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in c["nodes"]:
+        lines.append(
+            f"| {row['nodes']} | {row['gpus']} | {_n(row['samples_per_s'])} | "
+            f"{_pair(row['storage_read_mb_per_s'], media)} | "
+            f"{_pair(row['inter_node_gb_per_s_per_node'], precisions)} | "
+            f"{_pair(row['inter_node_gbit_per_s_per_nic'], precisions)} |"
+        )
+    lines.append("")
+    if sources:
+        lines += ["Sources: " + "; ".join(f"{k}: {v}" for k, v in sources.items()) + ".", ""]
+    return lines
+
+
+def _summary_lines(kind: str, summary: dict[str, Any]) -> list[str]:
+    """A result's summary: JSON on one line; a scaling result's capacity model as tables."""
+    capacity = summary.get("capacity") if kind == "scaling" else None
+    lines: list[str] = []
+    if isinstance(capacity, dict):
+        try:
+            lines = _capacity_lines(capacity)
+            summary = {k: v for k, v in summary.items() if k != "capacity"}
+        except (KeyError, TypeError, ValueError, AttributeError):
+            lines = []  # not the model's shape: shown as JSON like any summary
+    if summary:
+        lines += ["Summary: `" + json.dumps(summary, sort_keys=True) + "`", ""]
+    return lines
+
+
 def _machine_line(result: dict[str, Any]) -> str:
     m = result["machine"]
     gpu = f"{m.get('gpu_count')} x {m.get('gpu_name')}" if m.get("gpu_count") else "no GPU"
@@ -332,7 +424,7 @@ def write_report(
                 plt.close(fig)
                 lines += [f"![{TITLES[kind]}]({os.path.relpath(image, out)})", ""]
             if result["summary"]:
-                lines += ["Summary: `" + json.dumps(result["summary"], sort_keys=True) + "`", ""]
+                lines += _summary_lines(kind, result["summary"])
             if result["config"]:
                 lines += [
                     "<details><summary>config</summary>",

@@ -1,0 +1,464 @@
+"""End to end: real training steps fed by the DALI pipeline vs the paper-style loader vs no loader.
+
+``python -m bench.end_to_end [--mode pretrain] [--size tiny|full|tiny,full] [--steps N]
+[--cores C] [--layout frames|webm] [--data DIR] [--smoke]`` runs, side by side in one process on the
+same synthetic dataset and the same model:
+
+- ``dali-<layout>``: the trainer's loader (``dali_pipelines.loader.build_loader``: the DALI
+  pipeline with ``--cores`` threads, then its device stage) feeding training steps;
+- ``baseline-<layout>``: the same steps fed by the paper-style loader (``bench.baseline``:
+  ``PaperStyleDataset`` + ``make_loader`` with ``--cores`` workers), batches moved to the device;
+- ``step-only``: the same step repeated on one real batch already on the device (no loading,
+  no loader alive).
+
+The step is the trainer's (``bench.step.TrainStep``: the task's model and loss from
+``train.pretrain_task`` / ``finetune_task``, autocast, backward, gradient clipping, AdamW), one
+process. Each row gives samples/s and the input-bound fraction ``data_wait_frac``: the time the
+loop spends waiting for the next batch (as the trainer's ``StepTimer`` counts it: from asking the
+loader to holding the batch on the device) over the wall time of the timed steps. GPU work is not
+synchronised per step, exactly as in the trainer: the loader's work overlaps the device's, and
+one synchronisation closes the timed window. ``vs_step_only`` = samples/s / step-only samples/s.
+
+Model sizes: ``tiny`` (a few-layer model, the paper's data geometry: here the loader matters) and
+``full`` (the paper's ViT-B pair; on a CPU a couple of steps at batch 2, to record the figure).
+``--smoke`` shrinks the tiny run further (tiny data geometry, batch 2, 2 steps) to check the
+machinery. Without a GPU the loader's device stage (filterbank and augmentation kernels) runs on
+the CPU too, so the DALI figures there do not measure the GPU design: the summary says so.
+
+Writes ``bench/results/end_to_end-<host>.json`` (``end_to_end-smoke-<host>.json`` with
+``--smoke``); schema: ``bench/report.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.step import PAPER_BATCH, SMOKE_MODEL, StepSetup, TrainStep
+from equiav.config import Config, apply_overrides, default_config, resolve
+
+MODES = ("pretrain", "finetune")
+SIZES = ("tiny", "full")
+LAYOUTS = ("frames", "webm")
+
+#: The tiny model: the step benchmark's smoke model, but with the paper's `cen_num` so that the
+#: loader draws as many sampled vectors as in real pretraining.
+TINY_MODEL = {k: v for k, v in SMOKE_MODEL.items() if k != "cen_num"}
+#: `--smoke` only: a smaller data geometry (the model sees 512 fbank frames, 112-pixel images).
+SMOKE_OVERRIDES = {
+    "data.target_length": 512,
+    "data.image_size": 112,
+    "augment.time_mask": 96,
+    "augment.ft_timem": 96,
+    "model.cen_num": SMOKE_MODEL["cen_num"],
+}
+
+
+def dataset_paths(data_dir: Path, layout: str) -> tuple[Path, Path]:
+    """(training list, label CSV) of a synthetic dataset folder for `layout`."""
+    name = "train.json" if layout == "frames" else f"train_{layout}.json"
+    return data_dir / name, data_dir / "class_labels_indices.csv"
+
+
+def ensure_dataset(data_dir: Path, clips: int, seconds: float, quiet: bool = False) -> None:
+    """Generate the synthetic dataset (frames and webm layouts, as `bench.loader` does) into
+    `data_dir` unless both training lists are already there."""
+    from equiav.data.synth import generate
+
+    if all(dataset_paths(data_dir, layout)[0].exists() for layout in LAYOUTS):
+        return
+    generate(
+        data_dir,
+        clips=clips,
+        classes=10,
+        seed=0,
+        video_format=("webm", "frames"),
+        seconds=seconds,
+        test_fraction=0.1,
+        progress=not quiet,
+    )
+
+
+def bench_config(
+    data_dir: Path,
+    *,
+    mode: str,
+    size: str,
+    smoke: bool,
+    batch_size: int,
+    threads: int,
+    precision: str,
+    seconds: float,
+    layout: str = "frames",
+) -> Config:
+    """The trainer's configuration for one benchmark run on the synthetic dataset in `data_dir`.
+
+    `size` "tiny": `TINY_MODEL` (with `smoke`: also `SMOKE_OVERRIDES`); "full": the paper's
+    model and data geometry. Frames per clip follow the clip length (one per second, at most 10).
+    """
+    if mode not in MODES or size not in SIZES or layout not in LAYOUTS:
+        raise ValueError(f"mode {mode!r}, size {size!r}, layout {layout!r}: unknown")
+    train_json, label_csv = dataset_paths(data_dir, layout)
+    frames = max(1, min(10, int(seconds)))
+    overrides: dict[str, Any] = {
+        "data.dataset": "synthetic",
+        "data.train_json": str(train_json),
+        "data.label_csv": str(label_csv),
+        "data.audio_mean": -4.346,
+        "data.audio_std": 4.332,
+        "data.clip_seconds": seconds,
+        "data.frames_per_clip": frames,
+        "data.eval_frame": frames // 2,
+        "data.num_threads": threads,
+        "train.batch_size": batch_size,
+        "train.precision": precision,
+    }
+    if size == "tiny":
+        overrides.update({f"model.{k}": v for k, v in TINY_MODEL.items()})
+        if smoke:
+            overrides.update(SMOKE_OVERRIDES)
+    return resolve(apply_overrides(default_config(mode), overrides, source="bench.end_to_end"))
+
+
+def forever(loader) -> Iterator[dict[str, torch.Tensor]]:
+    """The loader's batches, epoch after epoch (a loader that yields nothing is an error)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError("the loader yielded no batch in a whole epoch")
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Every tensor of `batch` on `device` (asynchronous copies from pinned memory)."""
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(
+    step: Callable[[dict[str, torch.Tensor]], None],
+    next_batch: Callable[[], dict[str, torch.Tensor]],
+    steps: int,
+    warmup: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """`warmup` untimed then `steps` timed iterations of "get a batch, run the step".
+
+    -> samples, seconds, samples_per_s, data_wait_frac (time in `next_batch` / wall time, in
+    [0, 1]), step_ms (wall time per step) and data_wait_ms (waiting per step).
+    """
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"steps must be >= 1 and warmup >= 0, got {steps} and {warmup}")
+    for _ in range(warmup):
+        step(next_batch())
+    sync(device)
+    wait, samples = 0.0, 0
+    start = time.perf_counter()
+    for _ in range(steps):
+        asked = time.perf_counter()
+        batch = next_batch()
+        wait += time.perf_counter() - asked
+        samples += len(batch["labels"])
+        step(batch)
+    sync(device)
+    seconds = time.perf_counter() - start
+    return {
+        "samples": samples,
+        "seconds": seconds,
+        "samples_per_s": samples / seconds,
+        "data_wait_frac": min(1.0, wait / seconds),
+        "step_ms": 1e3 * seconds / steps,
+        "data_wait_ms": 1e3 * wait / steps,
+    }
+
+
+def baseline_loader(cfg: Config, mode: str, workers: int, seed: int = 0):
+    """`bench.baseline`'s paper-style DataLoader over `cfg.data.train_json`, set up like `cfg`
+    (sizes, normalisation, augmentation probabilities, mixup, quirk switches)."""
+    from bench.baseline import AugmentProbs, PaperStyleDataset, make_loader
+
+    a, d = cfg.augment, cfg.data
+    probs = AugmentProbs(
+        specaug=a.specaug_p,
+        audio_jitter=a.jitter_p,
+        audio_blur=a.blur_p,
+        audio_flip=a.flip_p,
+        visual_jitter=a.jitter_p,
+        visual_blur=a.blur_p,
+        visual_flip=a.flip_p,
+        visual_gray=a.gray_p,
+    )
+    dataset = PaperStyleDataset(
+        d.train_json,
+        d.label_csv,
+        mode=mode,
+        audio_mean=d.resolved_mean(),
+        audio_std=d.resolved_std(),
+        target_length=d.target_length,
+        frames_per_clip=d.frames_per_clip,
+        eval_frame=d.eval_frame,
+        image_size=d.image_size,
+        cen_num=cfg.model.cen_num if cfg.model.cen_mean else 0,
+        seed=seed,
+        probs=probs,
+        mixup=a.mixup,
+        noise=a.noise,
+        finetune_specaug=cfg.quirks.ft_specaug,
+    )
+    return make_loader(dataset, cfg.train.batch_size, workers, seed=seed)
+
+
+def _row(base: dict[str, Any], pipeline: str, timing: dict[str, float]) -> dict[str, Any]:
+    return {**base, "pipeline": pipeline, "status": "ok", **timing}
+
+
+def _dali_timings(
+    step: TrainStep, cfg: Config, mode: str, device: torch.device, steps: int, warmup: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(step-only, DALI-fed) timings. Step-only runs first, on a copy of the first batch of a
+    probe loader that is gone by then (no pipeline threads run beside it), so that real data is
+    on the device; then a fresh loader feeds the steps, and is freed on return."""
+    from dali_pipelines.loader import build_loader
+
+    probe = forever(build_loader(cfg, "train", mode, device=device))
+    # A private copy: DALI's iterator may refill the tensors it handed out.
+    fixed = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in next(probe).items()}
+    probe.close()
+    del probe
+    gc.collect()
+    step_only = time_steps(step, lambda: fixed, steps, warmup, device)
+    batches = forever(build_loader(cfg, "train", mode, device=device))
+    try:
+        return step_only, time_steps(step, lambda: next(batches), steps, warmup, device)
+    finally:
+        batches.close()
+
+
+def _baseline_timing(
+    step: TrainStep, cfg: Config, mode: str, device: torch.device, steps: int, warmup: int
+) -> dict[str, float]:
+    """Timing of the steps fed by the paper-style loader (its workers end with it on return)."""
+    batches = forever(baseline_loader(cfg, mode, cfg.data.num_threads, seed=cfg.train.seed))
+    try:
+        return time_steps(step, lambda: to_device(next(batches), device), steps, warmup, device)
+    finally:
+        batches.close()
+
+
+def measure_model(
+    cfg: Config,
+    mode: str,
+    size: str,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    layout: str,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Rows step-only, dali-<layout> and baseline-<layout> for one model (`cfg`): one model and
+    optimizer, built once and seeded, serve all three. Both loaders get `cfg.data.num_threads`
+    cores (DALI threads, DataLoader workers)."""
+    step = TrainStep(StepSetup(mode, cfg.train.precision, cfg.optim.fused, False), cfg, device)
+    base = {
+        "mode": mode,
+        "model": size,
+        "layout": layout,
+        "batch_size": cfg.train.batch_size,
+        "precision": cfg.train.precision,
+        "steps": steps,
+        "warmup_steps": warmup,
+        "cores": cfg.data.num_threads,
+        "device": str(device),
+    }
+    step_only, dali = _dali_timings(step, cfg, mode, device, steps, warmup)
+    gc.collect()
+    rows = [_row(base, "step-only", step_only), _row(base, f"dali-{layout}", dali)]
+    baseline = _baseline_timing(step, cfg, mode, device, steps, warmup)
+    gc.collect()
+    rows.append(_row(base, f"baseline-{layout}", baseline))
+    for row in rows:
+        row["step_only_samples_per_s"] = step_only["samples_per_s"]
+        row["vs_step_only"] = row["samples_per_s"] / step_only["samples_per_s"]
+        log(f"  {size}/{mode} {row['pipeline']}: {row['samples_per_s']:.2f} samples/s")
+    return rows
+
+
+def _error_rows(mode: str, size: str, layout: str, error: BaseException) -> list[dict[str, Any]]:
+    message = f"{type(error).__name__}: {error}"
+    return [
+        {"mode": mode, "model": size, "pipeline": p, "status": "error", "error": message}
+        for p in ("step-only", f"dali-{layout}", f"baseline-{layout}")
+    ]
+
+
+def summarize(rows: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
+    """Per (model, mode): DALI vs baseline and both vs step-only, and their wait fractions."""
+    comparisons = []
+    keys = dict.fromkeys((r["model"], r["mode"]) for r in rows if r.get("status") == "ok")
+    for size, mode in keys:
+        group = {
+            r["pipeline"].split("-")[0]: r
+            for r in rows
+            if r.get("status") == "ok" and (r["model"], r["mode"]) == (size, mode)
+        }
+        if {"dali", "baseline", "step"} - set(group):
+            continue
+        dali, base = group["dali"], group["baseline"]
+        comparisons.append(
+            {
+                "model": size,
+                "mode": mode,
+                "dali_vs_baseline": dali["samples_per_s"] / base["samples_per_s"],
+                "dali_vs_step_only": dali["vs_step_only"],
+                "baseline_vs_step_only": base["vs_step_only"],
+                "dali_data_wait_frac": dali["data_wait_frac"],
+                "baseline_data_wait_frac": base["data_wait_frac"],
+            }
+        )
+    summary: dict[str, Any] = {"device": device.type, "comparisons": comparisons}
+    if device.type != "cuda":
+        summary["note"] = (
+            "no GPU: the DALI loader's device stage (filterbank, augmentation kernels) and the "
+            "training step share the CPU with the loaders, so these figures check the benchmark "
+            "and do not measure the GPU design"
+        )
+    return summary
+
+
+def _parse_list(value: str, allowed: Sequence[str], what: str) -> list[str]:
+    items = [x for x in value.split(",") if x]
+    bad = [x for x in items if x not in allowed]
+    if bad or not items:
+        raise SystemExit(f"bench.end_to_end: --{what} must be among {list(allowed)}, got {value!r}")
+    return items
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.end_to_end", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--mode", default="pretrain", help="pretrain, finetune or pretrain,finetune")
+    p.add_argument("--size", default="tiny", help="tiny, full or tiny,full")
+    p.add_argument("--data", default="runs/bench-data", help="synthetic dataset folder")
+    p.add_argument("--clips", type=int, default=96, help="clips to generate when --data is empty")
+    p.add_argument("--seconds", type=float, default=10.0, help="clip length of the dataset")
+    p.add_argument("--layout", default="frames", choices=LAYOUTS)
+    p.add_argument("--cores", type=int, default=2, help="DALI threads / baseline workers")
+    p.add_argument("--batch-size", type=int, default=None, help="tiny (default: paper; smoke 2)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; smoke 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3; smoke 1)")
+    p.add_argument("--full-batch-size", type=int, default=None, help="default: paper; CPU 2")
+    p.add_argument("--full-steps", type=int, default=None, help="default: --steps; CPU 2")
+    p.add_argument("--precision", default=None, help="default: bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--smoke", action="store_true", help="tiny, fast run that checks the machinery")
+    p.add_argument("--results-dir", default=None)
+    a = p.parse_args(argv)
+
+    from bench.common import write_result
+
+    modes = _parse_list(a.mode, MODES, "mode")
+    sizes = _parse_list(a.size, SIZES, "size")
+    device = torch.device(a.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    cuda = device.type == "cuda"
+    precision = a.precision or ("bf16" if cuda else "fp32")
+    steps = a.steps if a.steps is not None else (2 if a.smoke else 20)
+    warmup = a.warmup if a.warmup is not None else (1 if a.smoke else 3)
+    if a.cores < 1:
+        raise SystemExit("bench.end_to_end: --cores must be >= 1")
+    data_dir = Path(a.data)
+    ensure_dataset(data_dir, a.clips, a.seconds, quiet=a.smoke)
+    torch.set_num_threads(a.cores)  # the step's own share; the loaders get --cores each
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True  # as the trainer (train.tf32)
+        torch.backends.cudnn.allow_tf32 = True
+
+    rows: list[dict[str, Any]] = []
+    plan: dict[str, dict[str, Any]] = {}
+    for size in sizes:
+        full = size == "full"
+        for mode in modes:
+            batch = 2 if a.smoke else PAPER_BATCH[mode]
+            if full:
+                batch = a.full_batch_size or (PAPER_BATCH[mode] if cuda else 2)
+            elif a.batch_size:
+                batch = a.batch_size
+            size_steps = (a.full_steps or (steps if cuda else 2)) if full else steps
+            size_warmup = min(warmup, 1) if full and not cuda else warmup
+            plan[f"{size}/{mode}"] = {"batch_size": batch, "steps": size_steps}
+            print(f"bench.end_to_end: {size} model, {mode}, batch {batch} on {device}", flush=True)
+            try:
+                cfg = bench_config(
+                    data_dir,
+                    mode=mode,
+                    size=size,
+                    smoke=a.smoke,
+                    batch_size=batch,
+                    threads=a.cores,
+                    precision=precision,
+                    seconds=a.seconds,
+                    layout=a.layout,
+                )
+                torch.manual_seed(0)
+                rows += measure_model(cfg, mode, size, device, size_steps, size_warmup, a.layout)
+            except Exception as e:  # one failed size (e.g. out of memory) must not end the run
+                print(f"  failed: {type(e).__name__}: {e}", flush=True)
+                rows += _error_rows(mode, size, a.layout, e)
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+
+    payload = {
+        "config": {
+            "modes": modes,
+            "sizes": sizes,
+            "layout": a.layout,
+            "cores": a.cores,
+            "device": str(device),
+            "precision": precision,
+            "smoke": a.smoke,
+            "steps": steps,
+            "warmup_steps": warmup,
+            "data": str(data_dir),
+            "seconds": a.seconds,
+            "runs": plan,
+        },
+        "rows": rows,
+        "summary": summarize(rows, device),
+    }
+    path = write_result("end_to_end-smoke" if a.smoke else "end_to_end", payload, a.results_dir)
+    for c in payload["summary"]["comparisons"]:
+        print(
+            f"{c['model']}/{c['mode']}: DALI / baseline {c['dali_vs_baseline']:.2f}x, "
+            f"DALI at {100 * c['dali_vs_step_only']:.0f} % of step-only "
+            f"(waiting {100 * c['dali_data_wait_frac']:.0f} %), baseline at "
+            f"{100 * c['baseline_vs_step_only']:.0f} % "
+            f"(waiting {100 * c['baseline_data_wait_frac']:.0f} %)"
+        )
+    print(f"wrote {path}")
+    return 0 if all(r.get("status") == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The end-to-end and scaling benchmarks in their CPU smoke modes, the step timer they share, the
+capacity model's arithmetic against hand-computed numbers, and the report rendering both kinds.
+
+The smoke runs use the real pieces: the DALI loader and the paper-style loader on the small
+synthetic dataset, the trainer's step, and for scaling real torchrun launches of one and two gloo
+processes, each with its own pipeline on its own shard under DDP.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import socket
+import statistics
+import time
+
+import matplotlib.image
+import pytest
+import torch
+
+from bench import end_to_end, report, scaling
+from bench.common import read_result, write_result
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """A folder that the smoke runs of this module write their results into."""
+    return tmp_path_factory.mktemp("results")
+
+
+@pytest.fixture(scope="module")
+def e2e_result(synth_small, results):
+    args = ["--data", str(synth_small.root), "--seconds", "4", "--smoke", "--cores", "1"]
+    assert end_to_end.main([*args, "--results-dir", str(results)]) == 0
+    return read_result(results / f"end_to_end-smoke-{socket.gethostname()}.json")
+
+
+@pytest.fixture(scope="module")
+def scaling_result(synth_small, results):
+    args = [
+        "--data",
+        str(synth_small.root),
+        "--seconds",
+        "4",
+        "--smoke",
+        "--procs",
+        "1,2",
+        "--timeout",
+        "150",
+    ]
+    assert scaling.main([*args, "--device", "cpu", "--results-dir", str(results)]) == 0
+    return read_result(results / f"scaling-smoke-{socket.gethostname()}.json")
+
+
+def test_time_steps_splits_waiting_from_computing():
+    # A loader that takes 40 ms per batch and a step that takes 40 ms: half the time is waiting.
+    def next_batch():
+        time.sleep(0.04)
+        return {"labels": torch.zeros(3)}
+
+    timing = end_to_end.time_steps(
+        lambda batch: time.sleep(0.04), next_batch, 4, 1, torch.device("cpu")
+    )
+    assert timing["samples"] == 12
+    assert timing["data_wait_frac"] == pytest.approx(0.5, abs=0.1)
+    assert timing["step_ms"] == pytest.approx(80, rel=0.3)
+    assert timing["samples_per_s"] == pytest.approx(timing["samples"] / timing["seconds"], 1e-3)
+    with pytest.raises(ValueError, match="steps"):
+        end_to_end.time_steps(lambda b: None, next_batch, 0, 1, torch.device("cpu"))
+
+
+def test_end_to_end_smoke_writes_a_valid_result(e2e_result):
+    assert e2e_result["benchmark"] == "end_to_end-smoke"
+    assert e2e_result["summary"]["device"] == "cpu"
+    rows = {r["pipeline"]: r for r in e2e_result["rows"]}
+    assert set(rows) == {"step-only", "dali-frames", "baseline-frames"}
+    step_only = rows["step-only"]["samples_per_s"]
+    for row in rows.values():
+        assert row["status"] == "ok" and row["mode"] == "pretrain" and row["model"] == "tiny"
+        assert row["samples"] == 2 * 2  # batch 2, 2 timed steps
+        assert row["samples_per_s"] == pytest.approx(row["samples"] / row["seconds"])
+        assert 0.0 <= row["data_wait_frac"] <= 1.0
+        assert row["data_wait_ms"] <= row["step_ms"]
+        assert row["step_only_samples_per_s"] == step_only
+        assert row["vs_step_only"] == pytest.approx(row["samples_per_s"] / step_only)
+    # The step-only loop has nothing to wait for; the loaders do real work between steps.
+    assert rows["step-only"]["data_wait_frac"] < 0.01
+    assert rows["dali-frames"]["data_wait_ms"] > 1.0
+    assert rows["baseline-frames"]["data_wait_ms"] > 0.0
+    (comparison,) = e2e_result["summary"]["comparisons"]
+    dali, base = rows["dali-frames"]["samples_per_s"], rows["baseline-frames"]["samples_per_s"]
+    assert comparison["dali_vs_baseline"] == pytest.approx(dali / base)
+    assert comparison["dali_data_wait_frac"] == rows["dali-frames"]["data_wait_frac"]
+
+
+def test_scaling_smoke_runs_one_and_two_gloo_processes(scaling_result):
+    rows = scaling_result["rows"]
+    assert [r["gpus"] for r in rows] == [1, 2]
+    for row in rows:
+        k = row["processes"]
+        assert row["status"] == "ok" and row["backend"] == "gloo" and row["device"] == "cpu"
+        # Every rank trains on as many samples, so the global rate is k x the slowest rank's.
+        assert row["samples_per_s"] == pytest.approx(k * row["per_process_samples_per_s_min"])
+        assert row["per_process_samples_per_s_min"] <= row["per_process_samples_per_s"]
+        assert 0.0 <= row["data_wait_frac"] <= row["data_wait_frac_max"] <= 1.0
+        assert row["pipeline_samples_per_s_per_process"] > 0
+        assert row["pipeline_samples_per_s_per_thread"] == pytest.approx(
+            row["pipeline_samples_per_s_per_process"] / row["threads_per_process"]
+        )
+        # Each process read its own shard, and DDP kept the two replicas identical.
+        assert row["shards_disjoint"] is True and row["replicas_in_sync"] is True
+    assert rows[0]["scaling_efficiency"] == 1.0
+    assert rows[1]["scaling_efficiency"] == pytest.approx(
+        rows[1]["samples_per_s"] / (2 * rows[0]["samples_per_s"])
+    )
+    capacity = scaling_result["summary"]["capacity"]
+    assert capacity["per_gpu_samples_per_s"] == scaling.ESTIMATED_PER_GPU_SAMPLES_PER_S
+    assert capacity["per_node"]["dali_samples_per_s_per_core"] == pytest.approx(
+        rows[0]["pipeline_samples_per_s_per_thread"]
+    )
+
+
+def test_capacity_model_arithmetic():
+    c = scaling.capacity_model(
+        500.0,
+        {"small": 100_000, "large": 250_000},
+        param_count=100_000_000,
+        dali_samples_per_s_per_core=50.0,
+        batch_per_gpu=16,
+        gpus_per_node=8,
+        cores_per_node=16,
+        nodes=(1, 2, 4),
+        overlap_fraction=0.5,
+    )
+    node = c["per_node"]
+    assert node["samples_per_s"] == 4000  # 8 x 500
+    assert node["storage_read_mb_per_s"] == pytest.approx({"small": 400.0, "large": 1000.0})
+    assert node["dali_cores_per_gpu"] == pytest.approx(10.0)  # 500 / 50
+    assert node["dali_cores_needed"] == pytest.approx(80.0)
+    assert node["cores_suffice"] is False
+    assert c["step_time_s"] == pytest.approx(0.032)  # 16 / 500
+    ar = c["allreduce"]
+    assert ar["window_s"] == pytest.approx(0.016)
+    assert ar["grad_bytes"] == {"bf16": 2e8, "fp32": 4e8}
+    # Ring over 8 GPUs: 2 x 7/8 x 2e8 bytes in 16 ms = 21.875 GB/s per GPU (bf16).
+    assert ar["intra_node_gb_per_s_per_gpu"] == pytest.approx({"bf16": 21.875, "fp32": 43.75})
+    by_nodes = {r["nodes"]: r for r in c["nodes"]}
+    assert by_nodes[1]["inter_node_gb_per_s_per_node"] == {"bf16": 0.0, "fp32": 0.0}
+    # 2 nodes: 2 x 1/2 x 2e8 / 0.016 s = 12.5 GB/s per node = 100 Gbit/s over 8 NICs.
+    assert by_nodes[2]["inter_node_gb_per_s_per_node"] == pytest.approx({"bf16": 12.5, "fp32": 25})
+    assert by_nodes[2]["inter_node_gbit_per_s_per_nic"] == pytest.approx({"bf16": 12.5, "fp32": 25})
+    # 4 nodes: 2 x 3/4 x 2e8 / 0.016 s = 18.75 GB/s per node.
+    assert by_nodes[4]["inter_node_gb_per_s_per_node"]["bf16"] == pytest.approx(18.75)
+    assert by_nodes[4]["gpus"] == 32 and by_nodes[4]["samples_per_s"] == 16000
+    assert by_nodes[4]["storage_read_mb_per_s"]["large"] == pytest.approx(4000.0)
+
+    plain = scaling.capacity_model(100.0, 1e6, param_count=10, dali_samples_per_s_per_core=None)
+    assert plain["per_node"]["storage_read_mb_per_s"] == {"measured": pytest.approx(800.0)}
+    assert plain["per_node"]["dali_cores_needed"] is None
+    for bad in ({"per_gpu_samples_per_s": 0.0}, {"overlap_fraction": 0.0}, {"nodes": (0,)}):
+        kwargs = {"per_gpu_samples_per_s": 1.0, "bytes_per_sample": 1.0, "param_count": 1}
+        with pytest.raises(ValueError):
+            scaling.capacity_model(**{**kwargs, **bad})
+
+
+def test_capacity_inputs_count_the_model_and_the_media(synth_small):
+    from equiav.config import default_config
+    from equiav.model import EquiAVPretrain
+
+    cfg = default_config("pretrain")
+    with torch.device("meta"):
+        model = EquiAVPretrain(cfg.model, cfg.data)
+    count = scaling.pretrain_param_count()
+    assert count == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert 2 * 85_000_000 < count < 230_000_000  # two ViT-B towers and the small parts
+
+    root = synth_small.root
+    ids = [os.path.basename(p)[:-4] for p in glob.glob(str(root / "wav" / "*.wav"))]
+    train = [i for i in ids if i in (root / "train.json").read_text()]
+    wav = statistics.fmean(os.path.getsize(root / "wav" / f"{i}.wav") for i in train)
+    jpegs = [p for i in train for p in glob.glob(str(root / "frames" / "frame_*" / f"{i}.jpg"))]
+    frame = statistics.fmean(os.path.getsize(p) for p in jpegs)
+    measured = scaling.media_bytes_per_sample(root / "train.json")
+    assert measured == pytest.approx(wav + 2 * frame)
+    videos = glob.glob(str(root / "video" / "*.webm"))
+    video = statistics.fmean(
+        os.path.getsize(p) for p in videos if os.path.basename(p)[:-5] in train
+    )
+    assert scaling.media_bytes_per_sample(root / "train_webm.json") == pytest.approx(
+        wav + 2 * video
+    )
+
+
+def test_report_renders_end_to_end_and_scaling(e2e_result, scaling_result, results, tmp_path):
+    host = socket.gethostname()
+    demo = {
+        "config": {},
+        "rows": [{"gpus": 1, "samples_per_s": 10.0}, {"gpus": 2, "samples_per_s": 19.0}],
+        "summary": {
+            "capacity": scaling.capacity_model(
+                500.0, {"small": 100_000}, param_count=100_000_000,
+                dali_samples_per_s_per_core=50.0, nodes=(1, 2), overlap_fraction=0.5,
+            ),
+            "note": "hand-made",
+        },
+    }  # fmt: skip
+    write_result("scaling-demo", demo, results)
+    out = tmp_path / "out"
+    text = report.write_report(results, out).read_text()
+    assert "## End to end vs step only (`end_to_end-*`)" in text
+    assert "## Scaling (`scaling-*`)" in text
+    for stem in (f"end_to_end-smoke-{host}", f"scaling-smoke-{host}", f"scaling-demo-{host}"):
+        assert f"(plots/{stem}.png)" in text
+        assert matplotlib.image.imread(out / "plots" / f"{stem}.png").shape[0] > 100
+    # The hand-made capacity model, rendered as tables (numbers from the arithmetic test).
+    demo_part = text.split(f"### `scaling-demo-{host}.json`")[1].split("### ")[0]
+    assert "| samples/s | 4000 |" in demo_part
+    assert "| storage reads, small (100 kB/sample) | 400 MB/s |" in demo_part
+    assert "| CPU cores for the DALI pipeline (at 50 samples/s per core) | 80.0 " in demo_part
+    assert "of 16: too few |" in demo_part
+    assert "| NVLink per GPU to hide it, bf16 / fp32 | 21.9 / 43.8 GB/s |" in demo_part
+    assert "| 2 | 16 | 8000 | 800 | 12.5 / 25 | 12.5 / 25 |" in demo_part
+    assert '"note": "hand-made"' in demo_part and '"capacity"' not in demo_part
+    smoke_part = text.split(f"### `scaling-smoke-{host}.json`")[1].split("### ")[0]
+    assert "**Capacity model**" in smoke_part and "| 8 | 64 | 38400 |" in smoke_part
+    e2e_part = text.split(f"### `end_to_end-smoke-{host}.json`")[1].split("### ")[0]
+    assert "| pretrain | tiny | frames |" in e2e_part and "dali-frames" in e2e_part
