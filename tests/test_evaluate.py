@@ -34,6 +34,7 @@ from equiav.retrieval import (
     top_k_table,
 )
 from equiav.train.checkpoint import CheckpointManager
+from tests.tiny import synthetic_data_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -182,21 +183,7 @@ def data(tmp_path_factory):
 
 def _tiny_config(info, mode: str):
     overrides = {
-        "data.dataset": "synthetic",
-        "data.train_json": str(info.root / "train.json"),
-        "data.test_json": str(info.root / "test.json"),
-        "data.retrieval_json": str(info.root / "retrieval.json"),
-        "data.label_csv": str(info.label_csv),
-        "data.audio_mean": -4.346,
-        "data.audio_std": 4.332,
-        "data.clip_seconds": 4.0,
-        "data.target_length": 512,
-        "data.frames_per_clip": 4,
-        "data.eval_frame": 2,
-        "data.image_size": 112,
-        "data.num_threads": 1,
-        "augment.time_mask": 96,
-        "augment.ft_timem": 96,
+        **synthetic_data_overrides(info),
         "model.embed_dim": 64,
         "model.depth": 2,
         "model.num_heads": 4,

@@ -11,6 +11,7 @@ from equiav.config import apply_overrides, default_config
 from equiav.train.checkpoint import load
 from equiav.train.dist import DistInfo
 from equiav.train.loop import StopTraining, Task, train
+from tests.tiny import synthetic_data_overrides
 from train import finetune_task, pretrain_task
 
 DIST = DistInfo(0, 1, 0, torch.device("cpu"))
@@ -18,19 +19,7 @@ DIST = DistInfo(0, 1, 0, torch.device("cpu"))
 
 def tiny_config(info, save_path, mode="pretrain", **extra):
     overrides = {
-        "data.dataset": "synthetic",
-        "data.train_json": str(info.root / "train.json"),
-        "data.test_json": str(info.root / "test.json"),
-        "data.label_csv": str(info.label_csv),
-        "data.audio_mean": -4.346,
-        "data.audio_std": 4.332,
-        "data.clip_seconds": 4.0,
-        "data.target_length": 512,
-        "data.frames_per_clip": 4,
-        "data.eval_frame": 2,
-        "data.image_size": 112,
-        "data.num_threads": 1,
-        "augment.time_mask": 96,
+        **synthetic_data_overrides(info),
         "model.embed_dim": 32,
         "model.depth": 1,
         "model.num_heads": 2,
