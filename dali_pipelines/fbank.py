@@ -35,7 +35,7 @@ def file_fbank(path: str, device: torch.device | None = None) -> np.ndarray:
     # Enough frames for the whole file; the kernel reports the real count.
     info = soundfile.info(io.BytesIO(data.tobytes()))
     target = max(1, 2 + info.frames // 160)
-    device_id = device.index or 0 if device.type == "cuda" else None
+    device_id = (device.index or 0) if device.type == "cuda" else None
     pipe = _one_file_pipeline(data, target, device_id=device_id)
     pipe.build()
     wave, length = (np.array(t.as_tensor()) for t in pipe.run())

@@ -342,25 +342,35 @@ class SampleSource:
         out["valid"] = np.array(ok, np.int32)
         out["frame_k"] = np.array(ks, np.int32)
         if s.mode == "pretrain":
-            out.update(self._pretrain_draws(epoch, gpos, out))
+            out.update(self._pretrain_draws(epoch, gpos, self._frame_size(entry, ks[1], out)))
         return out
 
     def _read_frame(self, entry: Entry, k: int, view: int) -> dict[str, np.ndarray]:
         if entry.is_video_file:
-            from dali_pipelines.video import frame_index_at, frame_size
+            from dali_pipelines.video import frame_index_at
 
             index = frame_index_at(entry.video_path, k + 0.5)
             return {
                 f"frame{view}": read_bytes(entry.video_path),
                 f"frame{view}_index": np.array(index, np.int32),
-                f"_size{view}": np.array(frame_size(entry.video_path)),
             }
         path = entry.frame_path(k)
         data = read_bytes(path)
         validate_jpeg(path, data)
-        return {f"frame{view}": data, f"_size{view}": np.array(jpeg_size(path, data))}
+        return {f"frame{view}": data}
 
-    def _pretrain_draws(self, epoch: int, gpos: int, out: dict) -> dict[str, np.ndarray]:
+    @staticmethod
+    def _frame_size(entry: Entry, k: int, out: dict) -> tuple[int, int]:
+        """(height, width) of the augmented view's frame, which its crop is drawn against."""
+        if entry.is_video_file:
+            from dali_pipelines.video import frame_size
+
+            return frame_size(entry.video_path)
+        return jpeg_size(entry.frame_path(k), out["frame1"])
+
+    def _pretrain_draws(
+        self, epoch: int, gpos: int, size: tuple[int, int]
+    ) -> dict[str, np.ndarray]:
         """The augmented views' draws (t-vectors and what applies them) and the clean roll."""
         from dali_pipelines import augment
 
@@ -373,7 +383,7 @@ class SampleSource:
             aug.time_mask,
             aug.freq_mask,
         )
-        h, w = (int(x) for x in out["_size1"])
+        h, w = size
         v = augment.draw_visual(augment.rng_for(s.seed, epoch, gpos, "visual"), aug, h, w)
         roll = self._clean_roll(epoch, gpos)
         draws = {

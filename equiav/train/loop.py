@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dali_pipelines.loader import DaliLoader, build_loader
+from dali_pipelines.loader import build_loader
 from dali_pipelines.sources import Shard
 from equiav.config import Config, config_to_dict, save_config
 from equiav.train import checkpoint as ckpt
@@ -265,8 +265,3 @@ def train(cfg: Config, task: Task, dist: DistInfo) -> dict:
         "stopped_by_signal": stop.signal,
         "loss_is_finite": all(math.isfinite(h["loss"]) for h in history),
     }
-
-
-def loader_for(cfg: Config, split: str, mode: str, dist: DistInfo) -> DaliLoader:
-    """A loader over ``cfg.data.{split}_json`` sharded for this process."""
-    return build_loader(cfg, split, mode, Shard(dist.rank, dist.world_size), dist.device)
