@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     total = time.perf_counter()
     out = Path(base.train.save_path)
-    summary: dict = {"device": "cpu", "torch": torch.__version__}
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    summary: dict = {"device": device, "torch": torch.__version__}
 
     t = _stage("1/5 synthetic dataset")
     data_dir = ensure_dataset(base, args.clips, args.classes, args.data_seed)

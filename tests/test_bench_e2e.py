@@ -71,7 +71,7 @@ def test_time_steps_splits_waiting_from_computing():
 
 def test_end_to_end_smoke_writes_a_valid_result(e2e_result):
     assert e2e_result["benchmark"] == "end_to_end-smoke"
-    assert e2e_result["summary"]["device"] == "cpu"
+    assert e2e_result["summary"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     rows = {r["pipeline"]: r for r in e2e_result["rows"]}
     assert set(rows) == {"step-only", "dali-frames", "baseline-frames"}
     step_only = rows["step-only"]["samples_per_s"]

@@ -229,12 +229,15 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_evaluate_cli_single_and_two_processes(data, finetune_ckpt, tmp_path):
+def test_evaluate_cli_single_and_two_processes(data, finetune_ckpt, tmp_path, monkeypatch):
     """metrics.json and per_class.csv from one process equal the scikit-learn metrics of the
     model's own logits, and two gloo processes under torchrun (7 samples: 4 + 3) give the same
     numbers with every sample counted once."""
     from dali_pipelines.loader import build_loader
 
+    # Everything on the CPU in float32, also on a GPU machine (where evaluate.py would otherwise
+    # score bf16 logits and 7 samples make a swapped rank visible in the mAP).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     path, model, cfg = finetune_ckpt
     common = ["--checkpoint", str(path), "--data", str(data.root / "test.json")]
     common += ["--label-csv", str(data.label_csv), "--set", "data.num_threads=1"]

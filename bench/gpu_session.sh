@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks of one lent-GPU session, stage by stage, for the `device` tool's
+# machine (see README "GPU sessions"). Each stage runs under its own time limit and a failing stage
+# does not stop the next; every stage's output goes to $OUT/gpu.log and the result JSONs to
+# $OUT/results (the tool brings both back). Usage, from the repository root on that machine:
+#   bash bench/gpu_session.sh env cuda-tests loader step e2e
+# Stages: env, cuda-tests, tests (the whole suite), loader, step, step-compile, step-grid, e2e,
+# scaling, demo.
+set -u
+OUT=${OUT:-runs/gpu-session}
+RESULTS=$OUT/results
+DATA=${DATA:-runs/bench-data}
+CORES=${CORES:-2}  # CPU cores per GPU on an 8-GPU node with 16 cores (issues 5 and 8)
+mkdir -p "$RESULTS"
+export PYTHONUNBUFFERED=1
+LOG=$OUT/gpu.log
+
+stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log its output and exit status
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name start $(date +%T) (limit ${limit}s): $*" | tee -a "$LOG"
+    timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+    echo "=== $name rc=${PIPESTATUS[0]} end $(date +%T)" | tee -a "$LOG"
+}
+
+for s in "$@"; do
+    case $s in
+    env)
+        stage env 120 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total \
+            --format=csv; python3 -c "import json, bench.common as c; \
+            print(json.dumps(c.machine_info(), indent=1))"; python3 -c "import nvidia.dali as d; \
+            print(\"dali\", d.__version__)"; nproc' ;;
+    cuda-tests) stage cuda-tests 420 python3 -m pytest -q -m cuda tests -rs ;;
+    tests) stage tests 540 python3 -m pytest -q -x -n 8 tests ;;
+    loader)
+        stage loader 420 python3 -m bench.loader --data "$DATA" --cores "$CORES" --device cuda \
+            --results-dir "$RESULTS" ;;
+    step) stage step 420 python3 -m bench.step --results-dir "$RESULTS" ;;
+    step-compile)
+        stage step-compile 540 python3 -m bench.step --compile --no-search --name step-compile \
+            --results-dir "$RESULTS" ;;
+    step-grid)
+        stage step-grid 540 python3 -m bench.step --mode pretrain --grid --no-search \
+            --results-dir "$RESULTS" ;;
+    e2e)
+        stage e2e 540 python3 -m bench.end_to_end --mode pretrain,finetune --size tiny,full \
+            --data "$DATA" --cores "$CORES" --results-dir "$RESULTS" ;;
+    scaling)
+        stage scaling 300 python3 -m bench.scaling --procs 1 --backend nccl --device cuda \
+            --data "$DATA" --threads "$CORES" --results-dir "$RESULTS" ;;
+    demo)
+        stage demo 540 python3 -m equiav.demo --config configs/demo.yaml
+        cp runs/demo/demo_summary.json "$OUT/" ;;
+    *) echo "unknown stage $s" | tee -a "$LOG" ;;
+    esac
+done
