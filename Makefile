@@ -17,10 +17,10 @@ SEED ?= 0
 SECONDS ?= 10
 FORMAT ?= all
 
-.PHONY: setup test lint format demo synth check preview pretrain pretrain-demo finetune \
+.PHONY: setup test lint format demo synth shard check preview pretrain pretrain-demo finetune \
 	evaluate retrieval bench bench-loader bench-step bench-e2e bench-scaling bench-report help
 help:
-	@echo "targets: setup test lint format demo synth check preview pretrain pretrain-demo"
+	@echo "targets: setup test lint format demo synth shard check preview pretrain pretrain-demo"
 	@echo "         finetune evaluate retrieval bench bench-loader bench-step bench-e2e"
 	@echo "         bench-scaling bench-report"
 	@echo "(see README.md)"
@@ -58,6 +58,13 @@ format: $(SETUP)
 synth: $(SETUP)
 	$(PY) -m equiav.data.synth --out $(SYNTH_OUT) --clips $(CLIPS) --classes $(CLASSES) \
 		--seed $(SEED) --seconds $(SECONDS) --video-format $(FORMAT)
+
+# WebDataset shards of the synthetic training list (make synth first).
+SHARD_OUT ?= runs/synth-shards
+SHARD_SIZE ?= 100
+shard: $(SETUP)
+	$(PY) -m equiav.data.shard $(SYNTH_OUT)/train.json --out $(SHARD_OUT) --shard-size $(SHARD_SIZE) \
+		--weights $(SYNTH_OUT)/weights.csv
 
 check: $(SETUP)
 	$(PY) -m equiav.data.check $(SYNTH_OUT)/train.json --label-csv $(SYNTH_OUT)/class_labels_indices.csv \

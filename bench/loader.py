@@ -1,12 +1,16 @@
 """Loader benchmark: samples/s of the DALI ``pretrain`` pipeline vs the paper-style loader.
 
 ``python -m bench.loader [--data DIR] [--clips N] [--batch-size 16] [--batches 20] [--cores C]
-[--device cpu|cuda] [--smoke]`` measures, side by side in one run on the same synthetic data and
-batch size:
+[--device cpu|cuda] [--layouts frames,webm,frames-shards,webm-shards] [--shard-dir DIR] [--smoke]``
+measures, side by side in one run on the same synthetic data and batch size:
 
 - ``dali-frames`` / ``dali-webm``: our pipeline in ``pretrain`` mode (decode, the filterbank and
   every augmentation with its t-vectors and the ``cen_num`` vectors, i.e. everything the model
   consumes), on the JPEG-frames layout and on VP9 video files; DALI gets ``--cores`` threads;
+- ``dali-frames-shards`` / ``dali-webm-shards``: the same pipeline on the same clips written as
+  WebDataset shards (``equiav.data.shard``, ``--shard-size`` clips each, in
+  ``{--shard-dir or DATA}/shards-{layout}``; written once), members read at their indexed
+  offsets: the summary's ``shards_vs_files`` is its samples/s over the file layout's;
 - ``baseline-frames`` / ``baseline-webm``: ``bench.baseline`` (torch ``DataLoader``, ``--cores``
   workers with one torch thread each, soundfile + torchaudio fbank, PIL/torchvision augmentations,
   PyAV seek-and-decode for video files);
@@ -20,6 +24,7 @@ tensors on the target device after ``--warmup`` batches.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -30,15 +35,56 @@ import torch
 MEASURED_BASELINE_MS = 42.8
 
 
+SHARDS = "-shards"
+
+
+def _list_name(layout: str) -> str:
+    """The synthetic dataset's training list of a file layout ("frames", "webm")."""
+    return "train.json" if layout == "frames" else f"train_{layout}.json"
+
+
+def _list_path(data_dir: Path, layout: str, shard_dirs: dict[str, Path]) -> Path:
+    """The list a layout reads: the files' list, or (``*-shards``) the sharded copy's."""
+    if layout.endswith(SHARDS):
+        return shard_dirs[layout] / _list_name(layout.removesuffix(SHARDS))
+    return data_dir / _list_name(layout)
+
+
+def _write_shards(data_dir: Path, layouts, shard_root: Path | None, size: int) -> dict[str, Path]:
+    """Shards of the file lists that ``*-shards`` layouts read, written unless already there."""
+    from equiav.data.shard import INDEX_NAME, write_shards
+
+    out = {}
+    for layout in layouts:
+        if not layout.endswith(SHARDS):
+            continue
+        files = layout.removesuffix(SHARDS)
+        folder = (shard_root or data_dir) / f"shards-{files}"
+        source = (data_dir / _list_name(files)).resolve()
+        index = folder / INDEX_NAME
+        current = json.loads(index.read_text()) if index.exists() else {}
+        stale = not index.exists() or index.stat().st_mtime < source.stat().st_mtime
+        if stale or current["source"] != str(source) or current["shard_size"] != size:
+            write_shards(source, folder, size, progress=False)
+        out[layout] = folder
+    return out
+
+
 def _dali_rows(
-    cfg, data_dir: Path, layouts, batches: int, warmup: int, device: str, cores: int
+    cfg,
+    data_dir: Path,
+    layouts,
+    batches: int,
+    warmup: int,
+    device: str,
+    cores: int,
+    shard_dirs: dict[str, Path],
 ) -> list[dict]:
     from dali_pipelines.loader import build_loader
 
     rows = []
     for layout in layouts:
-        name = "train.json" if layout == "frames" else f"train_{layout}.json"
-        cfg.data.train_json = str(data_dir / name)
+        cfg.data.train_json = str(_list_path(data_dir, layout, shard_dirs))
         cfg.data.num_threads = cores
         loader = build_loader(cfg, "train", "pretrain", device=device)
         samples, start, seen = 0, None, 0
@@ -60,6 +106,7 @@ def _dali_rows(
             {
                 "pipeline": f"dali-{layout}",
                 "layout": layout,
+                "storage": "shards" if layout.endswith(SHARDS) else "files",
                 "samples": samples,
                 "seconds": round(seconds, 3),
                 "samples_per_s": round(samples / seconds, 2),
@@ -78,9 +125,8 @@ def _baseline_rows(
 
     rows = []
     for layout in layouts:
-        name = "train.json" if layout == "frames" else f"train_{layout}.json"
         dataset = PaperStyleDataset(
-            data_dir / name,
+            data_dir / _list_name(layout),
             cfg.data.label_csv,
             mode="pretrain",
             audio_mean=cfg.data.resolved_mean(),
@@ -108,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--cores", type=int, default=2, help="DALI threads / baseline workers")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--layouts", default="frames,webm")
+    parser.add_argument("--layouts", default="frames,webm,frames-shards,webm-shards")
+    parser.add_argument("--shard-size", type=int, default=32, help="clips per shard")
+    parser.add_argument("--shard-dir", default=None, help="shards' parent folder (--data)")
     parser.add_argument("--smoke", action="store_true", help="tiny run for tests")
     parser.add_argument("--results-dir", default=None)
     args = parser.parse_args(argv)
@@ -146,10 +194,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     layouts = [x for x in args.layouts.split(",") if x]
+    file_layouts = [x for x in layouts if not x.endswith(SHARDS)]
+    shard_root = Path(args.shard_dir) if args.shard_dir else None
+    shard_dirs = _write_shards(data_dir, layouts, shard_root, args.shard_size)
     torch.set_num_threads(args.cores)
-    dali = _dali_rows(cfg, data_dir, layouts, args.batches, args.warmup, args.device, args.cores)
-    base = _baseline_rows(
-        cfg, data_dir, layouts, args.batches, args.warmup, args.cores, cfg.model.cen_num
+    dali = _dali_rows(
+        cfg, data_dir, layouts, args.batches, args.warmup, args.device, args.cores, shard_dirs
+    )
+    base = _baseline_rows(  # the paper-style loader reads files only
+        cfg, data_dir, file_layouts, args.batches, args.warmup, args.cores, cfg.model.cen_num
     )
 
     from bench.baseline import PaperStyleDataset, per_sample_cost
@@ -164,13 +217,19 @@ def main(argv: list[str] | None = None) -> int:
         cen_num=cfg.model.cen_num,
     )
     per_core = per_sample_cost(probe, 4 if args.smoke else 30)
-    ratios = {}
-    for layout in layouts:
-        d = next(r for r in dali if r["layout"] == layout)["samples_per_s"]
-        b = next(r for r in base if r["layout"] == layout)["samples_per_s"]
-        ratios[layout] = round(d / b, 2)
+
+    def speed(rows: list[dict], layout: str) -> float | None:
+        return next((r["samples_per_s"] for r in rows if r["layout"] == layout), None)
+
+    ratios = {x: round(speed(dali, x) / speed(base, x), 2) for x in file_layouts}
+    shards_vs_files = {
+        x.removesuffix(SHARDS): round(speed(dali, x) / speed(dali, x.removesuffix(SHARDS)), 2)
+        for x in layouts
+        if x.endswith(SHARDS) and x.removesuffix(SHARDS) in layouts
+    }
     summary = {
         "ratio": ratios,
+        "shards_vs_files": shards_vs_files,
         "baseline_ms_per_sample_core": round(per_core, 2),
         "baseline_vs_measured": round(per_core / MEASURED_BASELINE_MS, 2),
         "baseline_within_30pct": abs(per_core / MEASURED_BASELINE_MS - 1) <= 0.30,
@@ -188,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             "clips": args.clips,
             "seconds": args.seconds,
             "cen_num": cfg.model.cen_num,
+            "shard_size": args.shard_size,
             "smoke": args.smoke,
         },
         "rows": dali + base,
@@ -197,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     path = write_result(name, payload, results_dir=args.results_dir)
     for layout, r in ratios.items():
         print(f"ratio DALI / baseline ({layout}): {r}x")
+    for layout, r in shards_vs_files.items():
+        print(f"ratio shards / files ({layout}): {r}x")
     print(f"baseline per-core cost {per_core:.1f} ms/sample (MEASURED: {MEASURED_BASELINE_MS})")
     print(f"wrote {path}")
     return 0

@@ -186,21 +186,23 @@ def media_bytes_per_sample(json_path: str | os.PathLike, views: int = 2) -> floa
     frame reads (a JPEG of the frames layout, averaged over every frame present, or the whole
     video file, which the pipeline reads once per view)."""
     from equiav.data.index import read_dataset
+    from equiav.data.media import store
 
     entries = read_dataset(json_path)
     if not entries:
         raise ValueError(f"{json_path}: the dataset has no entries")
-    wav = statistics.fmean(os.path.getsize(e.wav) for e in entries)
+
+    def size(path: str) -> int | None:  # a file or a shard member
+        stat = store().stat(path)
+        return None if stat is None else stat[0]
+
+    wav = statistics.fmean(size(e.wav) for e in entries)
     frames = []
     for e in entries:
         if e.is_video_file:
-            frames.append(os.path.getsize(e.video_path))
+            frames.append(size(e.video_path))
         else:
-            frames += [
-                os.path.getsize(e.frame_path(k))
-                for k in range(10)
-                if os.path.exists(e.frame_path(k))
-            ]
+            frames += [s for k in range(10) if (s := size(e.frame_path(k))) is not None]
     if not frames:
         raise ValueError(f"{json_path}: no frame or video file found for any entry")
     return wav + views * statistics.fmean(frames)

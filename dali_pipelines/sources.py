@@ -15,6 +15,9 @@ global permutation without talking to the others, and a resumed run can recomput
 
 The source is a per-sample ``fn.external_source`` callback (a function of ``SampleInfo`` only),
 which DALI's pipeline checkpointing resumes at the saved epoch and iteration.
+
+Bytes come from ``equiav.data.media``: a file, or a member of a WebDataset shard read at its
+indexed offset (``equiav.data.shard``), so every mode reads both layouts, in the same order.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from equiav.data.index import Entry, LabelSet
+from equiav.data.media import CorruptMediaError, store  # the error is raised by the checks here
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +100,10 @@ def frame_draw(seed: int, epoch: int, position: int, view: int, frames: int) -> 
     return int(rng.integers(frames))
 
 
-class CorruptMediaError(ValueError):
-    """A media file's bytes are not a decodable file of its kind; the message names the file."""
-
-
 def read_bytes(path: str) -> np.ndarray:
-    """A file's bytes as a uint8 array (``FileNotFoundError`` names the file)."""
-    with open(path, "rb") as f:
-        return np.frombuffer(f.read(), dtype=np.uint8)
+    """A file's or shard member's bytes as a uint8 array (``equiav.data.media``; a
+    ``FileNotFoundError`` names the file, a ``CorruptMediaError`` a truncated shard)."""
+    return store().read(path)
 
 
 def validate_wav(path: str, data: np.ndarray) -> tuple[int, int]:

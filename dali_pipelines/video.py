@@ -22,6 +22,8 @@ from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 from nvidia.dali.pipeline import DataNode
 
+from equiav.data.media import store
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -164,7 +166,7 @@ class _VideoProbe(NamedTuple):
 def _probe_cached(path: str, mtime_ns: int, size: int) -> _VideoProbe:
     # mtime and size are part of the key so that a rewritten file is probed again.
     try:
-        container = av.open(path)
+        container = av.open(store().open(path))
     except av.FFmpegError as err:
         raise ValueError(f"{path}: cannot open as a video container ({err})") from err
     with container:
@@ -194,11 +196,10 @@ def _probe_cached(path: str, mtime_ns: int, size: int) -> _VideoProbe:
 
 def _probe(path: str | os.PathLike) -> _VideoProbe:
     path = os.fspath(path)
-    try:
-        stat = os.stat(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"video file not found: {path}") from None
-    return _probe_cached(path, stat.st_mtime_ns, stat.st_size)
+    stat = store().stat(path)  # a file, or a shard member (equiav.data.media)
+    if stat is None:
+        raise FileNotFoundError(f"video file not found: {path}")
+    return _probe_cached(path, stat[1], stat[0])
 
 
 def frame_size(path: str | os.PathLike) -> tuple[int, int]:

@@ -311,12 +311,24 @@ def test_loader_benchmark_smoke_writes_a_valid_result(synth_small, tmp_path):
         "--smoke",
         "--results-dir",
         str(tmp_path),
+        "--shard-dir",
+        str(tmp_path / "shards"),
+        "--layouts",
+        "frames,webm,frames-shards",
     ]
     assert main(args) == 0
     (path,) = tmp_path.glob("loader-smoke-*.json")
     result = json.loads(path.read_text())
     pipelines = {row["pipeline"] for row in result["rows"]}
-    assert pipelines == {"dali-frames", "dali-webm", "baseline-frames", "baseline-webm"}
+    assert pipelines == {
+        "dali-frames",
+        "dali-webm",
+        "dali-frames-shards",
+        "baseline-frames",
+        "baseline-webm",
+    }
     assert all(row["samples_per_s"] > 0 for row in result["rows"])
     assert set(result["summary"]["ratio"]) == {"frames", "webm"}
+    assert result["summary"]["shards_vs_files"]["frames"] > 0
+    assert (tmp_path / "shards" / "shards-frames" / "train.json").exists()
     assert result["summary"]["baseline_ms_per_sample_core"] > 0

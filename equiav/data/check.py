@@ -18,6 +18,9 @@ Fast mode reads headers only (wav: ``soundfile.info``; video file: container ope
 stream via PyAV; frames folder: every ``frame_{k}/{id}.jpg`` for k < frames_per_clip opened with
 PIL without decoding). ``--deep`` decodes everything. Label, duplicate and empty-label issues
 name the dataset JSON as their file; media issues name the media file (or frames folder).
+Media may be files or members of WebDataset shards (``equiav.data.shard``): both are read through
+``equiav.data.media``, a member being named ``shard.tar:member`` and stamped with its shard's
+mtime and its own size.
 
 Media are checked in chunks by a pool of spawned worker processes (``workers``, default one per
 core): parsing headers with soundfile, PIL and PyAV is Python and C work under the GIL (~60 us
@@ -66,9 +69,11 @@ from equiav.data.index import (
     read_dataset,
     read_label_csv,
     read_weights,
+    shard_member,
     write_dataset,
     write_weights,
 )
+from equiav.data.media import store
 
 ERROR = "error"
 WARNING = "warning"
@@ -234,14 +239,12 @@ def _media_files(entry: Entry, frames_per_clip: int) -> list[str]:
 
 
 def _stat(path: str) -> tuple[int, int] | None:
-    """(size, mtime_ns), or None when the file does not exist; (-1, -1) when stat itself fails."""
+    """(size, mtime_ns), or None when the file (or shard member) does not exist; (-1, -1) when
+    stat itself fails (or a shard cannot be indexed: reading it then names the problem)."""
     try:
-        st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError:
+        return store().stat(path)
+    except (OSError, ValueError):
         return (-1, -1)
-    return (st.st_size, st.st_mtime_ns)
 
 
 def _stamp(stats: Sequence[tuple[int, int] | None]) -> str:
@@ -263,7 +266,7 @@ def _warn(kind: str, path: str, msg: str) -> _Found:
 
 def _wav_data_chunk(path: str) -> tuple[int, int] | None:
     """(offset, declared size) of a RIFF/WAVE data chunk; None for other formats or streams."""
-    with open(path, "rb") as f:
+    with store().open_binary(path) as f:
         head = f.read(12)
         if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
             return None
@@ -282,7 +285,7 @@ def _check_wav(path: str, p: _Params) -> tuple[list[_Found], _Audio | None]:
     import soundfile as sf
 
     try:
-        info = sf.info(path)
+        info = sf.info(store().open(path))
     except Exception as e:  # any failure to parse the header means the file is unusable
         return [_err("unreadable_media", path, f"cannot read audio header ({_describe(e)})")], None
     sr, ch, n = int(info.samplerate), int(info.channels), int(info.frames)
@@ -294,11 +297,11 @@ def _check_wav(path: str, p: _Params) -> tuple[list[_Found], _Audio | None]:
         # header's declared size with the file size ourselves.
         try:
             chunk = _wav_data_chunk(path)
-            if chunk is not None and os.path.getsize(path) - chunk[0] < chunk[1]:
-                have = os.path.getsize(path) - chunk[0]
+            have = store().stat(path)[0] - chunk[0] if chunk is not None else 0
+            if chunk is not None and have < chunk[1]:
                 msg = f"data chunk declares {chunk[1]} bytes, the file holds {have}"
                 found.append(_err("corrupt_media", path, msg))
-            data, _ = sf.read(path, dtype="float32", always_2d=True)
+            data, _ = sf.read(store().open(path), dtype="float32", always_2d=True)
         except Exception as e:  # a decode failure anywhere in the data
             return found + [_err("corrupt_media", path, f"decode failed ({_describe(e)})")], None
         finite = np.isfinite(data)
@@ -323,7 +326,7 @@ def _check_video_file(path: str, p: _Params) -> tuple[list[_Found], str | None]:
     import av
 
     try:
-        container = av.open(path)
+        container = av.open(store().open(path))
     except Exception as e:  # PyAV raises its own error classes for every FFmpeg failure
         return [_err("unreadable_media", path, f"cannot open video ({_describe(e)})")], None
     with container:
@@ -373,7 +376,10 @@ def _check_frames(
     from PIL import Image
 
     folder = entry.video_path
-    if not os.path.isdir(folder):
+    shard = shard_member(folder)
+    if shard is not None and not os.path.isfile(shard[0]):
+        return [_err("missing_media", shard[0], "shard not found")]
+    if shard is None and not os.path.isdir(folder):
         msg = "frames folder not found (a video file needs a video suffix such as .mp4 or .webm)"
         return [_err("missing_media", folder, msg)]
     missing = [k for k, s in enumerate(stats) if s is None]
@@ -387,7 +393,7 @@ def _check_frames(
             continue
         path = entry.frame_path(k)
         try:
-            with Image.open(path) as im:
+            with Image.open(store().open(path)) as im:
                 if p.deep:
                     im.load()
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad images

@@ -10,6 +10,10 @@ Files (see ``shared/spec/EQUIAV.md`` "Data"):
 
 ``video_path`` is either a folder in the CAV-MAE frames layout
 (``{video_path}/frame_{k}/{video_id}.jpg``) or a video file.
+
+A media path may also name a member of a WebDataset tar shard (``equiav.data.shard``):
+``{dir}/shard-000000.tar:{key}.wav``, ``...tar:{key}.webm`` (video layout) or ``...tar:{key}``
+(frames layout, frame k being the member ``{key}.frame{k}.jpg``). ``equiav.data.media`` reads both.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +31,8 @@ import numpy as np
 
 VIDEO_FILE_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
 REQUIRED_KEYS = ("video_id", "wav", "video_path", "labels")
+# ``{shard}.tar:{member}``: the member's name has no folder part (``equiav.data.shard`` writes it).
+_SHARD_MEMBER = re.compile(r"^(?P<tar>.+\.tar):(?P<member>[^/:]+)$")
 
 
 class DatasetError(ValueError):
@@ -78,8 +85,17 @@ def is_video_file(path: str) -> bool:
     return path.lower().endswith(VIDEO_FILE_SUFFIXES)
 
 
+def shard_member(path: str) -> tuple[str, str] | None:
+    """(tar file, member name) when ``path`` names a member of a tar shard, else None."""
+    m = _SHARD_MEMBER.match(path)
+    return (m["tar"], m["member"]) if m else None
+
+
 def frame_path(video_path: str, video_id: str, k: int) -> str:
-    """``{video_path}/frame_{k}/{video_id}.jpg``, the CAV-MAE frames layout."""
+    """``{video_path}/frame_{k}/{video_id}.jpg``, the CAV-MAE frames layout; in a shard, the
+    member ``{key}.frame{k}.jpg`` (``video_path`` then names ``{shard}.tar:{key}``)."""
+    if shard_member(video_path) is not None:
+        return f"{video_path}.frame{k}.jpg"
     return os.path.join(video_path, f"frame_{k}", f"{video_id}.jpg")
 
 
