@@ -1,12 +1,16 @@
 """Loader benchmark: samples/s of the DALI ``pretrain`` pipeline vs the paper-style loader.
 
 ``python -m bench.loader [--data DIR] [--clips N] [--batch-size 16] [--batches 20] [--cores C]
-[--device cpu|cuda] [--layouts frames,webm,frames-shards,webm-shards] [--shard-dir DIR] [--smoke]``
+[--device cpu|cuda] [--layouts frames,webm,frames-shards,webm-shards] [--shard-dir DIR]
+[--py-workers 0,2] [--smoke]``
 measures, side by side in one run on the same synthetic data and batch size:
 
 - ``dali-frames`` / ``dali-webm``: our pipeline in ``pretrain`` mode (decode, the filterbank and
   every augmentation with its t-vectors and the ``cen_num`` vectors, i.e. everything the model
   consumes), on the JPEG-frames layout and on VP9 video files; DALI gets ``--cores`` threads;
+  with ``--py-workers 0,2`` once per value (rows ``dali-frames``, ``dali-frames-pyw2``: the source
+  inline or in 2 worker processes; the summary's ``py_workers_vs_inline``), the ratio to the
+  baseline taking the best;
 - ``dali-frames-shards`` / ``dali-webm-shards``: the same pipeline on the same clips written as
   WebDataset shards (``equiav.data.shard``, ``--shard-size`` clips each, in
   ``{--shard-dir or DATA}/shards-{layout}``; written once), members read at their indexed
@@ -79,13 +83,15 @@ def _dali_rows(
     device: str,
     cores: int,
     shard_dirs: dict[str, Path],
+    py_workers: tuple[int, ...] = (0,),
 ) -> list[dict]:
     from dali_pipelines.loader import build_loader
 
     rows = []
-    for layout in layouts:
+    for layout, workers in ((x, w) for x in layouts for w in py_workers):
         cfg.data.train_json = str(_list_path(data_dir, layout, shard_dirs))
         cfg.data.num_threads = cores
+        cfg.data.py_workers = workers
         loader = build_loader(cfg, "train", "pretrain", device=device)
         samples, start, seen = 0, None, 0
         while seen < warmup + batches:
@@ -102,19 +108,21 @@ def _dali_rows(
         if device == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
+        name = f"dali-{layout}" + (f"-pyw{workers}" if workers else "")
         rows.append(
             {
-                "pipeline": f"dali-{layout}",
+                "pipeline": name,
                 "layout": layout,
                 "storage": "shards" if layout.endswith(SHARDS) else "files",
                 "samples": samples,
                 "seconds": round(seconds, 3),
                 "samples_per_s": round(samples / seconds, 2),
                 "threads": cores,
+                "py_workers": workers,
                 "device": device,
             }
         )
-        print(f"dali-{layout}: {samples / seconds:.1f} samples/s", flush=True)
+        print(f"{name}: {samples / seconds:.1f} samples/s", flush=True)
     return rows
 
 
@@ -157,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layouts", default="frames,webm,frames-shards,webm-shards")
     parser.add_argument("--shard-size", type=int, default=32, help="clips per shard")
     parser.add_argument("--shard-dir", default=None, help="shards' parent folder (--data)")
+    parser.add_argument(
+        "--py-workers",
+        default="0",
+        help="comma-separated data.py_workers values, one DALI row each (0: source inline)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny run for tests")
     parser.add_argument("--results-dir", default=None)
     args = parser.parse_args(argv)
@@ -198,8 +211,17 @@ def main(argv: list[str] | None = None) -> int:
     shard_root = Path(args.shard_dir) if args.shard_dir else None
     shard_dirs = _write_shards(data_dir, layouts, shard_root, args.shard_size)
     torch.set_num_threads(args.cores)
+    py_workers = tuple(int(x) for x in args.py_workers.split(",") if x)
     dali = _dali_rows(
-        cfg, data_dir, layouts, args.batches, args.warmup, args.device, args.cores, shard_dirs
+        cfg,
+        data_dir,
+        layouts,
+        args.batches,
+        args.warmup,
+        args.device,
+        args.cores,
+        shard_dirs,
+        py_workers,
     )
     base = _baseline_rows(  # the paper-style loader reads files only
         cfg, data_dir, file_layouts, args.batches, args.warmup, args.cores, cfg.model.cen_num
@@ -218,8 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     per_core = per_sample_cost(probe, 4 if args.smoke else 30)
 
-    def speed(rows: list[dict], layout: str) -> float | None:
-        return next((r["samples_per_s"] for r in rows if r["layout"] == layout), None)
+    def speed(rows: list[dict], layout: str, workers: int | None = None) -> float | None:
+        """The layout's samples/s: of `workers` source processes, or the best of them."""
+        found = [
+            r["samples_per_s"]
+            for r in rows
+            if r["layout"] == layout and workers in (None, r.get("py_workers"))
+        ]
+        return max(found) if found else None
 
     ratios = {x: round(speed(dali, x) / speed(base, x), 2) for x in file_layouts}
     shards_vs_files = {
@@ -227,8 +255,16 @@ def main(argv: list[str] | None = None) -> int:
         for x in layouts
         if x.endswith(SHARDS) and x.removesuffix(SHARDS) in layouts
     }
+    # Each worker count against the inline source (same layout, same run).
+    py_workers_vs_inline = {
+        f"{x}-pyw{w}": round(speed(dali, x, w) / speed(dali, x, 0), 2)
+        for x in layouts
+        for w in py_workers
+        if w and 0 in py_workers
+    }
     summary = {
         "ratio": ratios,
+        "py_workers_vs_inline": py_workers_vs_inline,
         "shards_vs_files": shards_vs_files,
         "baseline_ms_per_sample_core": round(per_core, 2),
         "baseline_vs_measured": round(per_core / MEASURED_BASELINE_MS, 2),
@@ -243,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": args.batch_size,
             "batches": args.batches,
             "cores": args.cores,
+            "py_workers": list(py_workers),
             "device": args.device,
             "clips": args.clips,
             "seconds": args.seconds,
@@ -257,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     path = write_result(name, payload, results_dir=args.results_dir)
     for layout, r in ratios.items():
         print(f"ratio DALI / baseline ({layout}): {r}x")
+    for name, r in py_workers_vs_inline.items():
+        print(f"ratio source in workers / inline ({name}): {r}x")
     for layout, r in shards_vs_files.items():
         print(f"ratio shards / files ({layout}): {r}x")
     print(f"baseline per-core cost {per_core:.1f} ms/sample (MEASURED: {MEASURED_BASELINE_MS})")

@@ -227,8 +227,10 @@ def apply_audio(
     """
     from kernels import augment as K
 
-    t = t.to(x.device)
-    params = params.to(x.device).long()
+    # The vectors stay on the host: the kernels select samples and check values where their
+    # parameters live, so host parameters cost a GPU no synchronisation (on a device they cost
+    # one per mask: ~65 per batch, which made this stage launch- and sync-bound on an H100).
+    t, params = t.cpu(), params.cpu().long()
     spec = t[:, 0] > 0
     # The three channels are equal until the colour jitter: mask, roll and crop one of them.
     x = x[:, :1]
@@ -250,7 +252,7 @@ def apply_visual(x: torch.Tensor, t: torch.Tensor, mean, std) -> torch.Tensor:
     jitter, blur, flip, grayscale as t_v describes, then ImageNet normalisation."""
     from kernels import augment as K
 
-    t = t.to(x.device)
+    t = t.cpu()  # host parameters: no device synchronisation (see apply_audio)
     x = K.color_jitter(x, t[:, 6:10].long(), _factors(t[:, 10:14]), t[:, 5] > 0)
     sigma = t[:, 15]
     x = K.gaussian_blur(x, sigma, K.visual_blur_kernel_size(sigma), t[:, 14] > 0)

@@ -144,6 +144,7 @@ class DaliLoader:
         self._start_epoch = self.epoch
         self._start_offset = start_offset
         self.steps_done = 0  # batches consumed in the current epoch (after start_offset)
+        self._skipped_ids: set[str] = set()  # from the batches' `skipped` output
 
     def _resume(self, state: dict) -> tuple[int, int]:
         """(epoch, global position in it) from a saved ``state_dict``."""
@@ -178,12 +179,17 @@ class DaliLoader:
 
     @property
     def skipped(self) -> dict[str, str]:
-        """Entries skipped mid-run because their files broke: video id -> reason."""
-        return self.source.skipped
+        """Entries skipped mid-run because their files broke: video id -> reason (with
+        ``py_workers`` the reason is in the worker's log line, which names the file)."""
+        found = dict.fromkeys(self._skipped_ids, "unreadable: see the log for the file and error")
+        return {**found, **self.source.skipped}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for outputs in self.iterator:
             self.steps_done += 1
+            skipped = outputs[0]["skipped"].reshape(-1)  # on the host: no device sync
+            for i in skipped[skipped >= 0].tolist():
+                self._skipped_ids.add(self.entries[i].video_id)
             yield self._device_stage(outputs[0])
         self.iterator.reset()
         self.epoch += 1
@@ -203,7 +209,7 @@ class DaliLoader:
             "frame_k": out["frame_k"],
         }
         if mode == "pretrain":
-            params = out["a_params"].to(dev).long()
+            params = out["a_params"].long()  # on the host, as the kernels want them
             image = K.roll(image, params[:, 0], 2, params[:, 0] != 0)
             aug = augment.apply_audio(
                 image.expand(-1, 3, -1, -1), out["t_a"], params, cfg.time_shift_applied
@@ -219,7 +225,7 @@ class DaliLoader:
                 if name in out:
                     batch[name] = out[name].to(dev, non_blocking=True)
         elif mode == "finetune":
-            params = out["ft_params"].to(dev).long()
+            params = out["ft_params"].long()  # on the host, as the kernels want them
             image = K.roll(image, params[:, 0], 2, params[:, 0] != 0)
             masked = params[:, 2] > params[:, 1]
             image = K.mask_rows(image, params[:, 1], params[:, 2], 2, masked)
@@ -367,6 +373,7 @@ def build_loader(
         eval_frame=data.eval_frame,
         num_threads=data.num_threads,
         prefetch=data.prefetch,
+        py_workers=data.py_workers,
         weights=weights,
         augment=cfg.augment,
         cen_num=cfg.model.cen_num if cfg.model.cen_mean else 0,

@@ -34,10 +34,10 @@ from dali_pipelines.sources import SampleSource
 
 # Source outputs passed through to the iterator unchanged, per mode.
 _PASS = {
-    "eval": ("labels", "index", "valid", "frame_k"),
-    "train": ("labels", "index", "valid", "frame_k"),
-    "pretrain": ("labels", "index", "valid", "frame_k", "t_a", "t_v", "a_params"),
-    "finetune": ("labels", "index", "valid", "frame_k", "ft_params"),
+    "eval": ("labels", "index", "valid", "frame_k", "skipped"),
+    "train": ("labels", "index", "valid", "frame_k", "skipped"),
+    "pretrain": ("labels", "index", "valid", "frame_k", "skipped", "t_a", "t_v", "a_params"),
+    "finetune": ("labels", "index", "valid", "frame_k", "skipped", "ft_params"),
 }
 
 

@@ -226,12 +226,14 @@ class SampleSource:
 
     Its outputs are named (``output_names``, in order): ``wav``; per visual view ``frame{v}`` (JPEG
     bytes, or video bytes followed by ``frame{v}_index``, the frame number to decode); ``labels``
-    (multi-hot, mixed in finetune mode), ``index``, ``valid``, ``frame_k``; then the mode's draws
-    (see ``_draws``).
+    (multi-hot, mixed in finetune mode), ``index``, ``valid``, ``frame_k``, ``skipped``; then the
+    mode's draws (see ``_draws``).
 
     A file that is missing or structurally broken when it is read is logged by name and replaced by
     the next readable entry of the epoch (``valid`` = 0 in eval mode), so one bad file never stops a
-    run; ``skipped`` counts them in this process.
+    run. The ``skipped`` output carries the failed entry's index (-1: none), so that the loader
+    counts skips also when this callback runs in DALI's worker processes; the attribute
+    ``skipped`` (video id -> reason) holds those of this process.
     """
 
     def __init__(self, spec: SourceSpec) -> None:
@@ -274,7 +276,7 @@ class SampleSource:
         names = ["wav"]
         for v in range(self.views):
             names += [f"frame{v}", f"frame{v}_index"] if self.video_files else [f"frame{v}"]
-        names += ["labels", "index", "valid", "frame_k"]
+        names += ["labels", "index", "valid", "frame_k", "skipped"]
         if self.spec.mode == "pretrain":
             names += ["vcrop", "t_a", "t_v", "a_params"]
             if self.spec.cen_num > 0:
@@ -290,12 +292,15 @@ class SampleSource:
             raise StopIteration
         index, ok = int(pos[i]), int(valid[i])
         epoch = self.spec.start_epoch + info.epoch_idx
+        failed = -1  # the entry this position should have read, if it broke
         for attempt in range(len(self.spec.entries)):
             try:
                 out = self._read(index, ok, epoch, self._global_position(epoch, i))
+                out["skipped"] = np.array(failed, np.int64)
                 return tuple(out[name] for name in self.output_names)
             except (OSError, CorruptMediaError) as e:
                 self._skip(self.spec.entries[index], e)
+                failed = index if failed < 0 else failed
                 index = int(pos[(i + attempt + 1) % len(pos)])
                 ok = 0 if self.spec.mode == "eval" else ok
         last = next(reversed(self.skipped.values()))

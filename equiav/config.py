@@ -83,6 +83,9 @@ class DataConfig:
     video_source: Literal["frames", "file"] = "frames"  # informational: which JSON variant
     num_threads: int = 2  # DALI CPU threads per process
     prefetch: int = 2  # DALI prefetch queue depth
+    # >0: the per-sample source (file reads, augmentation draws) runs in that many worker
+    # processes (DALI's parallel external source) instead of the training process's main thread.
+    py_workers: int = 0
 
     def resolved_n_classes(self) -> int:
         """Label count: `n_classes` if set, else the dataset's (synthetic: rows of `label_csv`)."""
@@ -646,6 +649,7 @@ def validate(cfg: Config) -> Config:
         "prefetch",
     ):
         need(getattr(d, name) >= 1, f"data.{name} must be >= 1")
+    need(d.py_workers >= 0, "data.py_workers must be >= 0")
     need(d.clip_seconds > 0, "data.clip_seconds must be > 0")
     need(0 <= d.eval_frame < d.frames_per_clip, "data.eval_frame must be in [0, frames_per_clip)")
     need(0.0 <= d.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")

@@ -1,5 +1,6 @@
 """The DALI loader end to end on real synthetic media: shapes, values, shards, resume, bad input."""
 
+import dataclasses
 import logging
 import shutil
 
@@ -182,6 +183,36 @@ def test_files_broken_mid_run_are_skipped_by_name(synth_small, broken_copy, capl
     assert sum(len(b["index"]) for b in collect(train)) == 8
 
 
+def test_parallel_source_gives_the_same_batches_and_counts_skips(broken_copy):
+    """py_workers runs the source in DALI's worker processes: the same batches bit for bit, and
+    a broken file is still counted (through the batches' `skipped` output), in eval and pretrain."""
+    from equiav.config import default_config
+
+    root, entries = broken_copy
+    labels = read_label_csv(root / "class_labels_indices.csv")
+    wav = entries[3].wav
+    open(wav, "wb").write(open(wav, "rb").read()[:100])
+    for mode in ("eval", "pretrain"):
+        cfg = LoaderConfig(
+            batch_size=2,
+            mode=mode,
+            frames_per_clip=4,
+            eval_frame=2,
+            augment=default_config().augment,
+            target_frames=400,
+        )
+        inline = DaliLoader(entries, labels, cfg)
+        workers = DaliLoader(entries, labels, dataclasses.replace(cfg, py_workers=2))
+        a, b = collect(inline), collect(workers)
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b, strict=True):
+            assert x.keys() == y.keys()
+            for key in x:
+                assert torch.equal(x[key], y[key]), (mode, key)
+        assert set(workers.skipped) == set(inline.skipped) == {entries[3].video_id}, mode
+        assert workers.source.skipped == {}  # the failure happened in a worker process
+
+
 def _config(root, train_json="train.json"):
     from equiav.config import apply_overrides, default_config
 
@@ -252,6 +283,38 @@ def test_gpu_loader_matches_the_cpu_loader(synth_small, name):
         assert torch.equal(c["index"], g["index"].cpu())
         assert (c["audio"] - g["audio"].cpu()).abs().mean() < 1e-4
         assert (c["visual"] - g["visual"].cpu()).abs().mean() < 1.0 / 255 / 0.226
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["pretrain", "finetune"])
+def test_gpu_augmenting_loader_matches_the_cpu_loader(synth_small, mode):
+    """The augmenting modes on the GPU: the same draws (host-side, so the t-vectors are equal bit
+    for bit) applied by the same kernels to nvJPEG-decoded frames and the Triton fbank."""
+    from equiav.config import default_config
+
+    entries = read_dataset(synth_small.root / "train.json")
+    labels = read_label_csv(synth_small.label_csv)
+    cfg = LoaderConfig(
+        batch_size=2,
+        mode=mode,
+        frames_per_clip=4,
+        eval_frame=2,
+        augment=default_config().augment,
+        target_frames=400,
+    )
+    cpu = collect(DaliLoader(entries, labels, cfg, None, "cpu"))
+    gpu = collect(DaliLoader(entries, labels, cfg, None, "cuda"))
+    for c, g in zip(cpu, gpu, strict=True):
+        assert c.keys() == g.keys()
+        for key in ("index", "labels", "t_a", "t_v"):
+            if key in c:
+                assert torch.equal(c[key], g[key].cpu()), key
+        for key in ("audio", "audio_aug"):
+            if key in c:
+                assert (c[key] - g[key].cpu()).abs().mean() < 1e-3, key
+        for key in ("visual", "visual_aug"):
+            if key in c:  # nvJPEG's IDCT and the GPU resize differ by about a grey level
+                assert (c[key] - g[key].cpu()).abs().mean() < 2.0 / 255 / 0.226, key
 
 
 def test_val_fraction_holds_out_part_of_the_training_list(synth_small):
