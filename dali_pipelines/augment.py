@@ -240,7 +240,24 @@ def apply_audio(
         x = K.roll(x, params[:, 5], 2, spec)
     frames, bins = x.shape[2], x.shape[3]
     x = K.resized_crop(x, params[:, 1], params[:, 2], params[:, 3], params[:, 4], (frames, bins))
-    x = x.expand(-1, 3, -1, -1).contiguous()
+    # The channels stay equal through jitter, blur and flip unless hue comes first in the jitter
+    # (it clamps two channels of three): only those samples are processed with three channels.
+    three = (t[:, 12] > 0) & (t[:, 13] == 3)
+    if not bool(three.any()):  # host tensors: no device synchronisation
+        return _audio_colour(x, t).expand(-1, 3, -1, -1)
+    if bool(three.all()):
+        return _audio_colour(x.expand(-1, 3, -1, -1).contiguous(), t)
+    out = torch.empty(x.shape[0], 3, frames, bins, device=x.device)
+    for rows, channels in ((~three).nonzero().flatten(), 1), (three.nonzero().flatten(), 3):
+        sub = x[rows.to(x.device)].expand(-1, channels, -1, -1).contiguous()
+        out[rows.to(x.device)] = _audio_colour(sub, t[rows])
+    return out
+
+
+def _audio_colour(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Colour jitter, blur and flip of t_a's rows ``t`` on x: (n, 1 or 3, T, F)."""
+    from kernels import augment as K
+
     x = K.color_jitter(x, t[:, 13:17].long(), _factors(t[:, 17:21]), t[:, 12] > 0)
     sigma = t[:, 22]
     x = K.gaussian_blur(x, sigma, K.audio_blur_kernel_size(sigma), t[:, 21] > 0)

@@ -226,8 +226,10 @@ def _spatial_axis(axis: int) -> int:
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    """(n, 3, H, W) -> (n, 1, H, W) luma with torchvision's weights and summation order."""
-    r, g, b = x.unbind(1)
+    """(n, 3, H, W) -> (n, 1, H, W) luma with torchvision's weights and summation order. A
+    one-channel x is a grey image stored once: the same sum with r = g = b (not simply x, since
+    the weights add up to 0.9999 in float32)."""
+    r, g, b = x.unbind(1) if x.shape[1] == 3 else (x[:, 0],) * 3
     return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
 
 
@@ -307,6 +309,10 @@ def _hue_grey(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def _hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:
+        # A grey image stored once, in [0, 1] (color_jitter's one-channel contract): p, q, t and v
+        # all equal x, whatever the sector.
+        return x.clamp(0.0, 1.0)
     grey = ((x[:, 0] == x[:, 1]) & (x[:, 1] == x[:, 2])).flatten(1).all(1)
     if bool(grey.all()):
         return _hue_grey(x, factor)
@@ -372,10 +378,15 @@ def color_jitter(
     order (B, 4) long: a permutation of 0 brightness, 1 contrast, 2 saturation, 3 hue per sample;
     factors (B, 4) float: [brightness, contrast, saturation, hue] as applied (not the recorded
     ``factor - 1``). Equal to torchvision's adjust_* applied one after another in that order.
+
+    A one-channel x stands for a grey image with three equal channels (the filterbank image), at a
+    third of the cost. Brightness, contrast and saturation keep such an image grey and clamp it to
+    [0, 1], where hue leaves grey pixels unchanged; hue first on values outside [0, 1] would not
+    (it clamps two channels of three), so each active sample must have hue after another op.
     """
     batch, channels = x.shape[:2]
-    if channels != 3:
-        raise ValueError(f"color_jitter needs 3 channels, got {channels}")
+    if channels not in (1, 3):
+        raise ValueError(f"color_jitter needs 3 channels (or 1 for a grey image), got {channels}")
     order = torch.as_tensor(order)
     factors = torch.as_tensor(factors)
     if order.shape != (batch, 4) or factors.shape != (batch, 4):
@@ -393,6 +404,12 @@ def color_jitter(
     )
     for op in range(4):
         _check_factor(op, factors[:, op], mask)
+    if channels == 1:
+        _require(
+            (order[:, 0] != 3) | ~mask,
+            "color_jitter on a one-channel (grey) image: hue first would make the channels "
+            "differ; pass those samples with three channels",
+        )
     # Position by position, each op goes to the samples that have it there.
     out = x
     for pos in range(4):

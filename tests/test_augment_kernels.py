@@ -506,3 +506,38 @@ def test_hue_fast_path_for_grey_images_is_exact_in_every_sector():
         assert (got[1] - TF.adjust_hue(colour, f)).abs().max() < 1e-5, f
         alone = K.adjust_hue(grey.unsqueeze(0).contiguous(), [f])
         assert torch.equal(alone[0], TF.adjust_hue(grey, f)), f
+
+
+def test_grey_image_stored_once_equals_three_equal_channels():
+    """color_jitter and gaussian_blur on a one-channel grey image (the filterbank image) equal the
+    three-channel computation bit for bit, for every order without hue first, on values outside
+    [0, 1] as a normalised filterbank has; hue first is refused on one channel."""
+    gen = torch.Generator().manual_seed(11)
+    n = 48
+    x1 = torch.randn(n, 1, 40, 24, generator=gen) * 2.0
+    x3 = x1.expand(-1, 3, -1, -1).contiguous()
+    order = torch.stack([torch.randperm(4, generator=gen) for _ in range(n)])
+    hue_first = order[:, 0] == 3
+    order[hue_first] = order[hue_first][:, [1, 0, 2, 3]]  # hue second instead
+    factors = torch.rand(n, 4, generator=gen) * 0.8 + 0.6
+    factors[:, 3] = torch.rand(n, generator=gen) * 0.2 - 0.1
+    active = torch.rand(n, generator=gen) < 0.8
+    one = K.color_jitter(x1, order, factors, active)
+    three = K.color_jitter(x3, order, factors, active)
+    assert one.shape == (n, 1, 40, 24)
+    assert torch.equal(one.expand(-1, 3, -1, -1), three)
+    assert not torch.equal(one[active], x1[active])  # the jitter did something
+    sigma = torch.rand(n, generator=gen) * 2.0 + 0.1
+    sizes = K.audio_blur_kernel_size(sigma)
+    assert torch.equal(
+        K.gaussian_blur(one, sigma, sizes, active).expand(-1, 3, -1, -1),
+        K.gaussian_blur(three, sigma, sizes, active),
+    )
+    order[0] = torch.tensor([3, 0, 1, 2])
+    active[0] = True
+    with pytest.raises(ValueError, match="hue first"):
+        K.color_jitter(x1, order, factors, active)
+    # Why: hue first clamps green and blue only, and a later brightness < 1 keeps them apart.
+    bright = torch.full((1, 3, 4, 4), 1.5)
+    out = K.color_jitter(bright, order[:1], torch.tensor([[0.8, 1.0, 1.0, 0.0]]))
+    assert out[0, 0, 0, 0] == 1.0 and out[0, 1, 0, 0] == out[0, 2, 0, 0] == 0.8
