@@ -25,6 +25,20 @@ def make_loader(info, name="train.json", shard=None, state=None, **kw):
     return DaliLoader(entries, read_label_csv(info.label_csv), cfg, shard, "cpu", state)
 
 
+def small_config(mode: str) -> LoaderConfig:
+    """A loader config for the small synthetic set (4 frames, 400 fbank frames) in any mode."""
+    from equiav.config import default_config
+
+    return LoaderConfig(
+        batch_size=2,
+        mode=mode,
+        frames_per_clip=4,
+        eval_frame=2,
+        augment=default_config().augment,
+        target_frames=400,
+    )
+
+
 def collect(loader, steps=None):
     out = []
     for batch in loader:
@@ -186,21 +200,12 @@ def test_files_broken_mid_run_are_skipped_by_name(synth_small, broken_copy, capl
 def test_parallel_source_gives_the_same_batches_and_counts_skips(broken_copy):
     """py_workers runs the source in DALI's worker processes: the same batches bit for bit, and
     a broken file is still counted (through the batches' `skipped` output), in eval and pretrain."""
-    from equiav.config import default_config
-
     root, entries = broken_copy
     labels = read_label_csv(root / "class_labels_indices.csv")
     wav = entries[3].wav
     open(wav, "wb").write(open(wav, "rb").read()[:100])
     for mode in ("eval", "pretrain"):
-        cfg = LoaderConfig(
-            batch_size=2,
-            mode=mode,
-            frames_per_clip=4,
-            eval_frame=2,
-            augment=default_config().augment,
-            target_frames=400,
-        )
+        cfg = small_config(mode)
         inline = DaliLoader(entries, labels, cfg)
         workers = DaliLoader(entries, labels, dataclasses.replace(cfg, py_workers=2))
         a, b = collect(inline), collect(workers)
@@ -290,18 +295,9 @@ def test_gpu_loader_matches_the_cpu_loader(synth_small, name):
 def test_gpu_augmenting_loader_matches_the_cpu_loader(synth_small, mode):
     """The augmenting modes on the GPU: the same draws (host-side, so the t-vectors are equal bit
     for bit) applied by the same kernels to nvJPEG-decoded frames and the Triton fbank."""
-    from equiav.config import default_config
-
     entries = read_dataset(synth_small.root / "train.json")
     labels = read_label_csv(synth_small.label_csv)
-    cfg = LoaderConfig(
-        batch_size=2,
-        mode=mode,
-        frames_per_clip=4,
-        eval_frame=2,
-        augment=default_config().augment,
-        target_frames=400,
-    )
+    cfg = small_config(mode)
     cpu = collect(DaliLoader(entries, labels, cfg, None, "cpu"))
     gpu = collect(DaliLoader(entries, labels, cfg, None, "cuda"))
     for c, g in zip(cpu, gpu, strict=True):

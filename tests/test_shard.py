@@ -17,6 +17,7 @@ from equiav.config import AugmentConfig
 from equiav.data.index import read_dataset, read_label_csv, shard_member, write_dataset
 from equiav.data.media import MediaStore, store
 from equiav.data.shard import INDEX_NAME, read_idx, scan_tar, write_shards
+from tests.test_loader import collect
 
 LISTS = {"frames": "train.json", "webm": "train_webm.json"}
 # Small geometry: identity does not depend on it, and the loaders run 4x faster.
@@ -50,15 +51,6 @@ def make_loader(json_path, label_csv, mode, shard=None, state=None, **kw):
     )
     entries = read_dataset(json_path)
     return DaliLoader(entries, read_label_csv(label_csv), cfg, shard, "cpu", state)
-
-
-def collect(loader, steps=None):
-    out = []
-    for batch in loader:
-        out.append({k: v.clone() for k, v in batch.items()})
-        if steps is not None and len(out) == steps:
-            break
-    return out
 
 
 def assert_same(xs, ys):
