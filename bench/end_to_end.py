@@ -1,11 +1,12 @@
 """End to end: real training steps fed by the DALI pipeline vs the paper-style loader vs no loader.
 
 ``python -m bench.end_to_end [--mode pretrain] [--size tiny|full|tiny,full] [--steps N]
-[--cores C] [--layout frames|webm] [--data DIR] [--smoke]`` runs, side by side in one process on the
-same synthetic dataset and the same model:
+[--cores C] [--py-workers W] [--compile] [--layout frames|webm] [--data DIR] [--smoke]`` runs,
+side by side in one process on the same synthetic dataset and the same model:
 
 - ``dali-<layout>``: the trainer's loader (``dali_pipelines.loader.build_loader``: the DALI
-  pipeline with ``--cores`` threads, then its device stage) feeding training steps;
+  pipeline with ``--cores`` threads and its source in ``--py-workers`` processes (0: in the main
+  thread), then its device stage) feeding training steps;
 - ``baseline-<layout>``: the same steps fed by the paper-style loader (``bench.baseline``:
   ``PaperStyleDataset`` + ``make_loader`` with ``--cores`` workers), batches moved to the device;
 - ``step-only``: the same step repeated on one real batch already on the device (no loading,
@@ -98,6 +99,8 @@ def bench_config(
     precision: str,
     seconds: float,
     layout: str = "frames",
+    py_workers: int = 0,
+    compile: bool = False,
 ) -> Config:
     """The trainer's configuration for one benchmark run on the synthetic dataset in `data_dir`.
 
@@ -118,8 +121,10 @@ def bench_config(
         "data.frames_per_clip": frames,
         "data.eval_frame": frames // 2,
         "data.num_threads": threads,
+        "data.py_workers": py_workers,
         "train.batch_size": batch_size,
         "train.precision": precision,
+        "train.compile": compile,
     }
     if size == "tiny":
         overrides.update({f"model.{k}": v for k, v in TINY_MODEL.items()})
@@ -276,7 +281,8 @@ def measure_model(
     """Rows step-only, dali-<layout> and baseline-<layout> for one model (`cfg`): one model and
     optimizer, built once and seeded, serve all three. Both loaders get `cfg.data.num_threads`
     cores (DALI threads, DataLoader workers)."""
-    step = TrainStep(StepSetup(mode, cfg.train.precision, cfg.optim.fused, False), cfg, device)
+    setup = StepSetup(mode, cfg.train.precision, cfg.optim.fused, cfg.train.compile)
+    step = TrainStep(setup, cfg, device)
     base = {
         "mode": mode,
         "model": size,
@@ -286,6 +292,8 @@ def measure_model(
         "steps": steps,
         "warmup_steps": warmup,
         "cores": cfg.data.num_threads,
+        "py_workers": cfg.data.py_workers,
+        "compile": cfg.train.compile,
         "device": str(device),
     }
     step_only, dali = _dali_timings(step, cfg, mode, device, steps, warmup)
@@ -362,6 +370,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="clip length of the dataset")
     p.add_argument("--layout", default="frames", choices=LAYOUTS)
     p.add_argument("--cores", type=int, default=2, help="DALI threads / baseline workers")
+    p.add_argument(
+        "--py-workers", type=int, default=0, help="DALI source worker processes (data.py_workers)"
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile)")
     p.add_argument("--batch-size", type=int, default=None, help="tiny (default: paper; smoke 2)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; smoke 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3; smoke 1)")
@@ -418,6 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     precision=precision,
                     seconds=a.seconds,
                     layout=a.layout,
+                    py_workers=a.py_workers,
+                    compile=a.compile,
                 )
                 torch.manual_seed(0)
                 rows += measure_model(cfg, mode, size, device, size_steps, size_warmup, a.layout)
@@ -434,6 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sizes": sizes,
             "layout": a.layout,
             "cores": a.cores,
+            "py_workers": a.py_workers,
+            "compile": a.compile,
             "device": str(device),
             "precision": precision,
             "smoke": a.smoke,

@@ -4,8 +4,8 @@
 # does not stop the next; every stage's output goes to $OUT/gpu.log and the result JSONs to
 # $OUT/results (the tool brings both back). Usage, from the repository root on that machine:
 #   bash bench/gpu_session.sh env cuda-tests loader step e2e
-# Stages: env, cuda-tests, tests (the whole suite), loader, step, step-compile, step-grid, e2e,
-# scaling, demo.
+# Stages: env, cuda-tests, tests (the whole suite), loader, loader-workers, step, step-compile,
+# step-grid, e2e, e2e-fast, scaling, demo.
 set -u
 OUT=${OUT:-runs/gpu-session}
 RESULTS=$OUT/results
@@ -35,6 +35,9 @@ for s in "$@"; do
     loader)
         stage loader 420 python3 -m bench.loader --data "$DATA" --cores "$CORES" --device cuda \
             --results-dir "$RESULTS" ;;
+    loader-workers)
+        stage loader-workers 420 python3 -m bench.loader --data "$DATA" --cores "$CORES" \
+            --device cuda --layouts frames,webm --py-workers 0,2 --results-dir "$RESULTS/workers" ;;
     step) stage step 420 python3 -m bench.step --results-dir "$RESULTS" ;;
     step-compile)
         stage step-compile 540 python3 -m bench.step --compile --no-search --name step-compile \
@@ -45,6 +48,9 @@ for s in "$@"; do
     e2e)
         stage e2e 540 python3 -m bench.end_to_end --mode pretrain,finetune --size tiny,full \
             --data "$DATA" --cores "$CORES" --results-dir "$RESULTS" ;;
+    e2e-fast)  # the configuration the presets now use: source workers, compiled step
+        stage e2e-fast 540 python3 -m bench.end_to_end --mode pretrain,finetune --size full \
+            --data "$DATA" --cores "$CORES" --py-workers 2 --compile --results-dir "$RESULTS/fast" ;;
     scaling)
         stage scaling 300 python3 -m bench.scaling --procs 1 --backend nccl --device cuda \
             --data "$DATA" --threads "$CORES" --results-dir "$RESULTS" ;;

@@ -225,3 +225,14 @@ def test_report_renders_end_to_end_and_scaling(e2e_result, scaling_result, resul
     assert "**Capacity model**" in smoke_part and "| 8 | 64 | 38400 |" in smoke_part
     e2e_part = text.split(f"### `end_to_end-smoke-{host}.json`")[1].split("### ")[0]
     assert "| pretrain | tiny | frames |" in e2e_part and "dali-frames" in e2e_part
+
+
+def test_bench_config_carries_source_workers_and_compile(synth_small):
+    """--py-workers and --compile reach the trainer's config (data.py_workers, train.compile)."""
+    common = dict(mode="pretrain", size="tiny", smoke=True, batch_size=2, threads=1)
+    cfg = end_to_end.bench_config(synth_small.root, **common, precision="fp32", seconds=4.0)
+    assert cfg.data.py_workers == 0 and not cfg.train.compile
+    cfg = end_to_end.bench_config(
+        synth_small.root, **common, precision="fp32", seconds=4.0, py_workers=2, compile=True
+    )
+    assert cfg.data.py_workers == 2 and cfg.train.compile
