@@ -37,6 +37,8 @@ from equiav.data.index import Entry, compute_weights, read_dataset, write_datase
 from equiav.train.dist import DistInfo
 
 log = logging.getLogger("equiav.demo")
+#: The synthetic data's difficulty (``equiav.data.synth``'s ``noise``) in the demo.
+DEMO_NOISE = 0.5
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 
 
@@ -45,8 +47,16 @@ def _stage(name: str) -> float:
     return time.perf_counter()
 
 
-def ensure_dataset(cfg: Config, clips: int, classes: int, seed: int) -> Path:
-    """Generate the demo dataset unless its folder already holds this exact one."""
+def ensure_dataset(
+    cfg: Config, clips: int, classes: int, seed: int, noise: float = DEMO_NOISE
+) -> Path:
+    """Generate the demo dataset unless its folder already holds this exact one.
+
+    The class objects stay in view (``in_view``): by default they are off-screen or outside the
+    clean view's centre crop in about half of the frames, and then a frame carries no trace of
+    the clip's sounds. With them in view, a colour-histogram linear probe of the held-out frames
+    reaches 0.89 mAP instead of 0.50, and cross-modal pretraining has something to learn.
+    """
     from equiav.data.synth import generate
 
     data_dir = Path(cfg.data.train_json).parent
@@ -56,6 +66,8 @@ def ensure_dataset(cfg: Config, clips: int, classes: int, seed: int) -> Path:
         "seed": seed,
         "seconds": cfg.data.clip_seconds,
         "formats": ["frames"],
+        "noise": noise,
+        "in_view": True,
     }
     stamp = data_dir / "demo_dataset.json"
     if stamp.exists() and json.loads(stamp.read_text()) == wanted:
@@ -71,6 +83,8 @@ def ensure_dataset(cfg: Config, clips: int, classes: int, seed: int) -> Path:
         seconds=cfg.data.clip_seconds,
         test_fraction=0.3,
         progress=True,
+        noise=noise,
+        in_view=True,
     )
     stamp.write_text(json.dumps(wanted))
     print(f"{data_dir}: {info.num_train} train + {info.num_test} held-out clips, {classes} classes")
@@ -164,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips", type=int, default=400, help="synthetic clips (70%% train)")
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument(
+        "--noise", type=float, default=DEMO_NOISE, help="synthetic data difficulty (synth --noise)"
+    )
     parser.add_argument("--shots", type=int, default=4, help="labelled clips per class")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument(
@@ -183,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {"device": device, "torch": torch.__version__}
 
     t = _stage("1/5 synthetic dataset")
-    data_dir = ensure_dataset(base, args.clips, args.classes, args.data_seed)
+    data_dir = ensure_dataset(base, args.clips, args.classes, args.data_seed, args.noise)
     summary["dataset_s"] = round(time.perf_counter() - t, 1)
     cfg = resolve(base)
 
@@ -231,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
             "data.weights_csv": str(data_dir / "weights_fewshot.csv"),
             "train.max_steps": args.finetune_steps,
             "model.drop_path": 0.1,
+            # The tiny towers learn little in 60 steps at the recipe's 1e-4 (both curves were
+            # still rising at the end: held-out mAP 0.32 pretrained / 0.37 scratch); at 1e-3,
+            # with the new layers at 5e-3 as before (head_lr 50 -> 5), both reach about 0.49.
+            "optim.lr": 1e-3,
+            "optim.head_lr": 5.0,
             "optim.max_epoch": 1000,
             "eval.every_epochs": 5,
         },

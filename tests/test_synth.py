@@ -265,6 +265,34 @@ def test_class_signal(tmp_path: Path) -> None:
         assert np.mean(own) > 3 * np.mean(rest) + 0.002, (spec.mid, own, rest)
 
 
+def test_in_view_keeps_class_objects_in_the_centre_square(tmp_path: Path) -> None:
+    """With in_view the class objects never leave the square the clean view's centre crop shows
+    (by default they do in some frames); the audio is unchanged."""
+
+    def vivid_columns(root: Path, video_id: str, k: int) -> np.ndarray:
+        rgb = read_jpeg(str(root / "frames" / f"frame_{k}" / f"{video_id}.jpg")) / 255.0
+        spread = rgb.max(axis=2) - rgb.min(axis=2)  # saturation x value: the backdrop is dull
+        return np.nonzero((spread > 0.35).any(axis=0))[0]
+
+    clips, seconds = 8, 4
+    kwargs = dict(multi_label=False, video_format="frames", seconds=seconds, workers=1, noise=0.0)
+    wrap = synth.generate(tmp_path / "wrap", clips, 4, seed=7, **kwargs)
+    view = synth.generate(tmp_path / "view", clips, 4, seed=7, in_view=True, **kwargs)
+    lo = (synth.WIDTH - synth.HEIGHT) // 2
+    outside = {"wrap": 0, "view": 0}
+    for info, name in ((wrap, "wrap"), (view, "view")):
+        for entry in index.read_dataset(info.dataset("train")):
+            for k in range(seconds):
+                cols = vivid_columns(info.root, entry.video_id, k)
+                outside[name] += int(np.sum((cols < lo - 2) | (cols > lo + synth.HEIGHT + 1)))
+            if name == "view":
+                a, _ = sf.read(str(view.root / "wav" / f"{entry.video_id}.wav"))
+                b, _ = sf.read(str(wrap.root / "wav" / f"{entry.video_id}.wav"))
+                assert np.array_equal(a, b), entry.video_id
+    assert outside["view"] == 0, outside
+    assert outside["wrap"] > 0, outside
+
+
 def test_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="video_format"):
         synth.generate(tmp_path, 2, 2, seed=0, video_format="avi")

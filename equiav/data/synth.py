@@ -32,6 +32,12 @@ colour flicker), adds on average ``2 * noise`` distractors per modality (unrelat
 unrelated moving shapes) and shrinks the class signal (sound gain ``1 / (1 + noise)``, object
 opacity ``1 / (1 + noise / 2)``). ``noise=0`` gives clean clips.
 
+``in_view`` (default off) keeps each class object inside the centre square of the frame (what the
+clean view's resize + centre crop shows), bouncing off its edges, instead of wrapping around the
+frame: by default an object is off-screen or outside that square in about half of the frames, so a
+single frame often shows no trace of the sound's class. The audio and every random draw are the
+same either way; only the objects' paths differ.
+
 Determinism: a clip's content depends only on (seed, clip index), so the worker count changes
 nothing; the same seed gives byte-identical JSON/CSV files, identical wav samples, identical JPEG
 bytes (for the same PIL) and identical decoded video frames.
@@ -150,6 +156,7 @@ class _ClipJob:
     formats: tuple[str, ...]
     seconds: float
     noise: float
+    in_view: bool = False
 
 
 def _frac(c: int, j: int) -> float:
@@ -423,6 +430,13 @@ def _wrap(p: float, size: int, margin: float) -> float:
     return (p + margin) % (size + 2 * margin) - margin
 
 
+def _bounce(p: float, lo: float, hi: float) -> float:
+    """Position reflected back and forth between lo and hi (a triangle wave of p)."""
+    span = hi - lo
+    q = (p - lo) % (2 * span)
+    return lo + (q if q <= span else 2 * span - q)
+
+
 @dataclass(frozen=True)
 class _Sprite:
     """A moving, striped shape; its size and brightness pulse with its envelope."""
@@ -440,13 +454,21 @@ class _Sprite:
     stripe_phase: float
     am_hz: float
     am_phase: float
+    in_view: bool = False  # bounce inside the frame's centre square instead of wrapping
 
     def draw(self, img: np.ndarray, t: float) -> None:
         env = float(_envelope(np.float64(t), self.am_hz, self.am_phase))
         r = self.radius * (0.8 + 0.4 * env)
         margin = 1.4 * self.radius * 1.2  # beyond the largest pulsed extent
-        cx = _wrap(self.x0 + self.vx * t, WIDTH, margin)
-        cy = _wrap(self.y0 + self.vy * t, HEIGHT, margin)
+        x, y = self.x0 + self.vx * t, self.y0 + self.vy * t
+        if self.in_view:
+            # Largest pulsed extent 1.2 * radius; the square is the centre crop of the clean view.
+            inset, side = 1.2 * self.radius, min(WIDTH, HEIGHT)
+            x0, y0 = (WIDTH - side) / 2, (HEIGHT - side) / 2
+            cx = _bounce(x, x0 + inset, x0 + side - inset)
+            cy = _bounce(y, y0 + inset, y0 + side - inset)
+        else:
+            cx, cy = _wrap(x, WIDTH, margin), _wrap(y, HEIGHT, margin)
         rgb = np.array(self.rgb, np.float32) * (0.75 + 0.25 * env)
         _draw_shape(
             img, self.shape, cx, cy, r, rgb, self.opacity, self.stripe_px, self.stripe_angle,
@@ -454,7 +476,7 @@ class _Sprite:
         )  # fmt: skip
 
 
-def _class_sprite(v: _Voice, opacity: float) -> _Sprite:
+def _class_sprite(v: _Voice, opacity: float, in_view: bool = False) -> _Sprite:
     s = v.spec
     rgb = colorsys.hsv_to_rgb(s.hue, v.saturation, v.value)
     return _Sprite(
@@ -471,6 +493,7 @@ def _class_sprite(v: _Voice, opacity: float) -> _Sprite:
         stripe_phase=v.stripe_phase,
         am_hz=v.am_hz,  # the same envelope as the class's sound: audio-visual synchrony
         am_phase=v.am_phase,
+        in_view=in_view,
     )
 
 
@@ -502,7 +525,12 @@ class _Painter:
     """
 
     def __init__(
-        self, rng: np.random.Generator, voices: Sequence[_Voice], seconds: float, noise: float
+        self,
+        rng: np.random.Generator,
+        voices: Sequence[_Voice],
+        seconds: float,
+        noise: float,
+        in_view: bool = False,
     ):
         n = num_frames(seconds)
         # Backdrop: a gradient between two dull colours plus smooth texture, panning slowly.
@@ -528,7 +556,8 @@ class _Painter:
         # Distractors (2 * noise on average, stochastic rounding) are drawn below the classes.
         count = int(math.floor(2 * noise + rng.random()))
         self.sprites = [_distractor_sprite(rng) for _ in range(count)]
-        self.sprites += [_class_sprite(v, 1.0 / (1.0 + 0.5 * noise)) for v in voices]
+        opacity = 1.0 / (1.0 + 0.5 * noise)
+        self.sprites += [_class_sprite(v, opacity, in_view) for v in voices]
 
     def _flicker_image(self, a: int) -> np.ndarray:
         if a not in self._flicker:
@@ -601,7 +630,7 @@ def _render_clip(job: _ClipJob) -> str:
         SAMPLE_RATE,
         subtype="PCM_16",
     )
-    painter = _Painter(picture_rng, voices, job.seconds, job.noise)
+    painter = _Painter(picture_rng, voices, job.seconds, job.noise, job.in_view)
     encoders = [
         _open_video(str(root / "video" / f"{job.video_id}.{fmt}"), fmt)
         for fmt in job.formats
@@ -648,6 +677,7 @@ def generate(
     workers: int | None = None,
     noise: float = DEFAULT_NOISE,
     progress: bool = False,
+    in_view: bool = False,
 ) -> SynthInfo:
     """Write a synthetic dataset of ``clips`` clips into ``out`` (see the module docstring).
 
@@ -678,7 +708,7 @@ def generate(
     labels = [draw_labels(seed, i, classes, multi_label) for i in range(clips)]
     jobs = [
         _ClipJob(str(root), ids[i], seed, i, tuple(specs[c] for c in labels[i]), formats,
-                 float(seconds), float(noise))
+                 float(seconds), float(noise), bool(in_view))
         for i in range(clips)
     ]  # fmt: skip
     _run_jobs(jobs, workers, progress)
@@ -792,12 +822,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="difficulty (>= 0; default %(default)s): more background noise and distractors in "
         "both modalities and a weaker class signal; 0 gives clean clips",
     )
+    p.add_argument(
+        "--in-view",
+        action="store_true",
+        help="keep the class objects inside the frame's centre square (see the module docstring)",
+    )
     a = p.parse_args(argv)
     try:
         info = generate(
             a.out, a.clips, a.classes, a.seed, multi_label=a.multi_label,
             video_format=a.video_format, seconds=a.seconds, test_fraction=a.test_fraction,
-            workers=a.workers, noise=a.noise, progress=True,
+            workers=a.workers, noise=a.noise, progress=True, in_view=a.in_view,
         )  # fmt: skip
     except ValueError as e:
         p.error(str(e))
