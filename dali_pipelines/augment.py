@@ -249,8 +249,9 @@ def apply_audio(
         return _audio_colour(x.expand(-1, 3, -1, -1).contiguous(), t)
     out = torch.empty(x.shape[0], 3, frames, bins, device=x.device)
     for rows, channels in ((~three).nonzero().flatten(), 1), (three.nonzero().flatten(), 3):
-        sub = x[rows.to(x.device)].expand(-1, channels, -1, -1).contiguous()
-        out[rows.to(x.device)] = _audio_colour(sub, t[rows])
+        on_device = rows.to(x.device)
+        sub = x[on_device].expand(-1, channels, -1, -1).contiguous()
+        out[on_device] = _audio_colour(sub, t[rows])
     return out
 
 

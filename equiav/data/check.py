@@ -297,8 +297,7 @@ def _check_wav(path: str, p: _Params) -> tuple[list[_Found], _Audio | None]:
         # header's declared size with the file size ourselves.
         try:
             chunk = _wav_data_chunk(path)
-            have = store().stat(path)[0] - chunk[0] if chunk is not None else 0
-            if chunk is not None and have < chunk[1]:
+            if chunk is not None and (have := store().stat(path)[0] - chunk[0]) < chunk[1]:
                 msg = f"data chunk declares {chunk[1]} bytes, the file holds {have}"
                 found.append(_err("corrupt_media", path, msg))
             data, _ = sf.read(store().open(path), dtype="float32", always_2d=True)
