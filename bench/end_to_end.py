@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from bench.step import PAPER_BATCH, SMOKE_MODEL, StepSetup, TrainStep
+from bench.step import COMPILE_MODES, PAPER_BATCH, SMOKE_MODEL, StepSetup, TrainStep
 from equiav.config import Config, apply_overrides, default_config, resolve
 
 MODES = ("pretrain", "finetune")
@@ -101,6 +101,7 @@ def bench_config(
     layout: str = "frames",
     py_workers: int = 0,
     compile: bool = False,
+    compile_mode: str = "default",
 ) -> Config:
     """The trainer's configuration for one benchmark run on the synthetic dataset in `data_dir`.
 
@@ -125,6 +126,7 @@ def bench_config(
         "train.batch_size": batch_size,
         "train.precision": precision,
         "train.compile": compile,
+        "train.compile_mode": compile_mode,
     }
     if size == "tiny":
         overrides.update({f"model.{k}": v for k, v in TINY_MODEL.items()})
@@ -374,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--py-workers", type=int, default=0, help="DALI source worker processes (data.py_workers)"
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile)")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
     p.add_argument("--batch-size", type=int, default=None, help="tiny (default: paper; smoke 2)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; smoke 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3; smoke 1)")
@@ -432,6 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     layout=a.layout,
                     py_workers=a.py_workers,
                     compile=a.compile,
+                    compile_mode=a.compile_mode,
                 )
                 torch.manual_seed(0)
                 rows += measure_model(cfg, mode, size, device, size_steps, size_warmup, a.layout)
@@ -450,6 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cores": a.cores,
             "py_workers": a.py_workers,
             "compile": a.compile,
+            "compile_mode": a.compile_mode,
             "device": str(device),
             "precision": precision,
             "smoke": a.smoke,

@@ -5,7 +5,8 @@
 # $OUT/results (the tool brings both back). Usage, from the repository root on that machine:
 #   bash bench/gpu_session.sh env cuda-tests loader step e2e
 # Stages: env, cuda-tests, tests (the whole suite), loader, loader-workers, step, step-compile,
-# step-grid, e2e, e2e-fast, scaling, demo.
+# step-grid, e2e, e2e-eager, e2e-fast, profile-stage, profile-e2e, profile-step, scaling, demo,
+# pack (last: archives $OUT/results into $OUT/results.tgz, as the tool returns at most 8 files).
 set -u
 OUT=${OUT:-runs/gpu-session}
 RESULTS=$OUT/results
@@ -48,6 +49,21 @@ for s in "$@"; do
     e2e)
         stage e2e 540 python3 -m bench.end_to_end --mode pretrain,finetune --size tiny,full \
             --data "$DATA" --cores "$CORES" --results-dir "$RESULTS" ;;
+    e2e-eager)  # the sync-free step and device stage without compilation: full pretrain
+        stage e2e-eager 420 python3 -m bench.end_to_end --mode pretrain --size full \
+            --data "$DATA" --cores "$CORES" --py-workers 2 --results-dir "$RESULTS/eager" ;;
+    profile-stage)  # the loader's device stage alone: launches, syncs, kernel time
+        stage profile-stage 240 python3 -m bench.profile --what stage --data "$DATA" \
+            --cores "$CORES" --steps 10 --name profile-stage --results-dir "$RESULTS" ;;
+    profile-e2e)  # DALI-fed compiled steps: is the GPU ever idle?
+        stage profile-e2e 360 python3 -m bench.profile --what e2e --compile --py-workers 2 \
+            --data "$DATA" --cores "$CORES" --steps 10 --name profile-e2e-compiled \
+            --results-dir "$RESULTS" ;;
+    profile-step)  # the compiled step at batch 128: which kernels hold the MFU down
+        stage profile-step 360 python3 -m bench.profile --what step --compile --batch-size 128 \
+            --data "$DATA" --steps 5 --name profile-step-compiled-b128 --results-dir "$RESULTS" ;;
+    pack)  # the tool brings back at most 8 files: one archive of every result so far
+        tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$RESULTS" ;;
     e2e-fast)  # the configuration the presets now use: source workers, compiled step
         stage e2e-fast 540 python3 -m bench.end_to_end --mode pretrain,finetune --size full \
             --data "$DATA" --cores "$CORES" --py-workers 2 --compile --results-dir "$RESULTS/fast" ;;

@@ -251,6 +251,7 @@ TITLES = {
     "step": "Training step time by precision",
     "end_to_end": "End to end vs step only",
     "scaling": "Scaling",
+    "profile": "Profiles: where the time goes",
 }
 
 

@@ -46,10 +46,12 @@ import torch
 from bench.common import write_result
 from bench.flops import FlopCount, finetune_flops, pretrain_flops
 from equiav.config import Config, default_config
-from equiav.train.optim import PRECISIONS, autocast, build_optimizer, clip_grad_norm, make_scaler
+from equiav.train.optim import PRECISIONS, autocast, build_optimizer, make_scaler
+from equiav.train.step import optimizer_step
 from train import finetune_task, pretrain_task
 
 MODES = ("pretrain", "finetune")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PAPER_BATCH = {"pretrain": 16, "finetune": 32}  # per GPU, as in the paper
 SMOKE_BATCH = {"pretrain": 4, "finetune": 8}
 
@@ -98,6 +100,7 @@ class StepSetup:
     precision: str  # "bf16", "fp16" or "fp32"
     fused: bool  # fused AdamW (CUDA) or torch's default implementation
     compile: bool  # torch.compile the model
+    compile_mode: str = "default"  # torch.compile's mode (train.compile_mode)
 
 
 def run_config(setup: StepSetup, smoke: bool) -> Config:
@@ -106,7 +109,12 @@ def run_config(setup: StepSetup, smoke: bool) -> Config:
     model = dataclasses.replace(cfg.model, **(SMOKE_MODEL if smoke else {}))
     data = dataclasses.replace(cfg.data, **(SMOKE_DATA if smoke else {}))
     optim = dataclasses.replace(cfg.optim, fused=setup.fused)
-    train = dataclasses.replace(cfg.train, precision=setup.precision, compile=setup.compile)
+    train = dataclasses.replace(
+        cfg.train,
+        precision=setup.precision,
+        compile=setup.compile,
+        compile_mode=setup.compile_mode,
+    )
     return dataclasses.replace(cfg, model=model, data=data, optim=optim, train=train)
 
 
@@ -166,8 +174,12 @@ class TrainStep:
         self.model = self.task.model.to(device)
         self.optimizer = build_optimizer(self.model, cfg.optim, device, self.task.new_parameters)
         self.scaler = make_scaler(setup.precision, device)
-        self.net = torch.compile(self.model) if setup.compile else self.model
+        compiled = setup.compile or cfg.train.compile
+        mode = cfg.train.compile_mode
+        self.net = torch.compile(self.model, mode=mode) if compiled else self.model
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.skipped = 0  # optimizer steps the fp16 scaler skipped (inf/nan gradients)
+        self.last = None  # the last step's StepOutcome (device tensors)
 
     @property
     def optimizer_impl(self) -> str:
@@ -181,25 +193,16 @@ class TrainStep:
         return "for-loop"
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> None:
-        """One training step on `batch`, as `equiav.train.loop.train` runs it."""
+        """One training step on `batch`, as `equiav.train.loop.train` runs it (the same
+        `optimizer_step`: with fused AdamW in bf16/fp32 the host never waits for the device)."""
         with autocast(self.setup.precision, self.device):
             loss, _ = self.task.loss(self.net, batch)
-        if not bool(torch.isfinite(loss.detach())):  # the loop's guard (a host sync too)
-            raise FloatingPointError(f"{self.setup}: non-finite loss on synthetic data")
-        self.optimizer.zero_grad(set_to_none=True)
+        scale = self.scaler.get_scale() if self.scaler is not None else None
+        self.last = optimizer_step(
+            loss, self.params, self.optimizer, self.scaler, self.cfg.optim.grad_clip
+        )
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
-        clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip)
-        if self.scaler is not None:
-            scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
             self.skipped += int(self.scaler.get_scale() < scale)  # it lowers the scale on a skip
-        else:
-            self.optimizer.step()
 
     def reset_after_oom(self) -> None:
         """Drop gradients and cached blocks after an out-of-memory error; a fresh scaler (the old
@@ -265,6 +268,8 @@ def measure(step: TrainStep, batch_size: int, steps: int, warmup: int) -> dict[s
         step(batch)
         _sync(device)
         times.append(time.perf_counter() - start)
+    if step.last is not None and float(step.last.nonfinite) > 0:
+        raise FloatingPointError(f"{setup}: non-finite loss on synthetic data")
     mean_s = sum(times) / len(times)
     flops = step_flops(setup.mode, step.cfg, batch_size)
     achieved = flops.train_total / mean_s / 1e12
@@ -278,6 +283,7 @@ def measure(step: TrainStep, batch_size: int, steps: int, warmup: int) -> dict[s
         "optimizer": "fused" if setup.fused else "unfused",
         "optimizer_impl": step.optimizer_impl,
         "compile": setup.compile,
+        "compile_mode": setup.compile_mode if setup.compile else None,
         "batch_size": batch_size,
         "status": "ok",
         "steps": steps,
@@ -372,9 +378,11 @@ def setups(
     precisions: Sequence[str],
     fused: Sequence[bool],
     compiled: Sequence[bool],
+    compile_mode: str = "default",
 ) -> list[StepSetup]:
     """Every combination, mode outermost."""
-    return [StepSetup(*c) for c in itertools.product(modes, precisions, fused, compiled)]
+    combos = itertools.product(modes, precisions, fused, compiled)
+    return [StepSetup(*c, compile_mode=compile_mode) for c in combos]
 
 
 def _best(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -393,6 +401,7 @@ def run(
     precisions: Sequence[str] = ("bf16",),
     fused: Sequence[bool] = (True,),
     compiled: Sequence[bool] = (False,),
+    compile_mode: str = "default",
     device: str | torch.device | None = None,
     smoke: bool = False,
     steps: int | None = None,
@@ -431,7 +440,7 @@ def run(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    combos = setups(modes, precisions, fused, compiled)
+    combos = setups(modes, precisions, fused, compiled, compile_mode)
     rows: list[dict[str, Any]] = []
     for setup in combos:
         log(f"bench.step: {setup} on {device}{' (smoke)' if smoke else ''}")
@@ -451,6 +460,7 @@ def run(
             "precisions": list(precisions),
             "optimizers": ["fused" if f else "unfused" for f in fused],
             "compile": list(compiled),
+            "compile_mode": compile_mode,
             "smoke": smoke,
             "device": str(device),
             "steps": steps,
@@ -503,6 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["bf16"])
     parser.add_argument("--unfused", action="store_true", help="torch's default AdamW")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
     parser.add_argument(
         "--grid",
         action="store_true",
@@ -526,6 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         precisions=precisions,
         fused=fused,
         compiled=compiled,
+        compile_mode=args.compile_mode,
         device=args.device,
         smoke=args.smoke,
         steps=args.steps,

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kernels.transfer import to_device
+
 T_A = 24
 T_V = 18
 _STREAM = {"audio": 1, "visual": 2, "audio_cen": 3, "visual_cen": 4, "roll": 5, "mixup": 6}
@@ -249,7 +251,7 @@ def apply_audio(
         return _audio_colour(x.expand(-1, 3, -1, -1).contiguous(), t)
     out = torch.empty(x.shape[0], 3, frames, bins, device=x.device)
     for rows, channels in ((~three).nonzero().flatten(), 1), (three.nonzero().flatten(), 3):
-        on_device = rows.to(x.device)
+        on_device = to_device(rows, x.device)
         sub = x[on_device].expand(-1, channels, -1, -1).contiguous()
         out[on_device] = _audio_colour(sub, t[rows])
     return out

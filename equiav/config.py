@@ -203,6 +203,9 @@ class TrainConfig:
     batch_size: int = 16  # per process, as in the paper (finetuning: 32)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     compile: bool = False
+    # torch.compile's mode: "default", "reduce-overhead" (CUDA graphs), "max-autotune" or
+    # "max-autotune-no-cudagraphs" (Triton matmul templates tried per shape: long first step).
+    compile_mode: str = "default"
     channels_last: bool = False
     tf32: bool = True
     seed: int = 0
@@ -733,6 +736,8 @@ def validate(cfg: Config) -> Config:
     for name in ("batch_size", "keep_last", "log_every", "max_nonfinite_in_row"):
         need(getattr(t, name) >= 1, f"train.{name} must be >= 1")
     need(t.ckpt_every_steps >= 0, "train.ckpt_every_steps must be >= 0")
+    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    need(t.compile_mode in modes, f"train.compile_mode must be one of {modes}")
     need(t.max_steps is None or t.max_steps >= 1, "train.max_steps must be >= 1")
     need(t.save_path.strip() != "", "train.save_path must not be empty")
 

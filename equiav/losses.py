@@ -84,7 +84,8 @@ def _nt_xent_logits(
         k2, _ = _gather(q2, gather)
         labels = offset + torch.arange(q1.shape[0], device=q1.device)
         # -inf removes self-similarity from the softmax exactly (exp(-inf) = 0, zero gradient).
-        is_self = F.one_hot(labels, k1.shape[0]).bool()
+        # (one_hot on a GPU would check the labels' range on the host: a device sync.)
+        is_self = labels[:, None] == torch.arange(k1.shape[0], device=labels.device)
         same1 = (q1 @ k1.T / temperature).masked_fill(is_self, float("-inf"))
         same2 = (q2 @ k2.T / temperature).masked_fill(is_self, float("-inf"))
         logits1 = torch.cat([q1 @ k2.T / temperature, same1], dim=1)

@@ -36,6 +36,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from kernels.transfer import to_device
+
 # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma, as TensorFlow rounds them).
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 
@@ -106,11 +108,11 @@ def _apply(
     """
     index = active.nonzero().flatten()
     if index.numel() == x.shape[0]:  # all active: no gather/scatter needed
-        return fn(x, *(p.to(x.device) for p in params))
+        return fn(x, *(to_device(p, x.device) for p in params))
     out = x.clone()
     if index.numel() > 0:
-        index_x = index.to(x.device)
-        sub = [p[index].to(x.device) for p in params]
+        index_x = to_device(index, x.device)
+        sub = [to_device(p[index], x.device) for p in params]
         out[index_x] = fn(x[index_x], *sub)
     return out
 
@@ -193,7 +195,7 @@ def mask_rows(
     ok = (start >= 0) & (start <= end) & (end <= length)
     _require(ok | ~mask, f"mask_rows: need 0 <= start <= end <= {length} on axis {axis}")
     pos = torch.arange(length, device=x.device)
-    start, end, mask = start.to(x.device), end.to(x.device), mask.to(x.device)
+    start, end, mask = (to_device(p, x.device) for p in (start, end, mask))
     hit = (pos >= start[:, None]) & (pos < end[:, None]) & mask[:, None]  # (B, length)
     shape = (batch, 1, length, 1) if axis == 2 else (batch, 1, 1, length)
     return x.masked_fill(hit.view(shape), 0.0)
@@ -206,7 +208,7 @@ def roll(x: torch.Tensor, shift: Param, axis: int, active: Param | None = None) 
     axis = _spatial_axis(axis)
     length = x.shape[axis]
     shift = _param(shift, batch, "shift", torch.long)
-    shift = torch.where(_active(active, batch).to(shift.device), shift, 0).to(x.device)
+    shift = to_device(torch.where(_active(active, batch).to(shift.device), shift, 0), x.device)
     # torch.roll: out[j] = x[(j - shift) mod length]; remainder is non-negative for any sign.
     source = torch.remainder(torch.arange(length, device=x.device) - shift[:, None], length)
     shape = (batch, 1, length, 1) if axis == 2 else (batch, 1, 1, length)
@@ -280,9 +282,15 @@ def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tens
     q = torch.clamp(v * (1.0 - s * f), 0.0, 1.0)
     t = torch.clamp(v * (1.0 - s * (1.0 - f)), 0.0, 1.0)
     candidates = torch.stack((v, q, p, t), 1)  # (n, 4, H, W)
-    table = torch.tensor(_HSV_SECTORS, device=h.device)
+    table = _sector_table(h.device)
     pick = table[sector].permute(0, 3, 1, 2)  # (n, 3, H, W): candidate index of r, g, b
     return torch.gather(candidates, 1, pick)
+
+
+@functools.lru_cache(maxsize=8)
+def _sector_table(device: torch.device) -> torch.Tensor:
+    """``_HSV_SECTORS`` as a (6, 3) tensor on ``device``, made once per device."""
+    return torch.tensor(_HSV_SECTORS, device=device)
 
 
 def _hue_general(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -303,7 +311,7 @@ def _hue_grey(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """
     h = torch.remainder(torch.zeros_like(factor) + factor, 1.0)
     sector = torch.remainder(torch.floor(h * 6.0).to(torch.int64), 6)
-    table = torch.tensor(_HSV_SECTORS, device=x.device)
+    table = _sector_table(x.device)
     keep = (table[sector] == 0).view(-1, 3, 1, 1)  # candidate 0 is v, the unclamped value
     return torch.where(keep, x, x.clamp(0.0, 1.0))
 
@@ -313,6 +321,10 @@ def _hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         # A grey image stored once, in [0, 1] (color_jitter's one-channel contract): p, q, t and v
         # all equal x, whatever the sector.
         return x.clamp(0.0, 1.0)
+    if x.is_cuda:
+        # Which images are grey is known only on the device: asking would make the host wait
+        # for the GPU. The general formula gives grey images the same result (see _hue_grey).
+        return _hue_general(x, factor)
     grey = ((x[:, 0] == x[:, 1]) & (x[:, 1] == x[:, 2])).flatten(1).all(1)
     if bool(grey.all()):
         return _hue_grey(x, factor)
@@ -432,11 +444,12 @@ def grayscale(x: torch.Tensor, active: Param | None = None) -> torch.Tensor:
 def normalize(x: torch.Tensor, mean: Param, std: Param) -> torch.Tensor:
     """(x - mean[c]) / std[c] per channel (torchvision ``F.normalize``)."""
     channels = x.shape[1]
-    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device)
-    std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
+    mean = torch.as_tensor(mean, dtype=torch.float32)
+    std = torch.as_tensor(std, dtype=torch.float32)
     if mean.shape != (channels,) or std.shape != (channels,):
         raise ValueError(f"mean and std must have {channels} values each")
     _require(std != 0, f"normalize: std must be non-zero, got {std.tolist()}")
+    mean, std = to_device(mean, x.device), to_device(std, x.device)
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 

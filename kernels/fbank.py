@@ -42,6 +42,8 @@ from typing import NamedTuple
 
 import torch
 
+from kernels.transfer import to_device
+
 try:
     import triton
     import triton.language as tl
@@ -161,10 +163,11 @@ def _check_lengths(wave: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         )
     if lengths.is_floating_point() or lengths.is_complex():
         raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
-    lengths = lengths.to(device=wave.device, dtype=torch.int64)
+    # Checked where the lengths live: host lengths (the loader's) cost a GPU no synchronisation.
+    lengths = lengths.to(torch.int64)
     if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > wave.shape[1]):
         raise ValueError(f"lengths must lie in [0, {wave.shape[1]}], got {lengths.tolist()}")
-    return lengths
+    return to_device(lengths, wave.device)
 
 
 def _prepare(wave: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Tensor, int]:
@@ -189,6 +192,11 @@ def _zero_invalid_frames(feats: torch.Tensor, num_frames: torch.Tensor) -> torch
 
 
 @functools.lru_cache(maxsize=8)
+def _window_on(device: torch.device) -> torch.Tensor:
+    return hann_window().to(device)
+
+
+@functools.lru_cache(maxsize=8)
 def _mel_on(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return kaldi_mel_matrix().to(device=device, dtype=dtype)
 
@@ -209,7 +217,7 @@ def fbank_torch(wave: torch.Tensor, lengths: torch.Tensor | None = None) -> Fban
         frames = frames - frames.mean(dim=2, keepdim=True)
         previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=2)
         frames = frames - PREEMPHASIS * previous
-        frames = frames * hann_window().to(wave.device)
+        frames = frames * _window_on(wave.device)
         spectrum = torch.fft.rfft(frames, n=N_FFT)  # zero-pads 400 -> 512
         power = spectrum.real.square() + spectrum.imag.square()
         if wave.device.type == "cpu":

@@ -506,6 +506,9 @@ def test_hue_fast_path_for_grey_images_is_exact_in_every_sector():
         assert (got[1] - TF.adjust_hue(colour, f)).abs().max() < 1e-5, f
         alone = K.adjust_hue(grey.unsqueeze(0).contiguous(), [f])
         assert torch.equal(alone[0], TF.adjust_hue(grey, f)), f
+        # On a GPU every image takes the general path (no host check): the same numbers.
+        general = K._hue_general(grey.unsqueeze(0).contiguous(), torch.tensor([f]))
+        assert torch.equal(general[0], TF.adjust_hue(grey, f)), f
 
 
 def test_grey_image_stored_once_equals_three_equal_channels():

@@ -332,3 +332,23 @@ def test_loader_benchmark_smoke_writes_a_valid_result(synth_small, tmp_path):
     assert result["summary"]["shards_vs_files"]["frames"] > 0
     assert (tmp_path / "shards" / "shards-frames" / "train.json").exists()
     assert result["summary"]["baseline_ms_per_sample_core"] > 0
+
+
+@pytest.mark.parametrize("what", ["step", "stage", "e2e"])
+def test_profile_smoke_writes_a_valid_result(synth_small, tmp_path, what):
+    import json
+
+    from bench.profile import main
+    from bench.report import write_report
+
+    args = ["--what", what, "--smoke", "--data", str(synth_small.root), "--seconds", "4"]
+    assert main(args + ["--cores", "1", "--results-dir", str(tmp_path / "results")]) == 0
+    (path,) = (tmp_path / "results").glob(f"profile-{what}-*.json")
+    result = json.loads(path.read_text())
+    (row,) = result["rows"]
+    assert row["what"] == what and row["wall_ms_per_iter"] > 0
+    assert row["syncs_per_iter"] == 0 and row["launches_per_iter"] == 0  # no GPU here
+    ops = {o["name"] for o in result["summary"]["top_ops"]}
+    assert ("aten::addmm" in ops or "aten::mm" in ops) if what != "stage" else ops
+    report = write_report(tmp_path / "results", tmp_path)
+    assert "Profiles: where the time goes" in report.read_text()

@@ -313,6 +313,27 @@ def test_gpu_augmenting_loader_matches_the_cpu_loader(synth_small, mode):
                 assert (c[key] - g[key].cpu()).abs().mean() < 2.0 / 255 / 0.226, key
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["pretrain", "finetune"])
+def test_gpu_device_stage_makes_no_host_synchronisation(synth_small, mode):
+    """The stage after DALI's iterator (filterbank, masks, crops, jitter, blur) only launches
+    work: under torch's sync debug mode a blocking copy or a read of a device value raises. The
+    training step then overlaps it (see equiav.train.step)."""
+    entries = read_dataset(synth_small.root / "train.json")
+    labels = read_label_csv(synth_small.label_csv)
+    loader = DaliLoader(entries, labels, small_config(mode), None, "cuda")
+    outputs = [{k: v.clone() for k, v in out[0].items()} for out in loader.iterator]
+    assert len(outputs) >= 2
+    loader._device_stage(outputs[0])  # fills the per-device constant caches
+    for out in outputs[1:]:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            batch = loader._device_stage(out)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert batch["audio"].is_cuda and torch.isfinite(batch["audio"]).all()
+
+
 def test_val_fraction_holds_out_part_of_the_training_list(synth_small):
     from dali_pipelines.loader import build_loader
     from equiav.config import apply_overrides

@@ -29,7 +29,10 @@ from equiav.config import Config, config_to_dict, save_config
 from equiav.train import checkpoint as ckpt
 from equiav.train.dist import DistInfo
 from equiav.train.metrics_log import MetricsLogger, ProgressBar, StepTimer, environment_info
-from equiav.train.optim import LRSchedule, autocast, build_optimizer, clip_grad_norm, make_scaler
+from equiav.train.optim import LRSchedule, autocast, build_optimizer, make_scaler
+from equiav.train.step import SkippedSteps, StopTraining, optimizer_step
+
+__all__ = ["StopTraining", "Task", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +49,6 @@ class Task:
     # selection metric under "metric" (higher is better).
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
     balanced: bool = False  # class-balanced sampling (finetuning's `train.bal`)
-
-
-class StopTraining(RuntimeError):
-    """The run cannot go on (too many non-finite losses in a row); the message says why."""
 
 
 class _StopFlag:
@@ -142,7 +141,7 @@ def train(cfg: Config, task: Task, dist: DistInfo) -> dict:
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     if cfg.train.compile:
-        net = torch.compile(net)
+        net = torch.compile(net, mode=cfg.train.compile_mode)
 
     logger = MetricsLogger(
         out_dir / "tb", enabled=dist.is_main, purge_step=step + 1 if step else None
@@ -154,7 +153,8 @@ def train(cfg: Config, task: Task, dist: DistInfo) -> dict:
     bar = ProgressBar(total_steps, desc=task.name, enabled=dist.is_main)
     bar.update(step)
     stop = _StopFlag()
-    nonfinite_in_row, nonfinite_total = 0, 0
+    skipped = SkippedSteps(cfg.train.max_nonfinite_in_row)
+    params = [p for p in model.parameters() if p.requires_grad]
     history: list[dict] = []
 
     def save(tag: str | None = None, metric: float | None = None) -> Path:
@@ -180,60 +180,42 @@ def train(cfg: Config, task: Task, dist: DistInfo) -> dict:
                 lr = schedule.apply(optimizer, step)
                 with autocast(cfg.train.precision, device):
                     loss, metrics = task.loss(net, batch)
-                # Every rank skips together, or DDP's gradient all-reduce would hang.
-                nonfinite = _agree(not bool(torch.isfinite(loss.detach())), device)
-                optimizer.zero_grad(set_to_none=True)
-                if nonfinite:
-                    nonfinite_in_row += 1
-                    nonfinite_total += 1
-                    log.warning(
-                        "step %d: non-finite loss, step skipped (%d in a row, %d total)",
-                        step,
-                        nonfinite_in_row,
-                        nonfinite_total,
-                    )
-                    if nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
-                        raise StopTraining(
-                            f"{nonfinite_in_row} non-finite losses in a row at step {step}: "
-                            "stopping (lower optim.lr, check the data, or raise "
-                            "train.max_nonfinite_in_row)"
-                        )
-                    timer.wait_start()
-                    continue
-                nonfinite_in_row = 0
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
-                grad_norm = clip_grad_norm(model.parameters(), cfg.optim.grad_clip)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
+                # Nothing from here to the next batch waits for the GPU, except where we log or
+                # checkpoint (see equiav.train.step): the next batch's device stage overlaps it.
+                outcome = optimizer_step(loss, params, optimizer, scaler, cfg.optim.grad_clip)
                 step += 1
+                skipped.add(step, outcome.nonfinite)
+                skipped.poll()  # reads the flags that have arrived; may raise StopTraining
                 timer.step_end(len(batch["index"]))
-                if step % cfg.train.log_every == 0 or step == total_steps:
+                bar.update(1)
+                log_now = step % cfg.train.log_every == 0 or step == total_steps
+                if log_now:
+                    skipped.poll(wait=True)
+                    loss_value = float(outcome.loss)
                     values = {f"train/{k}": float(v) for k, v in metrics.items()}
                     values.update(
                         {
-                            "train/loss": float(loss.detach()),
+                            "train/loss": loss_value,
                             "train/lr": lr,
-                            "train/grad_norm": grad_norm,
-                            "train/nonfinite_total": nonfinite_total,
+                            "train/grad_norm": float(outcome.grad_norm),
+                            "train/nonfinite_total": skipped.total,
                         }
                     )
                     values.update({f"perf/{k}": v for k, v in timer.report().items()})
                     logger.log(step, values)
-                    history.append({"step": step, "loss": float(loss.detach())})
-                bar.update(1, loss=f"{float(loss.detach()):.4f}", lr=f"{lr:.2e}")
+                    if not skipped.last_skipped:
+                        history.append({"step": step, "loss": loss_value})
+                    bar.update(0, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
                 if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0:
                     save()
-                if step >= total_steps or _agree(stop.signal is not None, device):
+                # Agreeing on a stop is a collective and a device sync: with several processes,
+                # only at log steps (every rank reaches them together).
+                check_stop = dist.world_size == 1 or log_now
+                if step >= total_steps or (check_stop and _agree(stop.signal is not None, device)):
                     epoch_done = False
                     break
                 timer.wait_start()
+            skipped.poll(wait=True)
             if stop.signal is not None or (not epoch_done and step < total_steps):
                 path = save()
                 log.warning(
@@ -259,7 +241,7 @@ def train(cfg: Config, task: Task, dist: DistInfo) -> dict:
         "steps": step,
         "epoch": loader.epoch,
         "history": history,
-        "nonfinite_total": nonfinite_total,
+        "nonfinite_total": skipped.total,
         "best_metric": best,
         "checkpoint": str(manager.latest()) if manager.latest() else None,
         "stopped_by_signal": stop.signal,

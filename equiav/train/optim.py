@@ -152,23 +152,24 @@ class LRSchedule:
             setattr(self, key, value)
 
 
-def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> float:
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Clip the total L2 norm of the gradients of `params` to `max_norm` and return the norm
-    before clipping (for logging). `max_norm` 0 only measures. Uses the foreach kernels where
-    the device supports them. With an fp16 GradScaler, call `scaler.unscale_(optimizer)` first;
-    the norm may be inf/nan then (the scaler skips that step)."""
+    before clipping, a 0-dim tensor on the gradients' device (read it only when logging: reading
+    it waits for the device). `max_norm` 0 only measures. Uses the foreach kernels where the
+    device supports them. With an fp16 GradScaler, call `scaler.unscale_(optimizer)` first; the
+    norm may be inf/nan then (the scaler skips that step)."""
     if max_norm < 0:
         raise ValueError(f"clip_grad_norm: max_norm must be >= 0, got {max_norm}")
     params = [p for p in params if p.grad is not None]
     if not params:
-        return 0.0
+        return torch.zeros(())
     if max_norm == 0:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=None)
     else:
         # foreach=None: foreach kernels where supported (CUDA), a loop elsewhere (foreach=True
         # raises on CPU tensors).
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=None)
-    return float(norm)
+    return norm
 
 
 def _check_precision(precision: str) -> None:

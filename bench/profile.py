@@ -1,0 +1,236 @@
+"""Where the time goes: a torch profile of the training step alone, of the loader's device stage,
+or of DALI-fed training steps, summarised as numbers a person can compare between runs.
+
+``python -m bench.profile --what step|stage|e2e [--mode pretrain] [--size full|tiny]
+[--batch-size B] [--compile] [--py-workers W] [--cores C] [--steps N] [--data DIR] [--smoke]``
+
+For the profiled window (``--steps`` iterations after ``--warmup`` unprofiled ones) it records
+the wall time, the host time of the ops the loop called, the device time of the kernels
+(``gpu_busy_frac`` = kernel time / wall time: 1 means the GPU never waited), the number of kernel
+launches and of host synchronisations (stream, device and event synchronisation, blocking copies)
+per iteration, and the top kernels and ops by device time. Writes
+``bench/results/profile-<what>-<host>.json`` and prints the tables. Meant for a GPU; on a CPU it
+runs (``--smoke``) and records host times only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.end_to_end import bench_config, ensure_dataset, forever
+from bench.step import COMPILE_MODES, PAPER_BATCH, StepSetup, TrainStep, synthetic_batch
+
+WHATS = ("step", "stage", "e2e")
+# CUDA runtime/driver calls that make the host wait for the device.
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+
+
+def summarize_profile(prof, wall_s: float, iterations: int, top: int = 25) -> dict[str, Any]:
+    """Numbers of a finished ``torch.profiler.profile`` over ``iterations`` iterations."""
+    averages = prof.key_averages()
+    kernels, ops = [], []
+    launches = syncs = blocking_copies = 0
+    device_us = 0.0
+    for e in averages:
+        key = e.key
+        if key in LAUNCH_CALLS:
+            launches += e.count
+        elif key in SYNC_CALLS:
+            syncs += e.count
+        elif key == "cudaMemcpy":  # the synchronous copy
+            blocking_copies += e.count
+        self_device = getattr(e, "self_device_time_total", 0.0) or 0.0
+        if e.device_type == torch.autograd.DeviceType.CUDA or (
+            self_device > 0 and not key.startswith("aten::") and "::" not in key
+        ):
+            device_us += self_device
+            kernels.append((self_device, e.count, key))
+        elif key.startswith("aten::"):
+            device_total = getattr(e, "device_time_total", 0.0) or 0.0
+            ops.append((device_total, e.cpu_time_total, e.count, key))
+    kernels.sort(reverse=True)
+    ops.sort(reverse=True)
+    wall_us = 1e6 * wall_s
+    return {
+        "iterations": iterations,
+        "wall_ms_per_iter": wall_us / 1e3 / iterations,
+        "device_ms_per_iter": device_us / 1e3 / iterations,
+        "gpu_busy_frac": device_us / wall_us if wall_us else None,
+        "launches_per_iter": launches / iterations,
+        "syncs_per_iter": syncs / iterations,
+        "blocking_copies_per_iter": blocking_copies / iterations,
+        "top_kernels": [
+            {"name": k[:120], "device_ms_per_iter": t / 1e3 / iterations, "calls": c}
+            for t, c, k in kernels[:top]
+        ],
+        "top_ops": [
+            {
+                "name": k,
+                "device_ms_per_iter": d / 1e3 / iterations,
+                "cpu_ms_per_iter": c / 1e3 / iterations,
+                "calls_per_iter": n / iterations,
+            }
+            for d, c, n, k in ops[:top]
+        ],
+    }
+
+
+def profiled(fn: Callable[[], None], steps: int, warmup: int, device: torch.device):
+    """Run ``fn`` warmup + steps times, profiling the last ``steps``; -> (profile, wall s)."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - start
+    return prof, wall
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    """Profile what ``a`` asks for; -> the result payload."""
+    from dali_pipelines.loader import build_loader
+
+    device = torch.device(a.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    data_dir = Path(a.data)
+    ensure_dataset(data_dir, a.clips, a.seconds, quiet=True)
+    batch_size = a.batch_size or (2 if a.smoke else PAPER_BATCH[a.mode])
+    cfg = bench_config(
+        data_dir,
+        mode=a.mode,
+        size="tiny" if a.smoke else a.size,
+        smoke=a.smoke,
+        batch_size=batch_size,
+        threads=a.cores,
+        precision="bf16" if cuda else "fp32",
+        seconds=a.seconds,
+        py_workers=a.py_workers,
+        compile=a.compile,
+    )
+    torch.set_num_threads(a.cores)
+    torch.manual_seed(0)
+    iterations = a.steps
+    setup = StepSetup(a.mode, cfg.train.precision, True, a.compile, a.compile_mode)
+    if a.what == "step":
+        step = TrainStep(setup, cfg, device)
+        batch = synthetic_batch(a.mode, cfg, batch_size, device)
+        prof, wall = profiled(lambda: step(batch), a.steps, a.warmup, device)
+    elif a.what == "stage":
+        loader = build_loader(cfg, "train", a.mode, device=device)
+        stage = loader._device_stage
+        wanted = range(a.steps + a.warmup)
+        outputs = [
+            {k: v.clone() for k, v in out[0].items()}
+            for out, _ in zip(loader.iterator, wanted, strict=False)
+        ]
+        iterations = len(outputs) - a.warmup
+        todo = iter(outputs)
+        prof, wall = profiled(lambda: stage(next(todo)), iterations, a.warmup, device)
+    else:
+        step = TrainStep(setup, cfg, device)
+        batches = forever(build_loader(cfg, "train", a.mode, device=device))
+        prof, wall = profiled(lambda: step(next(batches)), a.steps, a.warmup, device)
+        batches.close()
+    summary = summarize_profile(prof, wall, iterations)
+    gc.collect()
+    config = {
+        "what": a.what,
+        "mode": a.mode,
+        "size": "tiny" if a.smoke else a.size,
+        "batch_size": batch_size,
+        "compile": a.compile,
+        "compile_mode": a.compile_mode if a.compile else None,
+        "py_workers": a.py_workers,
+        "cores": a.cores,
+        "device": str(device),
+        "precision": cfg.train.precision,
+    }
+    row = {**config, **{k: v for k, v in summary.items() if not k.startswith("top_")}}
+    return {
+        "rows": [row],
+        "config": {
+            "what": a.what,
+            "mode": a.mode,
+            "size": "tiny" if a.smoke else a.size,
+            "batch_size": batch_size,
+            "compile": a.compile,
+            "py_workers": a.py_workers,
+            "cores": a.cores,
+            "device": str(device),
+            "precision": cfg.train.precision,
+            "steps": a.steps,
+            "warmup_steps": a.warmup,
+            "smoke": a.smoke,
+        },
+        "summary": summary,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--what", choices=WHATS, default="step")
+    p.add_argument("--mode", choices=("pretrain", "finetune"), default="pretrain")
+    p.add_argument("--size", choices=("tiny", "full"), default="full")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the paper's")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
+    p.add_argument("--py-workers", type=int, default=0)
+    p.add_argument("--cores", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--data", default="runs/bench-data")
+    p.add_argument("--clips", type=int, default=96, help="clips to generate when --data is empty")
+    p.add_argument("--seconds", type=float, default=10.0, help="clip length of the dataset")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--smoke", action="store_true", help="tiny model and data, few steps")
+    p.add_argument("--name", default=None, help="result name (default profile-<what>)")
+    p.add_argument("--results-dir", default=None)
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.steps, a.warmup = min(a.steps, 2), min(a.warmup, 1)
+
+    from bench.common import write_result
+
+    payload = run(a)
+    s = payload["summary"]
+    print(
+        f"{a.what}: {s['wall_ms_per_iter']:.1f} ms/iter wall, {s['device_ms_per_iter']:.1f} ms "
+        f"kernels (GPU busy {100 * (s['gpu_busy_frac'] or 0):.0f} %), "
+        f"{s['launches_per_iter']:.0f} launches, {s['syncs_per_iter']:.1f} syncs, "
+        f"{s['blocking_copies_per_iter']:.1f} blocking copies per iteration"
+    )
+    for k in s["top_kernels"][:15]:
+        print(f"  {k['device_ms_per_iter']:8.2f} ms  x{k['calls']:<5} {k['name']}")
+    for o in s["top_ops"][:15]:
+        print(
+            f"  {o['device_ms_per_iter']:8.2f} ms dev {o['cpu_ms_per_iter']:8.2f} ms cpu "
+            f"x{o['calls_per_iter']:<6.1f} {o['name']}"
+        )
+    path = write_result(a.name or f"profile-{a.what}", payload, a.results_dir)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
