@@ -64,6 +64,9 @@ for s in "$@"; do
             --data "$DATA" --steps 5 --name profile-step-compiled-b128 --results-dir "$RESULTS" ;;
     pack)  # the tool brings back at most 8 files: one archive of every result so far
         tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$RESULTS" ;;
+    e2e-fast-pretrain)
+        stage e2e-fast-pretrain 420 python3 -m bench.end_to_end --mode pretrain --size full \
+            --data "$DATA" --cores "$CORES" --py-workers 2 --compile --results-dir "$RESULTS/fast" ;;
     e2e-fast)  # the configuration the presets now use: source workers, compiled step
         stage e2e-fast 540 python3 -m bench.end_to_end --mode pretrain,finetune --size full \
             --data "$DATA" --cores "$CORES" --py-workers 2 --compile --results-dir "$RESULTS/fast" ;;
