@@ -51,9 +51,10 @@ def summarize_profile(prof, wall_s: float, iterations: int, top: int = 25) -> di
         elif key == "cudaMemcpy":  # the synchronous copy
             blocking_copies += e.count
         self_device = getattr(e, "self_device_time_total", 0.0) or 0.0
-        if e.device_type == torch.autograd.DeviceType.CUDA or (
-            self_device > 0 and not key.startswith("aten::") and "::" not in key
-        ):
+        # Only the device's own events: host ops named after their kernel (inductor's) carry the
+        # kernel's time too, and "Command Buffer Full" is the host waiting for a full queue.
+        on_device = e.device_type == torch.autograd.DeviceType.CUDA
+        if on_device and key != "Command Buffer Full":
             device_us += self_device
             kernels.append((self_device, e.count, key))
         elif key.startswith("aten::"):

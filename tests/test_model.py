@@ -684,3 +684,25 @@ def test_finetune_loads_released_checkpoint_and_rejects_partial(demo_cfg):
     }
     with pytest.raises(CheckpointError, match="norm_v.weight"):
         model.load_pretrained(ddp_style)
+
+
+@pytest.mark.parametrize("size", [(128, 1024), (224, 224), (32, 64)])
+def test_patch_embedding_equals_timms_convolution(size):
+    """Our matmul patch embedding is timm's stride-16 convolution: same parameter names, same
+    tokens in the same (row-major) order, same weight gradient."""
+    from timm.layers import PatchEmbed as TimmPatchEmbed
+
+    from equiav.model.vit import PatchEmbed
+
+    torch.manual_seed(0)
+    ours = PatchEmbed(size, 16, 3, 48)
+    ref = TimmPatchEmbed(img_size=size, patch_size=16, in_chans=3, embed_dim=48)
+    ref.load_state_dict(ours.state_dict())  # strict: the keys are timm's
+    assert ours.grid_size == tuple(ref.grid_size) and ours.num_patches == ref.num_patches
+    x = torch.randn(2, 3, *size)
+    a, b = ours(x), ref(x)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    torch.testing.assert_close(ours.proj.weight.grad, ref.proj.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.proj.bias.grad, ref.proj.bias.grad, rtol=1e-4, atol=1e-4)
