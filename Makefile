@@ -18,11 +18,12 @@ SECONDS ?= 10
 FORMAT ?= all
 
 .PHONY: setup test lint format demo synth shard check preview pretrain pretrain-demo finetune \
-	evaluate retrieval bench bench-loader bench-step bench-e2e bench-scaling bench-report help
+	evaluate retrieval bench bench-loader bench-step bench-e2e bench-scaling bench-profile \
+	bench-report help
 help:
 	@echo "targets: setup test lint format demo synth shard check preview pretrain pretrain-demo"
 	@echo "         finetune evaluate retrieval bench bench-loader bench-step bench-e2e"
-	@echo "         bench-scaling bench-report"
+	@echo "         bench-scaling bench-profile bench-report"
 	@echo "(see README.md)"
 
 # Training: CONFIG picks the preset, NPROC the processes per node (default: all local GPUs, or
@@ -111,6 +112,9 @@ bench-e2e: $(SETUP)
 
 bench-scaling: $(SETUP)
 	$(PY) -m bench.scaling $(ARGS)
+
+bench-profile: $(SETUP)
+	$(PY) -m bench.profile $(ARGS)
 
 bench-report: $(SETUP)
 	$(PY) -m bench.report

@@ -27,6 +27,13 @@ from equiav.train.loop import StopTraining, Task, train
 log = logging.getLogger("train")
 
 
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """The view as a contiguous tensor. The loader's clean audio view is three channels expanded
+    from one (no copy), other feeders' are not; torch.compile specialises on strides, so without
+    this every feeder (and the benchmarks' fixed batch) costs a compilation of its own."""
+    return x.contiguous()
+
+
 def pretrain_task(cfg: Config, load_weights: bool = True, dist: DistInfo | None = None) -> Task:
     """EquiAV pretraining: the model of the spec and (inter + intra_a + intra_v) / 3."""
     model = EquiAVPretrain(cfg.model, cfg.data)
@@ -40,10 +47,7 @@ def pretrain_task(cfg: Config, load_weights: bool = True, dist: DistInfo | None 
 
     def loss(net, batch):
         out = net(
-            batch["audio"],
-            batch["visual"],
-            batch["audio_aug"],
-            batch["visual_aug"],
+            *(_dense(batch[k]) for k in ("audio", "visual", "audio_aug", "visual_aug")),
             batch["t_a"],
             batch["t_v"],
             batch.get("t_a_cen"),
@@ -60,7 +64,7 @@ def finetune_loss(trainfunc: str):
     """BCE on multi-hot targets (AudioSet) or cross-entropy on the (mixed) label distribution."""
 
     def loss(net, batch):
-        logits = net(batch["audio"], batch["visual"]).float()
+        logits = net(_dense(batch["audio"]), _dense(batch["visual"])).float()
         if trainfunc == "BCE":
             value = F.binary_cross_entropy_with_logits(logits, batch["labels"])
         else:

@@ -5,7 +5,8 @@
 # $OUT/results (the tool brings both back). Usage, from the repository root on that machine:
 #   bash bench/gpu_session.sh env cuda-tests loader step e2e
 # Stages: env, cuda-tests, tests (the whole suite), loader, loader-workers, step, step-compile,
-# step-grid, e2e, e2e-eager, e2e-fast, profile-stage, profile-e2e, profile-step, scaling, demo,
+# step-grid, step-modes, step-sdpa, e2e, e2e-eager, e2e-fast, e2e-fast-pretrain, e2e-graphs,
+# profile-stage, profile-e2e, profile-step, scaling, demo,
 # pack (last: archives $OUT/results into $OUT/results.tgz, as the tool returns at most 8 files).
 set -u
 OUT=${OUT:-runs/gpu-session}
@@ -62,6 +63,20 @@ for s in "$@"; do
     profile-step)  # the compiled step at batch 128: which kernels hold the MFU down
         stage profile-step 360 python3 -m bench.profile --what step --compile --batch-size 128 \
             --data "$DATA" --steps 5 --name profile-step-compiled-b128 --results-dir "$RESULTS" ;;
+    e2e-graphs)  # CUDA graphs for the step: its ~2000 launches become one replay
+        stage e2e-graphs 540 python3 -m bench.end_to_end --mode pretrain --size full \
+            --data "$DATA" --cores "$CORES" --py-workers 2 --compile \
+            --compile-mode reduce-overhead --results-dir "$RESULTS/graphs" ;;
+    step-modes)  # the step at batch 16 and 128 under CUDA graphs, then with GEMM epilogue fusion
+        stage step-graphs 420 python3 -m bench.step --mode pretrain --compile \
+            --compile-mode reduce-overhead --batch-limit 128 --name step-graphs \
+            --results-dir "$RESULTS"
+        stage step-autotune 540 python3 -m bench.step --mode pretrain --compile \
+            --compile-mode max-autotune-no-cudagraphs --batch-limit 128 --name step-autotune \
+            --results-dir "$RESULTS" ;;
+    step-sdpa)  # the attention kernel: FlashAttention-2 instead of torch's default (cuDNN)
+        stage step-sdpa 420 python3 -m bench.step --mode pretrain --compile --sdpa flash \
+            --batch-limit 128 --name step-sdpa-flash --results-dir "$RESULTS" ;;
     pack)  # the tool brings back at most 8 files: one archive of every result so far
         tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$RESULTS" ;;
     e2e-fast-pretrain)

@@ -37,11 +37,13 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.common import write_result
 from bench.flops import FlopCount, finetune_flops, pretrain_flops
@@ -52,6 +54,13 @@ from train import finetune_task, pretrain_task
 
 MODES = ("pretrain", "finetune")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Attention kernels `--sdpa` can force (torch picks cuDNN's on an H100 by default).
+SDPA_BACKENDS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 PAPER_BATCH = {"pretrain": 16, "finetune": 32}  # per GPU, as in the paper
 SMOKE_BATCH = {"pretrain": 4, "finetune": 8}
 
@@ -101,6 +110,7 @@ class StepSetup:
     fused: bool  # fused AdamW (CUDA) or torch's default implementation
     compile: bool  # torch.compile the model
     compile_mode: str = "default"  # torch.compile's mode (train.compile_mode)
+    sdpa: str = "default"  # attention kernel: torch's choice, or one of SDPA_BACKENDS
 
 
 def run_config(setup: StepSetup, smoke: bool) -> Config:
@@ -195,7 +205,9 @@ class TrainStep:
     def __call__(self, batch: dict[str, torch.Tensor]) -> None:
         """One training step on `batch`, as `equiav.train.loop.train` runs it (the same
         `optimizer_step`: with fused AdamW in bf16/fp32 the host never waits for the device)."""
-        with autocast(self.setup.precision, self.device):
+        sdpa = self.setup.sdpa
+        attention = sdpa_kernel(SDPA_BACKENDS[sdpa]) if sdpa != "default" else nullcontext()
+        with autocast(self.setup.precision, self.device), attention:
             loss, _ = self.task.loss(self.net, batch)
         scale = self.scaler.get_scale() if self.scaler is not None else None
         self.last = optimizer_step(
@@ -284,6 +296,7 @@ def measure(step: TrainStep, batch_size: int, steps: int, warmup: int) -> dict[s
         "optimizer_impl": step.optimizer_impl,
         "compile": setup.compile,
         "compile_mode": setup.compile_mode if setup.compile else None,
+        "sdpa": setup.sdpa,
         "batch_size": batch_size,
         "status": "ok",
         "steps": steps,
@@ -379,10 +392,11 @@ def setups(
     fused: Sequence[bool],
     compiled: Sequence[bool],
     compile_mode: str = "default",
+    sdpa: str = "default",
 ) -> list[StepSetup]:
     """Every combination, mode outermost."""
     combos = itertools.product(modes, precisions, fused, compiled)
-    return [StepSetup(*c, compile_mode=compile_mode) for c in combos]
+    return [StepSetup(*c, compile_mode=compile_mode, sdpa=sdpa) for c in combos]
 
 
 def _best(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -402,6 +416,7 @@ def run(
     fused: Sequence[bool] = (True,),
     compiled: Sequence[bool] = (False,),
     compile_mode: str = "default",
+    sdpa: str = "default",
     device: str | torch.device | None = None,
     smoke: bool = False,
     steps: int | None = None,
@@ -440,7 +455,7 @@ def run(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    combos = setups(modes, precisions, fused, compiled, compile_mode)
+    combos = setups(modes, precisions, fused, compiled, compile_mode, sdpa)
     rows: list[dict[str, Any]] = []
     for setup in combos:
         log(f"bench.step: {setup} on {device}{' (smoke)' if smoke else ''}")
@@ -461,6 +476,7 @@ def run(
             "optimizers": ["fused" if f else "unfused" for f in fused],
             "compile": list(compiled),
             "compile_mode": compile_mode,
+            "sdpa": sdpa,
             "smoke": smoke,
             "device": str(device),
             "steps": steps,
@@ -514,6 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--unfused", action="store_true", help="torch's default AdamW")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
+    parser.add_argument("--sdpa", default="default", choices=("default", *SDPA_BACKENDS))
     parser.add_argument(
         "--grid",
         action="store_true",
@@ -538,6 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fused=fused,
         compiled=compiled,
         compile_mode=args.compile_mode,
+        sdpa=args.sdpa,
         device=args.device,
         smoke=args.smoke,
         steps=args.steps,
