@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.end_to_end import bench_config, ensure_dataset, forever
 from bench.step import COMPILE_MODES, PAPER_BATCH, StepSetup, TrainStep, synthetic_batch
@@ -87,6 +88,31 @@ def summarize_profile(prof, wall_s: float, iterations: int, top: int = 25) -> di
     }
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten operations that reach a kernel (views and metadata excluded): on a GPU
+    nearly each one is a launch (or a host op on a parameter tensor), on a CPU the same count
+    is the host-side cost the GPU would see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func not in _FREE_OPS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+_FREE_OPS = {torch.ops.aten.detach.default, torch.ops.aten.alias.default}
+
+
+def dispatched_ops(fn: Callable[[], None]) -> int:
+    """Kernel-reaching aten operations of one call of ``fn`` (see ``_OpCounter``)."""
+    with _OpCounter() as counter:
+        fn()
+    return counter.count
+
+
 def profiled(fn: Callable[[], None], steps: int, warmup: int, device: torch.device):
     """Run ``fn`` warmup + steps times, profiling the last ``steps``; -> (profile, wall s)."""
     for _ in range(warmup):
@@ -145,6 +171,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             for out, _ in zip(loader.iterator, wanted, strict=False)
         ]
         iterations = len(outputs) - a.warmup
+        ops = dispatched_ops(lambda: stage(outputs[-1]))
         todo = iter(outputs)
         prof, wall = profiled(lambda: stage(next(todo)), iterations, a.warmup, device)
     else:
@@ -153,6 +180,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         prof, wall = profiled(lambda: step(next(batches)), a.steps, a.warmup, device)
         batches.close()
     summary = summarize_profile(prof, wall, iterations)
+    if a.what == "stage":
+        summary["dispatched_ops_per_iter"] = ops
     gc.collect()
     config = {
         "what": a.what,
@@ -219,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"kernels (GPU busy {100 * (s['gpu_busy_frac'] or 0):.0f} %), "
         f"{s['launches_per_iter']:.0f} launches, {s['syncs_per_iter']:.1f} syncs, "
         f"{s['blocking_copies_per_iter']:.1f} blocking copies per iteration"
+        + (f", {s['dispatched_ops_per_iter']} aten ops" if "dispatched_ops_per_iter" in s else "")
     )
     for k in s["top_kernels"][:15]:
         print(f"  {k['device_ms_per_iter']:8.2f} ms  x{k['calls']:<5} {k['name']}")

@@ -104,17 +104,30 @@ def _apply(
     """``fn(x[i], *params[i])`` written into a copy of x for the active samples i.
 
     ``fn`` works on a (n, C, H, W) sub-batch with (n,) parameters on x's device and must return a
-    new tensor; the inactive samples are copied untouched.
+    new tensor; the inactive samples are copied untouched. ``fn`` is per sample, so either way of
+    selecting (``_where_selects``) gives the same numbers; an inactive sample's parameters may be
+    meaningless (its result is discarded).
     """
     index = active.nonzero().flatten()
     if index.numel() == x.shape[0]:  # all active: no gather/scatter needed
         return fn(x, *(to_device(p, x.device) for p in params))
+    if index.numel() and _where_selects(x):
+        full = fn(x, *(to_device(p, x.device) for p in params))
+        return torch.where(_column(to_device(active, x.device)), full, x)
     out = x.clone()
     if index.numel() > 0:
         index_x = to_device(index, x.device)
         sub = [to_device(p[index], x.device) for p in params]
         out[index_x] = fn(x[index_x], *sub)
     return out
+
+
+def _where_selects(x: torch.Tensor) -> bool:
+    """Whether ``_apply`` runs ``fn`` on the whole batch and keeps the active rows with one
+    ``where`` (a GPU: there the cost is the host's launches, and this saves the index copy, the
+    gather, the clone and the scatter of every call), rather than on the gathered active samples
+    only (a CPU: there the cost is the arithmetic, which a whole-batch call multiplies)."""
+    return x.is_cuda
 
 
 def _column(p: torch.Tensor) -> torch.Tensor:

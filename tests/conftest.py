@@ -32,3 +32,13 @@ def synth_small(tmp_path_factory):
         test_fraction=1 / 3,
         workers=2,
     )
+
+
+@pytest.fixture(params=["gather", "where"])
+def selection(request, monkeypatch):
+    """How ``kernels.augment`` applies an op to some samples of a batch: as on a CPU (gather the
+    active samples, scatter back) or as on a GPU (whole batch, then ``where``)."""
+    from kernels import augment as K
+
+    monkeypatch.setattr(K, "_where_selects", lambda x: request.param == "where")
+    return request.param

@@ -108,7 +108,7 @@ def pretrain_batches(info, aug, seed, batches=2, shift_applied=True, cen_num=3):
 
 @pytest.mark.parametrize("flags", list(FLAGS))
 @pytest.mark.parametrize("seed", [0, 1])
-def test_vectors_reproduce_the_augmented_views(synth_small, flags, seed):
+def test_vectors_reproduce_the_augmented_views(synth_small, flags, seed, selection):
     aug = dataclasses.replace(AugmentConfig(), **FLAGS[flags])
     loader, batches = pretrain_batches(synth_small, aug, seed)
     for batch in batches:

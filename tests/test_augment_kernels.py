@@ -183,7 +183,7 @@ def _factors(op: str, batch: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("op", list(OPS))
 @pytest.mark.parametrize("kind", KINDS)
-def test_colour_op_matches_torchvision(images, kind, op):
+def test_colour_op_matches_torchvision(selection, images, kind, op):
     x = images[kind]
     ours, theirs = OPS[op]
     factor = _factors(op, len(x), seed=4)
@@ -241,7 +241,7 @@ def _jitter_params(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_color_jitter_matches_sequential_torchvision(images, kind):
+def test_color_jitter_matches_sequential_torchvision(selection, images, kind):
     x = images[kind]
     order, factors = _jitter_params(len(x), seed=6)
     active = _active(len(x))
@@ -292,7 +292,7 @@ def _blur_reference(x, sigma, sizes):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_gaussian_blur_matches_torchvision(images, kind):
+def test_gaussian_blur_matches_torchvision(selection, images, kind):
     x = images[kind]
     if kind == "fbank":
         sigma = torch.tensor([0.3, 1.5, 2.0])
@@ -331,7 +331,7 @@ def test_blur_kernel_size_rules():
     assert K.visual_blur_kernel_size(0.5) == 5 and K.audio_blur_kernel_size(1.5) == 5
 
 
-def test_gaussian_blur_checks_active_parameters_only(images):
+def test_gaussian_blur_checks_active_parameters_only(selection, images):
     x = images["rgb224"]
     sigma = torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0])  # blur off: the t-vector holds sigma 0
     active = torch.tensor([False, True, True, True, True])
@@ -350,7 +350,7 @@ def test_gaussian_blur_checks_active_parameters_only(images):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_hflip_matches_torchvision(images, kind):
+def test_hflip_matches_torchvision(selection, images, kind):
     x = images[kind]
     active = _active(len(x))
     out = K.hflip(x, active)
@@ -359,7 +359,7 @@ def test_hflip_matches_torchvision(images, kind):
 
 
 @pytest.mark.parametrize("kind", ["rgb240x320", "rgb224"])
-def test_grayscale_matches_torchvision(images, kind):
+def test_grayscale_matches_torchvision(selection, images, kind):
     x = images[kind]
     active = _active(len(x))
     out = K.grayscale(x, active)
@@ -511,7 +511,7 @@ def test_hue_fast_path_for_grey_images_is_exact_in_every_sector():
         assert torch.equal(general[0], TF.adjust_hue(grey, f)), f
 
 
-def test_grey_image_stored_once_equals_three_equal_channels():
+def test_grey_image_stored_once_equals_three_equal_channels(selection):
     """color_jitter and gaussian_blur on a one-channel grey image (the filterbank image) equal the
     three-channel computation bit for bit, for every order without hue first, on values outside
     [0, 1] as a normalised filterbank has; hue first is refused on one channel."""
