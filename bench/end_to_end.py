@@ -1,7 +1,8 @@
 """End to end: real training steps fed by the DALI pipeline vs the paper-style loader vs no loader.
 
 ``python -m bench.end_to_end [--mode pretrain] [--size tiny|full|tiny,full] [--steps N]
-[--cores C] [--py-workers W] [--compile] [--layout frames|webm] [--data DIR] [--smoke]`` runs,
+[--cores C] [--py-workers W] [--thread-prefetch N] [--compile [--compile-mode M]]
+[--layout frames|webm] [--data DIR] [--smoke]`` runs,
 side by side in one process on the same synthetic dataset and the same model:
 
 - ``dali-<layout>``: the trainer's loader (``dali_pipelines.loader.build_loader``: the DALI
@@ -102,6 +103,7 @@ def bench_config(
     py_workers: int = 0,
     compile: bool = False,
     compile_mode: str = "default",
+    thread_prefetch: int = 0,
 ) -> Config:
     """The trainer's configuration for one benchmark run on the synthetic dataset in `data_dir`.
 
@@ -123,6 +125,7 @@ def bench_config(
         "data.eval_frame": frames // 2,
         "data.num_threads": threads,
         "data.py_workers": py_workers,
+        "data.thread_prefetch": thread_prefetch,
         "train.batch_size": batch_size,
         "train.precision": precision,
         "train.compile": compile,
@@ -295,6 +298,7 @@ def measure_model(
         "warmup_steps": warmup,
         "cores": cfg.data.num_threads,
         "py_workers": cfg.data.py_workers,
+        "thread_prefetch": cfg.data.thread_prefetch,
         "compile": cfg.train.compile,
         "device": str(device),
     }
@@ -377,6 +381,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile)")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
+    p.add_argument(
+        "--thread-prefetch",
+        type=int,
+        default=0,
+        help="batches made ahead in a background thread (data.thread_prefetch; 0: none)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="tiny (default: paper; smoke 2)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; smoke 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3; smoke 1)")
@@ -436,6 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     py_workers=a.py_workers,
                     compile=a.compile,
                     compile_mode=a.compile_mode,
+                    thread_prefetch=a.thread_prefetch,
                 )
                 torch.manual_seed(0)
                 rows += measure_model(cfg, mode, size, device, size_steps, size_warmup, a.layout)
@@ -455,6 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "py_workers": a.py_workers,
             "compile": a.compile,
             "compile_mode": a.compile_mode,
+            "thread_prefetch": a.thread_prefetch,
             "device": str(device),
             "precision": precision,
             "smoke": a.smoke,

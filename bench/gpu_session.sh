@@ -6,6 +6,7 @@
 #   bash bench/gpu_session.sh env cuda-tests loader step e2e
 # Stages: env, cuda-tests, tests (the whole suite), loader, loader-workers, step, step-compile,
 # step-grid, step-modes, step-sdpa, e2e, e2e-eager, e2e-fast, e2e-fast-pretrain, e2e-graphs,
+# e2e-thread,
 # profile-stage, profile-e2e, profile-step, scaling, demo,
 # pack (last: archives $OUT/results into $OUT/results.tgz, as the tool returns at most 8 files).
 set -u
@@ -67,6 +68,13 @@ for s in "$@"; do
         stage e2e-graphs 540 python3 -m bench.end_to_end --mode pretrain --size full \
             --data "$DATA" --cores "$CORES" --py-workers 2 --compile \
             --compile-mode reduce-overhead --results-dir "$RESULTS/graphs" ;;
+    e2e-thread)  # the loader's batches made in a background thread, eager and compiled
+        stage e2e-thread 420 python3 -m bench.end_to_end --mode pretrain,finetune --size full \
+            --data "$DATA" --cores "$CORES" --py-workers 2 --thread-prefetch 2 \
+            --results-dir "$RESULTS/thread"
+        stage e2e-thread-graphs 540 python3 -m bench.end_to_end --mode pretrain --size full \
+            --data "$DATA" --cores "$CORES" --py-workers 2 --thread-prefetch 2 --compile \
+            --compile-mode reduce-overhead --results-dir "$RESULTS/thread-graphs" ;;
     step-modes)  # the step at batch 16 and 128 under CUDA graphs, then with GEMM epilogue fusion
         stage step-graphs 420 python3 -m bench.step --mode pretrain --compile \
             --compile-mode reduce-overhead --batch-limit 128 --name step-graphs \

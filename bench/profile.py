@@ -153,6 +153,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         seconds=a.seconds,
         py_workers=a.py_workers,
         compile=a.compile,
+        thread_prefetch=a.thread_prefetch,
     )
     torch.set_num_threads(a.cores)
     torch.manual_seed(0)
@@ -191,6 +192,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "compile": a.compile,
         "compile_mode": a.compile_mode if a.compile else None,
         "py_workers": a.py_workers,
+        "thread_prefetch": a.thread_prefetch,
         "cores": a.cores,
         "device": str(device),
         "precision": cfg.train.precision,
@@ -225,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
     p.add_argument("--py-workers", type=int, default=0)
+    p.add_argument("--thread-prefetch", type=int, default=0, help="e2e: data.thread_prefetch")
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3)

@@ -332,14 +332,16 @@ def build_loader(
     device: torch.device | str = "cpu",
     state: dict | None = None,
     balanced: bool = False,
-) -> DaliLoader:
+):
     """A ``DaliLoader`` over ``cfg.data.{split}_json`` (split "train", "val", "test", "retrieval").
 
     With ``data.val_fraction`` > 0, "val" is a held-out part of the training list and "train"
     the rest (see ``holdout_indices``).
 
     ``cfg`` is an ``equiav.config.Config``; ``balanced`` draws training samples with the dataset's
-    class-balanced weights (``data.weights_csv``).
+    class-balanced weights (``data.weights_csv``). Returns a ``DaliLoader``, or with
+    ``data.thread_prefetch`` > 0 a ``dali_pipelines.threaded.ThreadedLoader`` around it (the same
+    batches and state, made ahead in a background thread).
     """
     data = cfg.data
     holdout = data.val_fraction > 0 and split in ("train", "val")
@@ -387,4 +389,9 @@ def build_loader(
         image_mean=data.image_mean,
         image_std=data.image_std,
     )
-    return DaliLoader(entries, read_label_csv(data.label_csv), lcfg, shard, device, state)
+    loader = DaliLoader(entries, read_label_csv(data.label_csv), lcfg, shard, device, state)
+    if data.thread_prefetch > 0:
+        from dali_pipelines.threaded import ThreadedLoader
+
+        return ThreadedLoader(loader, data.thread_prefetch)
+    return loader

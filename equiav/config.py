@@ -86,6 +86,9 @@ class DataConfig:
     # >0: the per-sample source (file reads, augmentation draws) runs in that many worker
     # processes (DALI's parallel external source) instead of the training process's main thread.
     py_workers: int = 0
+    # >0: DALI's next batch and the device stage run in a background thread of the training
+    # process, this many batches ahead of the step (dali_pipelines.threaded).
+    thread_prefetch: int = 0
 
     def resolved_n_classes(self) -> int:
         """Label count: `n_classes` if set, else the dataset's (synthetic: rows of `label_csv`)."""
@@ -653,6 +656,7 @@ def validate(cfg: Config) -> Config:
     ):
         need(getattr(d, name) >= 1, f"data.{name} must be >= 1")
     need(d.py_workers >= 0, "data.py_workers must be >= 0")
+    need(d.thread_prefetch >= 0, "data.thread_prefetch must be >= 0")
     need(d.clip_seconds > 0, "data.clip_seconds must be > 0")
     need(0 <= d.eval_frame < d.frames_per_clip, "data.eval_frame must be in [0, frames_per_clip)")
     need(0.0 <= d.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
