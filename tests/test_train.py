@@ -235,3 +235,27 @@ def test_finetuning_validates_every_epoch_and_keeps_the_best(synth_small, tmp_pa
     assert len(rows) == 3  # 2 steps an epoch: after epochs 1, 2 and 3
     assert summary["best_metric"] is not None and 0 < summary["best_metric"] <= 1
     assert (tmp_path / "checkpoints" / "best.pt").exists()
+
+
+def test_a_compiled_run_follows_the_eager_run(synth_small, tmp_path, monkeypatch):
+    """train.compile: the trainer's loop around a torch.compile'd model (inductor on the CPU)
+    gives the eager run's losses, and one compilation serves every batch (a recompilation, e.g.
+    on a batch whose views have other strides, raises)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    losses = []
+    for compiled in (False, True):
+        cfg = tiny_config(
+            synth_small,
+            tmp_path / f"compile{compiled}",
+            **{"train.max_steps": 3, "train.compile": compiled},
+        )
+        summary, _ = run(cfg)
+        losses.append([h["loss"] for h in summary["history"]])
+    eager, compiled = losses
+    assert len(eager) == len(compiled) == 3
+    assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
+    torch._dynamo.reset()
