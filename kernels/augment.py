@@ -100,13 +100,15 @@ def _apply(
     active: torch.Tensor,
     fn: Callable[..., torch.Tensor],
     *params: torch.Tensor,
+    owned: bool = False,
 ) -> torch.Tensor:
     """``fn(x[i], *params[i])`` written into a copy of x for the active samples i.
 
     ``fn`` works on a (n, C, H, W) sub-batch with (n,) parameters on x's device and must return a
     new tensor; the inactive samples are copied untouched. ``fn`` is per sample, so either way of
     selecting (``_where_selects``) gives the same numbers; an inactive sample's parameters may be
-    meaningless (its result is discarded).
+    meaningless (its result is discarded). ``owned``: x is the caller's own intermediate (made by
+    an earlier op of the same kernel), so the CPU path writes into it instead of into a copy.
     """
     index = active.nonzero().flatten()
     if index.numel() == x.shape[0]:  # all active: no gather/scatter needed
@@ -114,7 +116,7 @@ def _apply(
     if index.numel() and _where_selects(x):
         full = fn(x, *(to_device(p, x.device) for p in params))
         return torch.where(_column(to_device(active, x.device)), full, x)
-    out = x.clone()
+    out = x if owned else x.clone()
     if index.numel() > 0:
         index_x = to_device(index, x.device)
         sub = [to_device(p[index], x.device) for p in params]
@@ -441,7 +443,7 @@ def color_jitter(
         for op in range(4):
             chosen = mask & (order[:, pos] == op)
             if bool(chosen.any()):
-                out = _apply(out, chosen, _COLOUR_OPS[op], factors[:, op])
+                out = _apply(out, chosen, _COLOUR_OPS[op], factors[:, op], owned=out is not x)
     return out if out is not x else x.clone()
 
 
@@ -528,5 +530,6 @@ def gaussian_blur(
     _require(ok | ~mask, f"gaussian_blur: kernel sizes must be odd, positive and fit {h}x{w}")
     out = x
     for size in torch.unique(sizes[mask]).tolist():
-        out = _apply(out, mask & (sizes == size), functools.partial(_blur, size=size), sigma)
+        blur = functools.partial(_blur, size=size)
+        out = _apply(out, mask & (sizes == size), blur, sigma, owned=out is not x)
     return out if out is not x else x.clone()
