@@ -361,8 +361,34 @@ def _summary_lines(kind: str, summary: dict[str, Any]) -> list[str]:
             summary = {k: v for k, v in summary.items() if k != "capacity"}
         except (KeyError, TypeError, ValueError, AttributeError):
             lines = []  # not the model's shape: shown as JSON like any summary
+    if kind == "profile":
+        lines += _profile_lines(summary)
+        summary = {k: v for k, v in summary.items() if k not in ("top_kernels", "top_ops")}
     if summary:
         lines += ["Summary: `" + json.dumps(summary, sort_keys=True) + "`", ""]
+    return lines
+
+
+def _profile_lines(summary: dict[str, Any], top: int = 12) -> list[str]:
+    """A profile's top kernels and ops as two small tables (per iteration)."""
+    lines: list[str] = []
+    kernels = summary.get("top_kernels") or []
+    if kernels:
+        lines += ["| kernel | device ms / iter | calls |", "|---|---|---|"]
+        lines += [
+            f"| `{_format(k['name'])[:90]}` | {k['device_ms_per_iter']:.2f} | {k['calls']} |"
+            for k in kernels[:top]
+        ]
+        lines.append("")
+    ops = summary.get("top_ops") or []
+    if ops:
+        lines += ["| op | device ms / iter | host ms / iter | calls / iter |", "|---|---|---|---|"]
+        lines += [
+            f"| `{o['name']}` | {o['device_ms_per_iter']:.2f} | {o['cpu_ms_per_iter']:.2f} | "
+            f"{o['calls_per_iter']:.1f} |"
+            for o in ops[:top]
+        ]
+        lines.append("")
     return lines
 
 

@@ -5,7 +5,9 @@ with the warmup-cosine learning rate set per step. Around it: DDP through ``torc
 (``equiav.train.dist``), checkpoints (``checkpoint``) holding everything a bit-exact resume
 needs (model, optimizer, scaler, schedule, every rank's RNG and loader position, the config),
 TensorBoard/jsonl curves and a progress bar (``metrics_log``), a guard against non-finite losses
-and a clean stop on Ctrl-C / SIGTERM (a checkpoint is written first).
+(``step``: the update is skipped without the host waiting for the GPU) and a clean stop on
+Ctrl-C / SIGTERM (a checkpoint is written first). Between log steps nothing here reads a device
+value, so the next batch's loading overlaps the GPU's work.
 
 What differs between pretraining and finetuning is a ``Task``: the model, the loader mode, the
 loss of a batch and an optional evaluation.
