@@ -44,8 +44,8 @@ from typing import Any
 
 import torch
 
-from bench.step import COMPILE_MODES, PAPER_BATCH, SMOKE_MODEL, StepSetup, TrainStep
-from equiav.config import Config, apply_overrides, default_config, resolve
+from bench.step import PAPER_BATCH, SMOKE_MODEL, StepSetup, TrainStep
+from equiav.config import COMPILE_MODES, Config, apply_overrides, default_config, resolve
 
 MODES = ("pretrain", "finetune")
 SIZES = ("tiny", "full")
@@ -286,7 +286,8 @@ def measure_model(
     """Rows step-only, dali-<layout> and baseline-<layout> for one model (`cfg`): one model and
     optimizer, built once and seeded, serve all three. Both loaders get `cfg.data.num_threads`
     cores (DALI threads, DataLoader workers)."""
-    setup = StepSetup(mode, cfg.train.precision, cfg.optim.fused, cfg.train.compile)
+    t = cfg.train
+    setup = StepSetup(mode, t.precision, cfg.optim.fused, t.compile, t.compile_mode)
     step = TrainStep(setup, cfg, device)
     base = {
         "mode": mode,

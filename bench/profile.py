@@ -29,7 +29,8 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.end_to_end import bench_config, ensure_dataset, forever
-from bench.step import COMPILE_MODES, PAPER_BATCH, StepSetup, TrainStep, synthetic_batch
+from bench.step import PAPER_BATCH, StepSetup, TrainStep, synthetic_batch
+from equiav.config import COMPILE_MODES
 
 WHATS = ("step", "stage", "e2e")
 # CUDA runtime/driver calls that make the host wait for the device.
@@ -153,6 +154,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         seconds=a.seconds,
         py_workers=a.py_workers,
         compile=a.compile,
+        compile_mode=a.compile_mode,
         thread_prefetch=a.thread_prefetch,
     )
     torch.set_num_threads(a.cores)

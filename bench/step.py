@@ -47,13 +47,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.common import write_result
 from bench.flops import FlopCount, finetune_flops, pretrain_flops
-from equiav.config import Config, default_config
+from equiav.config import COMPILE_MODES, Config, default_config
 from equiav.train.optim import PRECISIONS, autocast, build_optimizer, make_scaler
 from equiav.train.step import optimizer_step
 from train import finetune_task, pretrain_task
 
 MODES = ("pretrain", "finetune")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Attention kernels `--sdpa` can force (torch picks cuDNN's on an H100 by default).
 SDPA_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -184,9 +183,9 @@ class TrainStep:
         self.model = self.task.model.to(device)
         self.optimizer = build_optimizer(self.model, cfg.optim, device, self.task.new_parameters)
         self.scaler = make_scaler(setup.precision, device)
-        compiled = setup.compile or cfg.train.compile
-        mode = cfg.train.compile_mode
-        self.net = torch.compile(self.model, mode=mode) if compiled else self.model
+        self.net = self.model
+        if setup.compile:
+            self.net = torch.compile(self.model, mode=setup.compile_mode)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.skipped = 0  # optimizer steps the fp16 scaler skipped (inf/nan gradients)
         self.last = None  # the last step's StepOutcome (device tensors)

@@ -246,12 +246,16 @@ class DaliLoader:
 
     def state_dict(self) -> dict:
         """Position to resume from: after the last batch this loader yielded."""
-        offset = self._start_offset if self.epoch == self._start_epoch else 0
+        return self.state_at(self.epoch, self.steps_done)
+
+    def state_at(self, epoch: int, steps_done: int) -> dict:
+        """The state after ``steps_done`` batches of ``epoch`` (``state_dict`` is the loader's own
+        position; a consumer that runs behind the loader asks for its own)."""
+        offset = self._start_offset if epoch == self._start_epoch else 0
         return {
             "version": STATE_VERSION,
-            "epoch": self.epoch,
-            "global_position": offset
-            + self.steps_done * self.cfg.batch_size * self.shard.world_size,
+            "epoch": epoch,
+            "global_position": offset + steps_done * self.cfg.batch_size * self.shard.world_size,
             "world_size": self.shard.world_size,
         }
 

@@ -39,42 +39,26 @@ class ThreadedLoader:
         self._running: tuple[int, int] | None = None  # (epoch, consumed) while an epoch runs
         self._unfinished = False  # an epoch was stopped early: see __iter__
 
-    # What the trainer reads, as the wrapped loader has it (mid-epoch: as far as consumed).
-    @property
-    def entries(self):
-        return self.loader.entries
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.loader.steps_per_epoch
-
-    @property
-    def skipped(self) -> dict[str, str]:
-        return self.loader.skipped
-
     @property
     def epoch(self) -> int:
+        """The epoch being consumed (the thread may already have finished it)."""
         return self._running[0] if self._running is not None else self.loader.epoch
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __getattr__(self, name: str):
-        # Anything else (cfg, device, shard, ...) is the wrapped loader's.
+        # Anything else (entries, steps_per_epoch, skipped, cfg, device, ...) is the wrapped
+        # loader's.
         if name == "loader":  # not yet set (e.g. while unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.loader, name)
 
     def state_dict(self) -> dict:
         """The wrapped loader's state after the last batch the consumer took."""
-        state = self.loader.state_dict()
         if self._running is None:
-            return state
-        epoch, consumed = self._running
-        inner = self.loader
-        offset = inner._start_offset if epoch == inner._start_epoch else 0
-        per_batch = inner.cfg.batch_size * inner.shard.world_size
-        return {**state, "epoch": epoch, "global_position": offset + consumed * per_batch}
+            return self.loader.state_dict()
+        return self.loader.state_at(*self._running)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         device = self.loader.device

@@ -199,6 +199,10 @@ class OptimConfig:
     use_apex: bool = False
 
 
+#: torch.compile's modes (``train.compile_mode``).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class TrainConfig:
     """The training loop: batch, precision, checkpoints, logging. The subcommand picks the mode."""
@@ -740,8 +744,7 @@ def validate(cfg: Config) -> Config:
     for name in ("batch_size", "keep_last", "log_every", "max_nonfinite_in_row"):
         need(getattr(t, name) >= 1, f"train.{name} must be >= 1")
     need(t.ckpt_every_steps >= 0, "train.ckpt_every_steps must be >= 0")
-    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-    need(t.compile_mode in modes, f"train.compile_mode must be one of {modes}")
+    need(t.compile_mode in COMPILE_MODES, f"train.compile_mode must be one of {COMPILE_MODES}")
     need(t.max_steps is None or t.max_steps >= 1, "train.max_steps must be >= 1")
     need(t.save_path.strip() != "", "train.save_path must not be empty")
 
