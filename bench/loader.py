@@ -2,8 +2,11 @@
 
 ``python -m bench.loader [--data DIR] [--clips N] [--batch-size 16] [--batches 20] [--cores C]
 [--device cpu|cuda] [--layouts frames,webm,frames-shards,webm-shards] [--shard-dir DIR]
-[--py-workers 0,2] [--smoke]``
-measures, side by side in one run on the same synthetic data and batch size:
+[--py-workers 0,2] [--repeats 3] [--smoke]``
+measures, side by side in one run on the same synthetic data and batch size, in ``--repeats``
+rounds that alternate the two sides (each row is the median of its rounds, the summary's
+``ratio_rounds`` the ratio of each round), never across an epoch boundary (the synthetic training
+list is regenerated larger when it holds fewer than the measured batches):
 
 - ``dali-frames`` / ``dali-webm``: our pipeline in ``pretrain`` mode (decode, the filterbank and
   every augmentation with its t-vectors and the ``cen_num`` vectors, i.e. everything the model
@@ -29,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,9 +42,18 @@ from pathlib import Path
 import torch
 
 MEASURED_BASELINE_MS = 42.8
+TEST_FRACTION = 0.1  # of the generated dataset's clips
 
 
 SHARDS = "-shards"
+
+
+def _train_entries(data_dir: Path) -> int | None:
+    """Entries of the synthetic dataset's training lists (None: not generated yet)."""
+    lists = [data_dir / _list_name(x) for x in ("frames", "webm")]
+    if not all(p.exists() for p in lists):
+        return None
+    return min(len(json.loads(p.read_text())["data"]) for p in lists)
 
 
 def _list_name(layout: str) -> str:
@@ -152,6 +166,18 @@ def _baseline_rows(
     return rows
 
 
+def _median_rows(rounds: list[list[dict]]) -> list[dict]:
+    """One row per pipeline: the first round's, with the median samples/s of all rounds (and
+    each round's in ``round_samples_per_s``)."""
+    merged = []
+    for i, row in enumerate(rounds[0]):
+        values = [r[i]["samples_per_s"] for r in rounds]
+        merged.append(
+            {**row, "samples_per_s": statistics.median(values), "round_samples_per_s": values}
+        )
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="runs/bench-data", help="synthetic dataset folder")
@@ -170,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         default="0",
         help="comma-separated data.py_workers values, one DALI row each (0: source inline)",
     )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="alternating rounds of both sides (medians)"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny run for tests")
     parser.add_argument("--results-dir", default=None)
     args = parser.parse_args(argv)
@@ -180,17 +209,24 @@ def main(argv: list[str] | None = None) -> int:
 
     data_dir = Path(args.data)
     frames = max(1, min(10, int(args.seconds)))
-    if not (data_dir / "train.json").exists() or not (data_dir / "train_webm.json").exists():
+    # A measurement that crosses epoch boundaries measures their refills (a DataLoader epoch of
+    # 3 batches on 2 workers leaves one worker idle for a third of it), not the steady state a
+    # real dataset runs in: the training list must hold every measured batch.
+    need = (args.warmup + args.batches + 1) * args.batch_size
+    have = _train_entries(data_dir)
+    if have is None or (have < need and not args.smoke):
+        clips = max(args.clips, math.ceil(need / (1 - TEST_FRACTION)) + 1)
         generate(
             data_dir,
-            clips=args.clips,
+            clips=clips,
             classes=10,
             seed=0,
             video_format=("webm", "frames"),
             seconds=args.seconds,
-            test_fraction=0.1,
+            test_fraction=TEST_FRACTION,
             progress=not args.smoke,
         )
+        have = _train_entries(data_dir)
     cfg = resolve(
         apply_overrides(
             default_config(),
@@ -212,20 +248,37 @@ def main(argv: list[str] | None = None) -> int:
     shard_dirs = _write_shards(data_dir, layouts, shard_root, args.shard_size)
     torch.set_num_threads(args.cores)
     py_workers = tuple(int(x) for x in args.py_workers.split(",") if x)
-    dali = _dali_rows(
-        cfg,
-        data_dir,
-        layouts,
-        args.batches,
-        args.warmup,
-        args.device,
-        args.cores,
-        shard_dirs,
-        py_workers,
-    )
-    base = _baseline_rows(  # the paper-style loader reads files only
-        cfg, data_dir, file_layouts, args.batches, args.warmup, args.cores, cfg.model.cen_num
-    )
+    # Rounds alternate the two sides, so that a machine whose speed drifts (a shared VM) slows
+    # both alike; each row reports the median of its rounds.
+    dali_rounds, base_rounds = [], []
+    for r in range(args.repeats):
+        if args.repeats > 1:
+            print(f"round {r + 1} of {args.repeats}", flush=True)
+        dali_rounds.append(
+            _dali_rows(
+                cfg,
+                data_dir,
+                layouts,
+                args.batches,
+                args.warmup,
+                args.device,
+                args.cores,
+                shard_dirs,
+                py_workers,
+            )
+        )
+        base_rounds.append(
+            _baseline_rows(  # the paper-style loader reads files only
+                cfg,
+                data_dir,
+                file_layouts,
+                args.batches,
+                args.warmup,
+                args.cores,
+                cfg.model.cen_num,
+            )
+        )
+    dali, base = _median_rows(dali_rounds), _median_rows(base_rounds)
 
     from bench.baseline import PaperStyleDataset, per_sample_cost
 
@@ -250,6 +303,13 @@ def main(argv: list[str] | None = None) -> int:
         return max(found) if found else None
 
     ratios = {x: round(speed(dali, x) / speed(base, x), 2) for x in file_layouts}
+    ratio_rounds = {
+        x: [
+            round(speed(d, x) / speed(b, x), 2)
+            for d, b in zip(dali_rounds, base_rounds, strict=True)
+        ]
+        for x in file_layouts
+    }
     shards_vs_files = {
         x.removesuffix(SHARDS): round(speed(dali, x) / speed(dali, x.removesuffix(SHARDS)), 2)
         for x in layouts
@@ -264,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     summary = {
         "ratio": ratios,
+        "ratio_rounds": ratio_rounds,
         "py_workers_vs_inline": py_workers_vs_inline,
         "shards_vs_files": shards_vs_files,
         "baseline_ms_per_sample_core": round(per_core, 2),
@@ -282,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
             "py_workers": list(py_workers),
             "device": args.device,
             "clips": args.clips,
+            "train_entries": have,
+            "batches_per_epoch": have // args.batch_size,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
             "seconds": args.seconds,
             "cen_num": cfg.model.cen_num,
             "shard_size": args.shard_size,

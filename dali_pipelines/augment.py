@@ -221,7 +221,7 @@ def apply_audio(
     x: torch.Tensor, t: torch.Tensor, params: torch.Tensor, time_shift_applied: bool = True
 ) -> torch.Tensor:
     """The augmented audio view of a (B, 3, T, F) clean filterbank image (equal channels), as
-    t_a describes it.
+    t_a describes it: (B, 3, T, F), the transpose of a contiguous (B, 3, F, T) tensor.
 
     ``params`` (B, 6) int: [clean roll, crop i, j, h, w, time shift]; the crop is passed as
     integers because t_a records it scaled by the original's swapped factors. With
@@ -236,8 +236,10 @@ def apply_audio(
     spec = t[:, 0] > 0
     # The three channels are equal until the colour jitter: mask, roll and crop one of them.
     x = x[:, :1]
+    # Every kernel after the first writes into its predecessor's result (owned): no input of
+    # this function is modified.
     x = K.mask_rows(x, t[:, 1].long(), t[:, 2].long(), 2, spec)
-    x = K.mask_rows(x, t[:, 3].long(), t[:, 4].long(), 3, spec)
+    x = K.mask_rows(x, t[:, 3].long(), t[:, 4].long(), 3, spec, owned=True)
     if time_shift_applied:
         x = K.roll(x, params[:, 5], 2, spec)
     frames, bins = x.shape[2], x.shape[3]
@@ -245,26 +247,48 @@ def apply_audio(
     # The channels stay equal through jitter, blur and flip unless hue comes first in the jitter
     # (it clamps two channels of three): only those samples are processed with three channels.
     three = (t[:, 12] > 0) & (t[:, 13] == 3)
-    if not bool(three.any()):  # host tensors: no device synchronisation
-        return _audio_colour(x, t).expand(-1, 3, -1, -1)
-    if bool(three.all()):
-        return _audio_colour(x.expand(-1, 3, -1, -1).contiguous(), t)
-    out = torch.empty(x.shape[0], 3, frames, bins, device=x.device)
+    # Written once, into the model's (B, 3, F, T) layout: the result is that buffer's transpose,
+    # so the consumer's transpose back is contiguous without another copy of the batch.
+    out = torch.empty(x.shape[0], 3, bins, frames, device=x.device)
     for rows, channels in ((~three).nonzero().flatten(), 1), (three.nonzero().flatten(), 3):
-        on_device = to_device(rows, x.device)
-        sub = x[on_device].expand(-1, channels, -1, -1).contiguous()
-        out[on_device] = _audio_colour(sub, t[rows])
-    return out
+        if len(rows) == x.shape[0]:
+            whole = x.expand(-1, channels, -1, -1).contiguous()  # written into: no overlap
+            _write_transposed(out, None, _audio_colour(whole, t))
+        elif len(rows):
+            on_device = to_device(rows, x.device)
+            sub = x[on_device].expand(-1, channels, -1, -1).contiguous()
+            _write_transposed(out, rows, _audio_colour(sub, t[rows]))
+    return out.transpose(2, 3)
+
+
+def _write_transposed(out: torch.Tensor, rows: torch.Tensor | None, x: torch.Tensor) -> None:
+    """out[rows] = x.transpose(2, 3), x (n, 1 or 3, T, F) broadcast over out's 3 channels
+    (rows None: all). On a GPU one op; on a CPU one 2-D copy per image, which takes torch's
+    blocked transpose (a 4-D transposing copy ran ~4x slower)."""
+    from kernels import augment as K
+
+    if K.whole_batch_ops(out):
+        if rows is None:
+            out.copy_(x.transpose(2, 3).expand_as(out))
+        else:
+            out[to_device(rows, out.device)] = x.transpose(2, 3)
+        return
+    for i, row in enumerate(range(len(out)) if rows is None else rows.tolist()):
+        for c in range(x.shape[1]):
+            out[row, c].copy_(x[i, c].t())
+        if x.shape[1] == 1:
+            out[row, 1:].copy_(out[row, :1].expand(2, -1, -1))
 
 
 def _audio_colour(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Colour jitter, blur and flip of t_a's rows ``t`` on x: (n, 1 or 3, T, F)."""
+    """Colour jitter, blur and flip of t_a's rows ``t`` on x: (n, 1 or 3, T, F), an
+    intermediate of ``apply_audio`` that is overwritten."""
     from kernels import augment as K
 
-    x = K.color_jitter(x, t[:, 13:17].long(), _factors(t[:, 17:21]), t[:, 12] > 0)
+    x = K.color_jitter(x, t[:, 13:17].long(), _factors(t[:, 17:21]), t[:, 12] > 0, owned=True)
     sigma = t[:, 22]
-    x = K.gaussian_blur(x, sigma, K.audio_blur_kernel_size(sigma), t[:, 21] > 0)
-    return K.hflip(x, t[:, 23] > 0)
+    x = K.gaussian_blur(x, sigma, K.audio_blur_kernel_size(sigma), t[:, 21] > 0, owned=True)
+    return K.hflip(x, t[:, 23] > 0, owned=True)
 
 
 def apply_visual(x: torch.Tensor, t: torch.Tensor, mean, std) -> torch.Tensor:
@@ -274,11 +298,12 @@ def apply_visual(x: torch.Tensor, t: torch.Tensor, mean, std) -> torch.Tensor:
 
     t = t.cpu()  # host parameters: no device synchronisation (see apply_audio)
     x = K.color_jitter(x, t[:, 6:10].long(), _factors(t[:, 10:14]), t[:, 5] > 0)
+    # x is now this function's own intermediate: the later kernels write into it.
     sigma = t[:, 15]
-    x = K.gaussian_blur(x, sigma, K.visual_blur_kernel_size(sigma), t[:, 14] > 0)
-    x = K.hflip(x, t[:, 16] > 0)
-    x = K.grayscale(x, t[:, 17] > 0)
-    return K.normalize(x, mean, std)
+    x = K.gaussian_blur(x, sigma, K.visual_blur_kernel_size(sigma), t[:, 14] > 0, owned=True)
+    x = K.hflip(x, t[:, 16] > 0, owned=True)
+    x = K.grayscale(x, t[:, 17] > 0, owned=True)
+    return K.normalize(x, mean, std, owned=True)
 
 
 def _factors(recorded: torch.Tensor) -> torch.Tensor:

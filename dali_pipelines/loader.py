@@ -217,8 +217,8 @@ class DaliLoader:
             aug = augment.apply_audio(
                 image.expand(-1, 3, -1, -1), out["t_a"], params, cfg.time_shift_applied
             )
-            # Contiguous: the view's strides would otherwise depend on the batch's draws (one
-            # channel expanded, or three), and torch.compile recompiles on every new layout.
+            # Contiguous (apply_audio's result already is, in this layout): strides that
+            # depended on the batch's draws would make torch.compile recompile.
             batch["audio_aug"] = aug.transpose(2, 3).contiguous()
             batch["visual_aug"] = augment.apply_visual(
                 to_device(out["visual_aug"], dev),

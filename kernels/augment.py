@@ -21,7 +21,10 @@ float tensors (spec: "Pretraining augmentations and their parameter vectors"), s
 Conventions: per-sample parameters are 1-D tensors of length B (lists are accepted); they may live
 on the host or on x's device. Checks and index selection run where the parameters live, so host
 parameters cost the device no synchronisation. ``active`` (B,) bool selects the samples an op
-touches (None: all); inactive samples come back bit for bit unchanged. Inputs are never modified.
+touches (None: all); inactive samples come back bit for bit unchanged. Inputs are never modified,
+except with ``owned=True``: the caller says x is its own intermediate (made by an earlier kernel of
+a chain), which the kernel may then overwrite and return (on a CPU this saves a full-batch copy
+and fresh memory per op; the values are the same either way).
 Every function runs in float32 with autocast disabled, so an enclosing ``torch.autocast`` cannot
 change the views. torchvision rounds its Python-float factors to float32 on float32 images; ours are
 float32 tensors, so pass the same float32 numbers to both when comparing.
@@ -101,34 +104,60 @@ def _apply(
     fn: Callable[..., torch.Tensor],
     *params: torch.Tensor,
     owned: bool = False,
+    gather: bool = False,
 ) -> torch.Tensor:
     """``fn(x[i], *params[i])`` written into a copy of x for the active samples i.
 
     ``fn`` works on a (n, C, H, W) sub-batch with (n,) parameters on x's device and must return a
     new tensor; the inactive samples are copied untouched. ``fn`` is per sample, so either way of
-    selecting (``_where_selects``) gives the same numbers; an inactive sample's parameters may be
+    selecting (``whole_batch_ops``) gives the same numbers; an inactive sample's parameters may be
     meaningless (its result is discarded). ``owned``: x is the caller's own intermediate (made by
-    an earlier op of the same kernel), so the CPU path writes into it instead of into a copy.
+    an earlier op), so the CPU path writes into it instead of into a new tensor. ``gather``: the
+    CPU path calls ``fn`` once on the gathered active samples instead of once per run of
+    consecutive ones (the blur: a convolution's algorithm, and so its rounding, depends on its
+    channel count, and one call per kernel size keeps a sample's result independent of which
+    other samples are active).
     """
     index = active.nonzero().flatten()
     if index.numel() == x.shape[0]:  # all active: no gather/scatter needed
         return fn(x, *(to_device(p, x.device) for p in params))
-    if index.numel() and _where_selects(x):
+    if index.numel() and whole_batch_ops(x):
         full = fn(x, *(to_device(p, x.device) for p in params))
         return torch.where(_column(to_device(active, x.device)), full, x)
-    out = x if owned else x.clone()
-    if index.numel() > 0:
+    if owned:
+        out = x
+    else:  # the inactive rows are copied, the active ones written below
+        out = torch.empty_like(x)
+        for a, b in _runs((~active.cpu()).nonzero().flatten().tolist()):
+            out[a:b] = x[a:b]
+    if gather and index.numel():
         index_x = to_device(index, x.device)
-        sub = [to_device(p[index], x.device) for p in params]
-        out[index_x] = fn(x[index_x], *sub)
+        out[index_x] = fn(x[index_x], *(to_device(p[index], x.device) for p in params))
+        return out
+    # Runs of consecutive samples are views: no gather of the active rows, no index scatter.
+    for a, b in _runs(index.tolist()):
+        out[a:b] = fn(x[a:b], *(to_device(p[a:b], x.device) for p in params))
     return out
 
 
-def _where_selects(x: torch.Tensor) -> bool:
-    """Whether ``_apply`` runs ``fn`` on the whole batch and keeps the active rows with one
-    ``where`` (a GPU: there the cost is the host's launches, and this saves the index copy, the
-    gather, the clone and the scatter of every call), rather than on the gathered active samples
-    only (a CPU: there the cost is the arithmetic, which a whole-batch call multiplies)."""
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Sorted row indices as [start, end) runs of consecutive rows: [0, 1, 2, 5] -> (0, 3),
+    (5, 6)."""
+    runs: list[tuple[int, int]] = []
+    for r in rows:
+        if runs and runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs
+
+
+def whole_batch_ops(x: torch.Tensor) -> bool:
+    """The kernels' policy for x's device: one op over the whole batch (a GPU: there the cost is
+    the host's launches; ``_apply`` runs ``fn`` on every sample and keeps the active ones with one
+    ``where``, masks and rolls are one broadcast op each), or ops on the active samples' slices
+    (a CPU: there the cost is the arithmetic and memory traffic, which whole-batch ops multiply).
+    Both give the same numbers."""
     return x.is_cuda
 
 
@@ -187,14 +216,20 @@ def resized_crop(
 
 
 @_float32_kernel
-def hflip(x: torch.Tensor, active: Param | None = None) -> torch.Tensor:
+def hflip(x: torch.Tensor, active: Param | None = None, *, owned: bool = False) -> torch.Tensor:
     """Reverse the last axis (W) of the active samples (torchvision ``F.hflip``)."""
-    return _apply(x, _active(active, x.shape[0]), lambda s: s.flip(-1))
+    return _apply(x, _active(active, x.shape[0]), lambda s: s.flip(-1), owned=owned)
 
 
 @_float32_kernel
 def mask_rows(
-    x: torch.Tensor, start: Param, end: Param, axis: int, active: Param | None = None
+    x: torch.Tensor,
+    start: Param,
+    end: Param,
+    axis: int,
+    active: Param | None = None,
+    *,
+    owned: bool = False,
 ) -> torch.Tensor:
     """Set positions [start, end) along ``axis`` (2: time rows, 3: frequency columns) to 0.
 
@@ -209,6 +244,14 @@ def mask_rows(
     mask = _active(active, batch).to(start.device)
     ok = (start >= 0) & (start <= end) & (end <= length)
     _require(ok | ~mask, f"mask_rows: need 0 <= start <= end <= {length} on axis {axis}")
+    if not whole_batch_ops(x):
+        # Zero each sample's band as a slice (a CPU: no pass over the whole batch).
+        out = x if owned else x.clone()
+        hit = mask & (end > start)
+        rows = hit.nonzero().flatten().tolist()
+        for b, s, e in zip(rows, start[hit].tolist(), end[hit].tolist(), strict=True):
+            out[b].narrow(axis - 1, s, e - s).zero_()
+        return out
     pos = torch.arange(length, device=x.device)
     start, end, mask = (to_device(p, x.device) for p in (start, end, mask))
     hit = (pos >= start[:, None]) & (pos < end[:, None]) & mask[:, None]  # (B, length)
@@ -223,7 +266,15 @@ def roll(x: torch.Tensor, shift: Param, axis: int, active: Param | None = None) 
     axis = _spatial_axis(axis)
     length = x.shape[axis]
     shift = _param(shift, batch, "shift", torch.long)
-    shift = to_device(torch.where(_active(active, batch).to(shift.device), shift, 0), x.device)
+    shift = torch.where(_active(active, batch).to(shift.device), shift, 0)
+    if not whole_batch_ops(x):
+        # Two slice copies per sample (a CPU: a gather reads an index per element).
+        out = torch.empty_like(x)
+        for b, s in enumerate(torch.remainder(shift, length).tolist()):
+            out[b].narrow(axis - 1, s, length - s).copy_(x[b].narrow(axis - 1, 0, length - s))
+            out[b].narrow(axis - 1, 0, s).copy_(x[b].narrow(axis - 1, length - s, s))
+        return out
+    shift = to_device(shift, x.device)
     # torch.roll: out[j] = x[(j - shift) mod length]; remainder is non-negative for any sign.
     source = torch.remainder(torch.arange(length, device=x.device) - shift[:, None], length)
     shape = (batch, 1, length, 1) if axis == 2 else (batch, 1, 1, length)
@@ -297,9 +348,18 @@ def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tens
     q = torch.clamp(v * (1.0 - s * f), 0.0, 1.0)
     t = torch.clamp(v * (1.0 - s * (1.0 - f)), 0.0, 1.0)
     candidates = torch.stack((v, q, p, t), 1)  # (n, 4, H, W)
-    table = _sector_table(h.device)
-    pick = table[sector].permute(0, 3, 1, 2)  # (n, 3, H, W): candidate index of r, g, b
+    # The candidate index of r, g, b: two bits per sector in one integer per channel, shifted
+    # out elementwise (indexing the (6, 3) table with the sector map cost a CPU ~10x more).
+    codes = _sector_codes(h.device).view(1, 3, 1, 1)
+    pick = torch.bitwise_right_shift(codes, 2 * sector.unsqueeze(1)).bitwise_and_(3)
     return torch.gather(candidates, 1, pick)
+
+
+@functools.lru_cache(maxsize=8)
+def _sector_codes(device: torch.device) -> torch.Tensor:
+    """Per channel, ``_HSV_SECTORS``' column packed as 2 bits per sector (sector k at bit 2k)."""
+    codes = [sum(row[c] << (2 * k) for k, row in enumerate(_HSV_SECTORS)) for c in range(3)]
+    return torch.tensor(codes, dtype=torch.int64, device=device)
 
 
 @functools.lru_cache(maxsize=8)
@@ -398,7 +458,12 @@ def adjust_hue(x: torch.Tensor, factor: Param, active: Param | None = None) -> t
 
 @_float32_kernel
 def color_jitter(
-    x: torch.Tensor, order: torch.Tensor, factors: torch.Tensor, active: Param | None = None
+    x: torch.Tensor,
+    order: torch.Tensor,
+    factors: torch.Tensor,
+    active: Param | None = None,
+    *,
+    owned: bool = False,
 ) -> torch.Tensor:
     """Colour jitter with each sample's own order of the four adjustments.
 
@@ -443,20 +508,22 @@ def color_jitter(
         for op in range(4):
             chosen = mask & (order[:, pos] == op)
             if bool(chosen.any()):
-                out = _apply(out, chosen, _COLOUR_OPS[op], factors[:, op], owned=out is not x)
-    return out if out is not x else x.clone()
+                mine = owned or out is not x
+                out = _apply(out, chosen, _COLOUR_OPS[op], factors[:, op], owned=mine)
+    return out if out is not x or owned else x.clone()
 
 
 @_float32_kernel
-def grayscale(x: torch.Tensor, active: Param | None = None) -> torch.Tensor:
+def grayscale(x: torch.Tensor, active: Param | None = None, *, owned: bool = False) -> torch.Tensor:
     """torchvision ``rgb_to_grayscale(num_output_channels=3)`` for the active samples."""
     if x.shape[1] != 3:
         raise ValueError(f"grayscale needs 3 channels, got {x.shape[1]}")
-    return _apply(x, _active(active, x.shape[0]), lambda s: _gray(s).expand(s.shape).contiguous())
+    gray = lambda s: _gray(s).expand(s.shape).contiguous()  # noqa: E731
+    return _apply(x, _active(active, x.shape[0]), gray, owned=owned)
 
 
 @_float32_kernel
-def normalize(x: torch.Tensor, mean: Param, std: Param) -> torch.Tensor:
+def normalize(x: torch.Tensor, mean: Param, std: Param, *, owned: bool = False) -> torch.Tensor:
     """(x - mean[c]) / std[c] per channel (torchvision ``F.normalize``)."""
     channels = x.shape[1]
     mean = torch.as_tensor(mean, dtype=torch.float32)
@@ -465,6 +532,8 @@ def normalize(x: torch.Tensor, mean: Param, std: Param) -> torch.Tensor:
         raise ValueError(f"mean and std must have {channels} values each")
     _require(std != 0, f"normalize: std must be non-zero, got {std.tolist()}")
     mean, std = to_device(mean, x.device), to_device(std, x.device)
+    if owned:
+        return x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
@@ -513,7 +582,12 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tensor:
 
 @_float32_kernel
 def gaussian_blur(
-    x: torch.Tensor, sigma: Param, kernel_size: Param, active: Param | None = None
+    x: torch.Tensor,
+    sigma: Param,
+    kernel_size: Param,
+    active: Param | None = None,
+    *,
+    owned: bool = False,
 ) -> torch.Tensor:
     """torchvision ``F.gaussian_blur(x[b], [k, k], [s, s])`` per active sample.
 
@@ -531,5 +605,6 @@ def gaussian_blur(
     out = x
     for size in torch.unique(sizes[mask]).tolist():
         blur = functools.partial(_blur, size=size)
-        out = _apply(out, mask & (sizes == size), blur, sigma, owned=out is not x)
-    return out if out is not x else x.clone()
+        chosen = mask & (sizes == size)
+        out = _apply(out, chosen, blur, sigma, owned=owned or out is not x, gather=True)
+    return out if out is not x or owned else x.clone()

@@ -66,6 +66,8 @@ _BLOCK_T = 32
 _BLOCK_N = 16
 _BLOCK_K = 64
 _NUM_WARPS = 4
+# fbank_torch on a CPU: values per chunk of its padded-frame buffer (one clip of 1024 frames).
+_CHUNK_VALUES = 1024 * N_FFT
 
 
 class Fbank(NamedTuple):
@@ -187,6 +189,8 @@ def _prepare(wave: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Te
 
 def _zero_invalid_frames(feats: torch.Tensor, num_frames: torch.Tensor) -> torch.Tensor:
     """Zero frames at or beyond each row's frame count."""
+    if not num_frames.is_cuda and bool((num_frames >= feats.shape[1]).all()):
+        return feats  # every frame is valid (known on the host: no device synchronisation)
     frame = torch.arange(feats.shape[1], device=feats.device)
     return torch.where((frame < num_frames[:, None])[:, :, None], feats, 0.0)
 
@@ -213,19 +217,46 @@ def fbank_torch(wave: torch.Tensor, lengths: torch.Tensor | None = None) -> Fban
         empty = wave.new_zeros(batch, total, NUM_MEL_BINS)
         return Fbank(empty, num_frames)
     with torch.autocast(wave.device.type, enabled=False):
-        frames = wave.unfold(1, FRAME_LENGTH, FRAME_SHIFT)  # (B, T, 400), a strided view
-        frames = frames - frames.mean(dim=2, keepdim=True)
-        previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=2)
-        frames = frames - PREEMPHASIS * previous
-        frames = frames * _window_on(wave.device)
-        spectrum = torch.fft.rfft(frames, n=N_FFT)  # zero-pads 400 -> 512
-        power = spectrum.real.square() + spectrum.imag.square()
-        if wave.device.type == "cpu":
-            # CPUs have no TF32: a float32 product is IEEE float32 (and ~3x faster than float64).
-            energies = torch.matmul(power, _mel_on(wave.device, torch.float32))
-        else:
-            energies = torch.matmul(power.double(), _mel_on(wave.device, torch.float64)).float()
-        feats = torch.log(torch.clamp(energies, min=LOG_FLOOR))
+        # Per frame, Kaldi computes w[n] * ((x[n] - m) - 0.97 (x[n-1] - m)) with m the frame's
+        # mean and x[-1] = x[0]. That equals w[n] * (e[n] - 0.03 m) with e the pre-emphasis of
+        # the whole waveform, e[j] = x[j] - 0.97 x[j-1], for n >= 1; at n = 0 the symmetric Hann
+        # window is zero, so the frame's own first sample never matters. Pre-emphasising the
+        # waveform once and writing the windowed frames straight into a zero-padded FFT buffer
+        # makes two passes over the (B, T, 400) frames instead of eight.
+        means = wave.unfold(1, FRAME_LENGTH, FRAME_SHIFT).mean(dim=2, keepdim=True)
+        emph = torch.empty_like(wave)
+        torch.sub(wave[:, 1:], wave[:, :-1], alpha=PREEMPHASIS, out=emph[:, 1:])
+        emph[:, 0] = 0.0  # only ever multiplied by the window's zero
+        frames = emph.unfold(1, FRAME_LENGTH, FRAME_SHIFT)  # (B, T, 400), a strided view
+        window = _window_on(wave.device)
+        cpu = wave.device.type == "cpu"
+        # CPUs have no TF32: a float32 product is IEEE float32 (and ~3x faster than float64).
+        mel = _mel_on(wave.device, torch.float32 if cpu else torch.float64)[: N_FFT // 2]
+        feats = wave.new_empty(batch, total, NUM_MEL_BINS)
+        # A few clips at a time, through buffers reused from chunk to chunk: the intermediates
+        # (padded frames, spectrum, power: ~100 MB for a batch of 16 ten-second clips) stay in
+        # cache and no fresh memory is faulted in per batch (CPU: ~100 -> ~60 ms per batch).
+        rows = max(1, _CHUNK_VALUES // (total * N_FFT)) if cpu else batch
+        padded = wave.new_zeros(min(rows, batch), total, N_FFT)
+        spectrum = torch.empty(
+            padded.shape[:2] + (N_FFT // 2 + 1,), dtype=torch.complex64, device=wave.device
+        )
+        power = wave.new_empty(padded.shape[:2] + (N_FFT // 2,))
+        for a in range(0, batch, rows):
+            n = min(rows, batch - a)
+            windowed = padded[:n, :, :FRAME_LENGTH]
+            torch.sub(frames[a : a + n], means[a : a + n], alpha=1.0 - PREEMPHASIS, out=windowed)
+            windowed.mul_(window)
+            torch.fft.rfft(padded[:n], out=spectrum[:n])
+            # The Nyquist bin has zero mel weight: leave it out of the power and the product.
+            parts = torch.view_as_real(spectrum[:n])[..., : N_FFT // 2, :]
+            torch.mul(parts[..., 0], parts[..., 0], out=power[:n])
+            power[:n].addcmul_(parts[..., 1], parts[..., 1])
+            if cpu:
+                torch.matmul(power[:n], mel, out=feats[a : a + n])
+            else:
+                feats[a : a + n] = torch.matmul(power[:n].double(), mel).float()
+        feats.clamp_(min=LOG_FLOOR).log_()
     return Fbank(_zero_invalid_frames(feats, num_frames), num_frames)
 
 

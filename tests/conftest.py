@@ -36,9 +36,9 @@ def synth_small(tmp_path_factory):
 
 @pytest.fixture(params=["gather", "where"])
 def selection(request, monkeypatch):
-    """How ``kernels.augment`` applies an op to some samples of a batch: as on a CPU (gather the
-    active samples, scatter back) or as on a GPU (whole batch, then ``where``)."""
+    """How ``kernels.augment`` applies an op to some samples of a batch: as on a CPU (on the
+    active samples' slices) or as on a GPU (whole batch, then ``where``)."""
     from kernels import augment as K
 
-    monkeypatch.setattr(K, "_where_selects", lambda x: request.param == "where")
+    monkeypatch.setattr(K, "whole_batch_ops", lambda x: request.param == "where")
     return request.param

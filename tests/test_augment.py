@@ -113,6 +113,7 @@ def test_vectors_reproduce_the_augmented_views(synth_small, flags, seed, selecti
     loader, batches = pretrain_batches(synth_small, aug, seed)
     for batch in batches:
         assert batch["audio_aug"].shape == batch["audio"].shape
+        assert batch["audio_aug"].is_contiguous()  # one layout whatever the draws (compile)
         assert batch["visual_aug"].shape == batch["visual"].shape == (4, 3, 224, 224)
         assert batch["t_a"].shape == (4, 24) and batch["t_v"].shape == (4, 18)
         assert batch["t_a_cen"].shape == (4, 3, 24) and batch["t_v_cen"].shape == (4, 3, 18)

@@ -394,7 +394,7 @@ def _spec_mask(batch: int, length: int, max_width: int, seed: int) -> tuple[torc
 
 
 @pytest.mark.parametrize("axis,max_width", [(2, 192), (3, 48)])
-def test_mask_rows_matches_slicing(images, axis, max_width):
+def test_mask_rows_matches_slicing(selection, images, axis, max_width):
     x = images["fbank"]
     length = x.shape[axis]
     start, end = _spec_mask(3, length, max_width, seed=8)
@@ -420,7 +420,7 @@ def test_mask_rows_matches_slicing(images, axis, max_width):
 
 @pytest.mark.parametrize("axis", [2, 3])
 @pytest.mark.parametrize("kind", ["fbank", "rgb240x320"])
-def test_roll_matches_torch_roll(images, kind, axis):
+def test_roll_matches_torch_roll(selection, images, kind, axis):
     x = images[kind]
     shifts = torch.tensor([-1024, 5, 1023, -7, 2000])[: len(x)]
     active = _active(len(x))
@@ -544,3 +544,33 @@ def test_grey_image_stored_once_equals_three_equal_channels(selection):
     bright = torch.full((1, 3, 4, 4), 1.5)
     out = K.color_jitter(bright, order[:1], torch.tensor([[0.8, 1.0, 1.0, 0.0]]))
     assert out[0, 0, 0, 0] == 1.0 and out[0, 1, 0, 0] == out[0, 2, 0, 0] == 0.8
+
+
+def test_owned_intermediates_give_the_same_values(selection, images):
+    """``owned=True`` (the caller's own intermediate, which the kernel may overwrite) changes no
+    value; without it the input is left untouched."""
+    x = images["rgb224"]
+    n = len(x)
+    gen = _gen(12)
+    order = torch.stack([torch.randperm(4, generator=gen) for _ in range(n)])
+    factors = torch.rand(n, 4, generator=gen) * 0.8 + 0.6
+    factors[:, 3] = torch.rand(n, generator=gen) * 0.2 - 0.1
+    sigma = torch.rand(n, generator=gen) * 1.9 + 0.1
+    active = _active(n)
+    calls = {
+        "color_jitter": lambda y, **kw: K.color_jitter(y, order, factors, active, **kw),
+        "gaussian_blur": lambda y, **kw: K.gaussian_blur(
+            y, sigma, K.visual_blur_kernel_size(sigma), active, **kw
+        ),
+        "hflip": lambda y, **kw: K.hflip(y, active, **kw),
+        "grayscale": lambda y, **kw: K.grayscale(y, active, **kw),
+        "normalize": lambda y, **kw: K.normalize(y, IMAGENET_MEAN, IMAGENET_STD, **kw),
+        "mask_rows": lambda y, **kw: K.mask_rows(
+            y, torch.arange(n) * 7, torch.arange(n) * 7 + 30, 2, active, **kw
+        ),
+    }
+    for name, call in calls.items():
+        original = x.clone()
+        fresh = call(x)
+        assert torch.equal(x, original), f"{name} modified its input"
+        assert torch.equal(call(x.clone(), owned=True), fresh), f"{name}: owned changed values"

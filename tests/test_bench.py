@@ -315,6 +315,8 @@ def test_loader_benchmark_smoke_writes_a_valid_result(synth_small, tmp_path):
         str(tmp_path / "shards"),
         "--layouts",
         "frames,webm,frames-shards",
+        "--repeats",
+        "2",
     ]
     assert main(args) == 0
     (path,) = tmp_path.glob("loader-smoke-*.json")
@@ -329,6 +331,10 @@ def test_loader_benchmark_smoke_writes_a_valid_result(synth_small, tmp_path):
     }
     assert all(row["samples_per_s"] > 0 for row in result["rows"])
     assert set(result["summary"]["ratio"]) == {"frames", "webm"}
+    # Two alternating rounds: each row is the median of its two, each layout has two ratios.
+    assert all(len(row["round_samples_per_s"]) == 2 for row in result["rows"])
+    assert all(len(v) == 2 for v in result["summary"]["ratio_rounds"].values())
+    assert result["config"]["train_entries"] == 8
     assert result["summary"]["shards_vs_files"]["frames"] > 0
     assert (tmp_path / "shards" / "shards-frames" / "train.json").exists()
     assert result["summary"]["baseline_ms_per_sample_core"] > 0
