@@ -347,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
             "batches_per_epoch": have // args.batch_size,
             "warmup": args.warmup,
             "repeats": args.repeats,
+            # Process-wide once the first DALI loader is built: the baseline's workers, forked
+            # later, inherit it too.
+            "keep_freed_memory": cfg.data.keep_freed_memory,
             "seconds": args.seconds,
             "cen_num": cfg.model.cen_num,
             "shard_size": args.shard_size,

@@ -17,6 +17,9 @@ saves/restores its position:
 - Last-batch policy: training epochs are whole global batches (the incomplete tail of each
   reshuffled epoch is dropped); evaluation yields every sample exactly once (the padding rows of
   the last batch are removed here, so batches can be shorter than ``batch_size``).
+- On a CPU the loader makes glibc keep freed memory for reuse (``keep_freed_memory``,
+  ``data.keep_freed_memory``): process-wide, because the stage's batch-sized tensors would
+  otherwise fault fresh pages in every batch.
 - Bad input: the dataset is checked when the loader is built (``equiav.data.check``'s cached
   result); entries with errors are skipped, each logged with its file and counted; files that
   break mid-epoch are skipped by the source (logged by name, counted in ``skipped``).
@@ -24,6 +27,7 @@ saves/restores its position:
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
@@ -67,6 +71,29 @@ class LoaderConfig:
     ft_specaug: bool = True  # finetune quirk switch (paper_exact: False)
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    keep_freed_memory: bool = True  # CPU: see keep_freed_memory()
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the system.
+
+    By default glibc serves each large allocation (the device stage's batch-sized tensors on a
+    CPU: 8 to 25 MB each) with a fresh mmap and unmaps it when freed, so every batch faults its
+    memory in again, page by page (on the 2-core VM ~0.5 ms per MB: tens of ms per batch). With
+    mmap off for the heap and the trim threshold at 1 GiB, freed blocks are reused. Process-wide
+    and idempotent; a no-op returning False where the C library has no ``mallopt`` (not glibc).
+    Measured: CPU pretraining loader ~+9 % samples/s (4 alternating process pairs, 3 of 4 won).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
 class DaliLoader:
@@ -91,6 +118,8 @@ class DaliLoader:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.device.type == "cpu" and cfg.keep_freed_memory and keep_freed_memory():
+            log.debug("glibc malloc keeps freed memory (data.keep_freed_memory)")
         self.epoch, start_offset = 0, 0
         if state is not None:
             self.epoch, start_offset = self._resume(state)
@@ -392,6 +421,7 @@ def build_loader(
         ft_specaug=cfg.quirks.ft_specaug,
         image_mean=data.image_mean,
         image_std=data.image_std,
+        keep_freed_memory=data.keep_freed_memory,
     )
     loader = DaliLoader(entries, read_label_csv(data.label_csv), lcfg, shard, device, state)
     if data.thread_prefetch > 0:

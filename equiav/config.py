@@ -89,6 +89,9 @@ class DataConfig:
     # >0: DALI's next batch and the device stage run in a background thread of the training
     # process, this many batches ahead of the step (dali_pipelines.threaded).
     thread_prefetch: int = 0
+    # CPU loaders: glibc keeps freed memory for reuse instead of returning it to the system, so
+    # batch-sized tensors stop paying page faults every batch (dali_pipelines.loader).
+    keep_freed_memory: bool = True
 
     def resolved_n_classes(self) -> int:
         """Label count: `n_classes` if set, else the dataset's (synthetic: rows of `label_csv`)."""

@@ -188,9 +188,12 @@ def _prepare(wave: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Te
 
 
 def _zero_invalid_frames(feats: torch.Tensor, num_frames: torch.Tensor) -> torch.Tensor:
-    """Zero frames at or beyond each row's frame count."""
-    if not num_frames.is_cuda and bool((num_frames >= feats.shape[1]).all()):
-        return feats  # every frame is valid (known on the host: no device synchronisation)
+    """Zero frames at or beyond each row's frame count (in place where the counts live on the
+    host: a slice per short row, no device synchronisation)."""
+    if not num_frames.is_cuda:
+        for row, count in enumerate(num_frames.tolist()):
+            feats[row, count:] = 0.0
+        return feats
     frame = torch.arange(feats.shape[1], device=feats.device)
     return torch.where((frame < num_frames[:, None])[:, :, None], feats, 0.0)
 
@@ -238,18 +241,15 @@ def fbank_torch(wave: torch.Tensor, lengths: torch.Tensor | None = None) -> Fban
         # cache and no fresh memory is faulted in per batch (CPU: ~100 -> ~60 ms per batch).
         rows = max(1, _CHUNK_VALUES // (total * N_FFT)) if cpu else batch
         padded = wave.new_zeros(min(rows, batch), total, N_FFT)
-        spectrum = torch.empty(
-            padded.shape[:2] + (N_FFT // 2 + 1,), dtype=torch.complex64, device=wave.device
-        )
         power = wave.new_empty(padded.shape[:2] + (N_FFT // 2,))
         for a in range(0, batch, rows):
             n = min(rows, batch - a)
             windowed = padded[:n, :, :FRAME_LENGTH]
             torch.sub(frames[a : a + n], means[a : a + n], alpha=1.0 - PREEMPHASIS, out=windowed)
             windowed.mul_(window)
-            torch.fft.rfft(padded[:n], out=spectrum[:n])
+            spectrum = torch.fft.rfft(padded[:n])  # (rfft's out= only copies into it)
             # The Nyquist bin has zero mel weight: leave it out of the power and the product.
-            parts = torch.view_as_real(spectrum[:n])[..., : N_FFT // 2, :]
+            parts = torch.view_as_real(spectrum)[..., : N_FFT // 2, :]
             torch.mul(parts[..., 0], parts[..., 0], out=power[:n])
             power[:n].addcmul_(parts[..., 1], parts[..., 1])
             if cpu:
