@@ -10,7 +10,8 @@ list is regenerated larger when it holds fewer than the measured batches):
 
 - ``dali-frames`` / ``dali-webm``: our pipeline in ``pretrain`` mode (decode, the filterbank and
   every augmentation with its t-vectors and the ``cen_num`` vectors, i.e. everything the model
-  consumes), on the JPEG-frames layout and on VP9 video files; DALI gets ``--cores`` threads;
+  consumes), on the JPEG-frames layout and on VP9 video files; DALI gets ``--cores`` threads and
+  the device stage after it ``--stage-threads`` torch threads (default 1);
   with ``--py-workers 0,2`` once per value (rows ``dali-frames``, ``dali-frames-pyw2``: the source
   inline or in 2 worker processes; the summary's ``py_workers_vs_inline``), the ratio to the
   baseline taking the best;
@@ -171,7 +172,7 @@ def _median_rows(rounds: list[list[dict]]) -> list[dict]:
     each round's in ``round_samples_per_s``)."""
     merged = []
     for i, row in enumerate(rounds[0]):
-        values = [r[i]["samples_per_s"] for r in rounds]
+        values = [round(r[i]["samples_per_s"], 2) for r in rounds]
         merged.append(
             {**row, "samples_per_s": statistics.median(values), "round_samples_per_s": values}
         )
@@ -198,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--repeats", type=int, default=3, help="alternating rounds of both sides (medians)"
+    )
+    parser.add_argument(
+        "--stage-threads", type=int, default=1, help="torch threads of the DALI side's stage"
     )
     parser.add_argument("--smoke", action="store_true", help="tiny run for tests")
     parser.add_argument("--results-dir", default=None)
@@ -246,7 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     file_layouts = [x for x in layouts if not x.endswith(SHARDS)]
     shard_root = Path(args.shard_dir) if args.shard_dir else None
     shard_dirs = _write_shards(data_dir, layouts, shard_root, args.shard_size)
-    torch.set_num_threads(args.cores)
+    # The DALI side's device stage (filterbank, augmentation kernels) runs in this process on
+    # --stage-threads torch threads: DALI's own threads are its parallelism, and a second
+    # intra-op thread mostly spins against them (2 vs 1: ~60 % more CPU per sample for the same
+    # samples/s on the 2-core VM), as the baseline's workers each get one torch thread.
+    torch.set_num_threads(args.stage_threads)
     py_workers = tuple(int(x) for x in args.py_workers.split(",") if x)
     # Rounds alternate the two sides, so that a machine whose speed drifts (a shared VM) slows
     # both alike; each row reports the median of its rounds.
@@ -347,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             "batches_per_epoch": have // args.batch_size,
             "warmup": args.warmup,
             "repeats": args.repeats,
+            "stage_threads": args.stage_threads,
             # Process-wide once the first DALI loader is built: the baseline's workers, forked
             # later, inherit it too.
             "keep_freed_memory": cfg.data.keep_freed_memory,
