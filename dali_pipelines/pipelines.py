@@ -68,8 +68,9 @@ def output_names(source: SampleSource) -> tuple[str, ...]:
 
 def _decode(src: dict, view: int, video_files: bool, device: str):
     """Decode one view's frame: JPEG bytes, or video bytes and a frame number."""
-    if video_files:
-        return video.decode_video_frame(src[f"frame{view}"], src[f"frame{view}_index"], device)
+    if video_files:  # a view without its own bytes is a frame of view 0's file (pretraining)
+        data = src.get(f"frame{view}", src["frame0"])
+        return video.decode_video_frame(data, src[f"frame{view}_index"], device)
     return video.decode_jpeg(src[f"frame{view}"], device)
 
 
@@ -120,7 +121,12 @@ def _pipeline(source: SampleSource, opts: PipelineOptions):
         wave, wave_len = audio.waveform(src["wav"], opts.target_frames)
     if device == "gpu":
         wave = wave.gpu()
-    frame = _decode(src, 0, source.video_files, device)
+    both_views_once = mode == "pretrain" and source.video_files and device == "cpu"
+    if both_views_once:  # the two views are frames of the same file: decode it once
+        indices = fn.stack(src["frame0_index"], src["frame1_index"])
+        frame, aug_frame = video.decode_video_frames(src["frame0"], indices, 2, device)
+    else:
+        frame = _decode(src, 0, source.video_files, device)
     visual = video.clean_view(frame, device, opts.image_size)
     if mode == "finetune":  # frames mixed after normalisation, as the original does
         partner = video.clean_view(
@@ -130,7 +136,8 @@ def _pipeline(source: SampleSource, opts: PipelineOptions):
         visual = visual * lam + partner * (1.0 - lam)
     outputs = [wave, wave_len, visual] + [src[name] for name in _PASS[mode]]
     if mode == "pretrain":
-        aug_frame = _decode(src, 1, source.video_files, device)
+        if not both_views_once:
+            aug_frame = _decode(src, 1, source.video_files, device)
         outputs.append(_augmented_crop(aug_frame, src["vcrop"], opts.image_size, device))
         if source.spec.cen_num > 0:
             outputs += [src["t_a_cen"], src["t_v_cen"]]

@@ -225,7 +225,8 @@ class SampleSource:
     """Per-sample ``fn.external_source`` callback: file bytes, labels, draws and bookkeeping.
 
     Its outputs are named (``output_names``, in order): ``wav``; per visual view ``frame{v}`` (JPEG
-    bytes, or video bytes followed by ``frame{v}_index``, the frame number to decode); ``labels``
+    bytes, or video bytes followed by ``frame{v}_index``, the frame number to decode; pretraining
+    on video files sends the file once, ``frame0``, since both views are frames of it); ``labels``
     (multi-hot, mixed in finetune mode), ``index``, ``valid``, ``frame_k``, ``skipped``; then the
     mode's draws (see ``_draws``).
 
@@ -275,7 +276,12 @@ class SampleSource:
     def output_names(self) -> tuple[str, ...]:
         names = ["wav"]
         for v in range(self.views):
-            names += [f"frame{v}", f"frame{v}_index"] if self.video_files else [f"frame{v}"]
+            if not self.video_files:
+                names += [f"frame{v}"]
+            elif self._same_file(v):
+                names += [f"frame{v}_index"]
+            else:
+                names += [f"frame{v}", f"frame{v}_index"]
         names += ["labels", "index", "valid", "frame_k", "skipped"]
         if self.spec.mode == "pretrain":
             names += ["vcrop", "t_a", "t_v", "a_params"]
@@ -350,15 +356,19 @@ class SampleSource:
             out.update(self._pretrain_draws(epoch, gpos, self._frame_size(entry, ks[1], out)))
         return out
 
+    def _same_file(self, view: int) -> bool:
+        """Whether a video view is decoded from view 0's bytes (pretraining: the same clip)."""
+        return view > 0 and self.spec.mode == "pretrain"
+
     def _read_frame(self, entry: Entry, k: int, view: int) -> dict[str, np.ndarray]:
         if entry.is_video_file:
             from dali_pipelines.video import frame_index_at
 
             index = frame_index_at(entry.video_path, k + 0.5)
-            return {
-                f"frame{view}": read_bytes(entry.video_path),
-                f"frame{view}_index": np.array(index, np.int32),
-            }
+            out = {f"frame{view}_index": np.array(index, np.int32)}
+            if not self._same_file(view):
+                out[f"frame{view}"] = read_bytes(entry.video_path)
+            return out
         path = entry.frame_path(k)
         data = read_bytes(path)
         validate_jpeg(path, data)

@@ -392,3 +392,26 @@ def test_keep_freed_memory_reuses_freed_blocks():
     assert all(back < 4 * mib for _, back in kept)  # kept after every free
     # ...and reused: six 64 MiB tensors in a row map far less than six fresh blocks would.
     assert sum(grown for grown, _ in kept) < 3 * 64 * mib
+
+
+def test_pretraining_on_video_files_decodes_the_drawn_frames(synth_small):
+    """On video files the pretraining pipeline decodes a clip's two views in one decoder call
+    (CPU): each clean view equals the clean view of the frame the source drew (``frame_k``),
+    decoded on its own, bit for bit; the augmented view's frame is another draw."""
+    from dali_pipelines.video import clean_view, decode_video_frame, frame_index_at
+    from tests.test_video import read_bytes, run_dali
+
+    entries = read_dataset(synth_small.root / "train_webm.json")
+    labels = read_label_csv(synth_small.label_csv)
+    batches = collect(DaliLoader(entries, labels, small_config("pretrain")))
+    ks = torch.cat([b["frame_k"] for b in batches])
+    assert (ks[:, 0] != ks[:, 1]).any()  # the two views' frames are drawn separately
+    for batch in batches:
+        for row, index in enumerate(batch["index"].tolist()):
+            path = entries[index].video_path
+            frame = frame_index_at(path, int(batch["frame_k"][row, 0]) + 0.5)
+            (want,) = run_dali(
+                lambda b, i: (clean_view(decode_video_frame(b, i, "cpu"), "cpu", 224),),
+                [[read_bytes(path)], [np.int32(frame)]],
+            )
+            assert torch.equal(batch["visual"][row], torch.from_numpy(want[0])), (index, frame)

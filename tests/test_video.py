@@ -32,6 +32,7 @@ from dali_pipelines.video import (
     clean_view,
     decode_jpeg,
     decode_video_frame,
+    decode_video_frames,
     frame_index_at,
     frames_at_seconds,
     video_codec,
@@ -163,7 +164,7 @@ def read_bytes(path: str) -> np.ndarray:
     return np.fromfile(path, dtype=np.uint8)
 
 
-def decode_video_frames(path: str, indices: list[int], gpu: bool = False) -> list[np.ndarray]:
+def dali_frames(path: str, indices: list[int], gpu: bool = False) -> list[np.ndarray]:
     data = read_bytes(path)
     device = "gpu" if gpu else "cpu"
     (frames,) = run_dali(
@@ -216,11 +217,27 @@ def test_frame_index_at_variable_frame_rate(vfr_webm):
 def test_dali_start_frame_counts_presentation_order_on_vfr_portrait(vfr_webm):
     frames = decoded_frames(vfr_webm)
     indices = frames_at_seconds(vfr_webm, [0.5, 2.5, 3.0, 4.9])
-    decoded = decode_video_frames(vfr_webm, indices)
+    decoded = dali_frames(vfr_webm, indices)
     for index, got in zip(indices, decoded, strict=True):
         assert got.shape == (320, 240, 3)
         assert mean_abs(got, yuv_to_rgb_reference(frames[index])) < 0.1
         assert mean_abs(got, yuv_to_rgb_reference(frames[index + 1])) > 2.0
+
+
+def test_several_frames_in_one_call_equal_one_call_each(clip):
+    """The pretraining pipeline decodes a clip's two views in one decoder call (CPU): the same
+    pixels as one call per frame, in either order and for a repeated frame."""
+    data = read_bytes(clip["webm"])
+    pairs = [(237, 12), (12, 237), (100, 100), (0, 249)]
+    wanted = sorted({i for pair in pairs for i in pair})
+    single = dict(zip(wanted, dali_frames(clip["webm"], wanted), strict=True))
+    firsts, seconds = run_dali(
+        lambda b, ks: decode_video_frames(b, ks, 2, "cpu"),
+        [[data] * len(pairs), [np.array(p, np.int32) for p in pairs]],
+    )
+    for (i, j), first, second in zip(pairs, firsts, seconds, strict=True):
+        assert np.array_equal(first, single[i]) and np.array_equal(second, single[j]), (i, j)
+    assert not np.array_equal(single[12], single[237])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +248,7 @@ def test_webm_frame_matches_yuv_reference(clip):
     frames = decoded_frames(clip["webm"])
     ks = [0, 3, 5, 9]
     indices = frames_at_seconds(clip["webm"], [k + 0.5 for k in ks])
-    decoded = decode_video_frames(clip["webm"], indices)
+    decoded = dali_frames(clip["webm"], indices)
     for k, index, got in zip(ks, indices, decoded, strict=True):
         assert got.shape == (240, 320, 3) and got.dtype == np.uint8
         right = mean_abs(got, yuv_to_rgb_reference(frames[index]))
@@ -246,9 +263,7 @@ def test_webm_frame_matches_yuv_reference(clip):
 def test_webm_frame_is_the_frames_layout_frame(clip):
     """The video frame for k and the frames-layout JPEG for k show the same picture."""
     ks = [1, 6]
-    decoded = decode_video_frames(
-        clip["webm"], frames_at_seconds(clip["webm"], [k + 0.5 for k in ks])
-    )
+    decoded = dali_frames(clip["webm"], frames_at_seconds(clip["webm"], [k + 0.5 for k in ks]))
     for k, got in zip(ks, decoded, strict=True):
         jpegs = {
             j: np.asarray(
@@ -324,7 +339,7 @@ def test_check_decodable(clip, tmp_path):
 def test_frame_cli_webm_writes_the_decoded_frame(clip, tmp_path, capsys):
     out = tmp_path / "f.png"
     assert frame_cli.main([clip["webm"], "--second", "7", "--device", "cpu", str(out)]) == 0
-    (expected,) = decode_video_frames(clip["webm"], [synth.frame_index(7)])
+    (expected,) = dali_frames(clip["webm"], [synth.frame_index(7)])
     np.testing.assert_array_equal(np.asarray(Image.open(out)), expected)
 
 
@@ -374,7 +389,7 @@ def test_gpu_decodes_bframe_mp4_at_presentation_index(clip):
     frames = decoded_frames(clip["mp4"])
     ks = [0, 5, 9]
     indices = frames_at_seconds(clip["mp4"], [k + 0.5 for k in ks])
-    decoded = decode_video_frames(clip["mp4"], indices, gpu=True)
+    decoded = dali_frames(clip["mp4"], indices, gpu=True)
     for index, got in zip(indices, decoded, strict=True):
         assert got.shape == (240, 320, 3)
         # NVDEC output goes through DALI's own YUV->RGB kernel, not the CPU one: its distance to
