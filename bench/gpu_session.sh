@@ -36,11 +36,14 @@ for s in "$@"; do
     cuda-tests) stage cuda-tests 420 python3 -m pytest -q -m cuda tests -rs ;;
     tests) stage tests 540 python3 -m pytest -q -x -n 8 tests ;;
     loader)
+        # Two alternating rounds (medians): the data generation (>= 268 clips, so that no
+        # measured batch crosses an epoch) and three rounds might not fit the stage's limit.
         stage loader 420 python3 -m bench.loader --data "$DATA" --cores "$CORES" --device cuda \
-            --results-dir "$RESULTS" ;;
+            --repeats 2 --results-dir "$RESULTS" ;;
     loader-workers)
         stage loader-workers 420 python3 -m bench.loader --data "$DATA" --cores "$CORES" \
-            --device cuda --layouts frames,webm --py-workers 0,2 --results-dir "$RESULTS/workers" ;;
+            --device cuda --layouts frames,webm --py-workers 0,2 --repeats 1 \
+            --results-dir "$RESULTS/workers" ;;
     step) stage step 420 python3 -m bench.step --results-dir "$RESULTS" ;;
     step-compile)
         stage step-compile 540 python3 -m bench.step --compile --no-search --name step-compile \
