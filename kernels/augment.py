@@ -92,10 +92,11 @@ def _active(active: Param | None, batch: int) -> torch.Tensor:
     return mask
 
 
-def _require(ok: torch.Tensor, message: str) -> None:
-    """Raise ValueError(message) unless every element of ``ok`` is true."""
+def _require(ok: torch.Tensor, message: str | Callable[[], str]) -> None:
+    """Raise ValueError(message) unless every element of ``ok`` is true; a callable message is
+    built only then (the messages that list the parameters cost host time on every call)."""
     if not bool(ok.all()):
-        raise ValueError(message)
+        raise ValueError(message() if callable(message) else message)
 
 
 def _apply(
@@ -419,7 +420,9 @@ def _check_factor(op: int, factor: torch.Tensor, mask: torch.Tensor) -> None:
     """torchvision's ranges: brightness/contrast/saturation >= 0, hue in [-0.5, 0.5]."""
     ok = factor.abs() <= 0.5 if op == 3 else factor >= 0
     wanted = "in [-0.5, 0.5]" if op == 3 else ">= 0"
-    _require(ok | ~mask, f"{_COLOUR_NAMES[op]} factors must be {wanted}, got {factor.tolist()}")
+    _require(
+        ok | ~mask, lambda: f"{_COLOUR_NAMES[op]} factors must be {wanted}, got {factor.tolist()}"
+    )
 
 
 def _colour(x: torch.Tensor, op: int, factor: Param, active: Param | None) -> torch.Tensor:
@@ -492,7 +495,7 @@ def color_jitter(
     identity = torch.arange(4, device=order.device)
     _require(
         (order.sort(1).values == identity).all(1) | ~mask,
-        f"color_jitter: each order row must be a permutation of 0..3, got {order.tolist()}",
+        lambda: f"color_jitter: each order row must be a permutation of 0..3, got {order.tolist()}",
     )
     for op in range(4):
         _check_factor(op, factors[:, op], mask)
@@ -502,14 +505,15 @@ def color_jitter(
             "color_jitter on a one-channel (grey) image: hue first would make the channels "
             "differ; pass those samples with three channels",
         )
-    # Position by position, each op goes to the samples that have it there.
+    # Position by position, each op goes to the samples that have it there. The (position, op)
+    # masks are made in one go and read once (the host's per-op cost is a GPU stage's limit).
+    ops = torch.arange(4, device=order.device)
+    chosen = mask[None, None, :] & (order.T[:, None, :] == ops[None, :, None])  # (pos, op, B)
     out = x
-    for pos in range(4):
-        for op in range(4):
-            chosen = mask & (order[:, pos] == op)
-            if bool(chosen.any()):
-                mine = owned or out is not x
-                out = _apply(out, chosen, _COLOUR_OPS[op], factors[:, op], owned=mine)
+    for pos, present in enumerate(chosen.any(2).tolist()):
+        for op in (op for op in range(4) if present[op]):
+            mine = owned or out is not x
+            out = _apply(out, chosen[pos, op], _COLOUR_OPS[op], factors[:, op], owned=mine)
     return out if out is not x or owned else x.clone()
 
 
@@ -530,7 +534,7 @@ def normalize(x: torch.Tensor, mean: Param, std: Param, *, owned: bool = False) 
     std = torch.as_tensor(std, dtype=torch.float32)
     if mean.shape != (channels,) or std.shape != (channels,):
         raise ValueError(f"mean and std must have {channels} values each")
-    _require(std != 0, f"normalize: std must be non-zero, got {std.tolist()}")
+    _require(std != 0, lambda: f"normalize: std must be non-zero, got {std.tolist()}")
     mean, std = to_device(mean, x.device), to_device(std, x.device)
     if owned:
         return x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
@@ -560,19 +564,30 @@ def visual_blur_kernel_size(sigma: torch.Tensor | float) -> torch.Tensor | int:
     return _kernel_size(sigma, 3.0)
 
 
-def _gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
-    """(n, size) 1-D Gaussians on the integer offsets around the centre, each summing to 1."""
+def _gaussian_kernels(
+    sigma: torch.Tensor, size: int, own: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(n, size) 1-D Gaussians on the integer offsets around the centre, each summing to 1.
+
+    ``own`` (n,): each sample's own (smaller or equal) odd size; its kernel is that size's,
+    zero-padded to ``size`` (the zero taps add exact zeros to a convolution's sums).
+    """
     half = (size - 1) * 0.5
     offsets = torch.linspace(-half, half, steps=size, dtype=sigma.dtype, device=sigma.device)
     pdf = torch.exp(-0.5 * (offsets / sigma[:, None]).pow(2))
+    if own is not None:
+        pdf = torch.where(offsets.abs() <= (own // 2)[:, None], pdf, 0.0)
     return pdf / pdf.sum(1, keepdim=True)
 
 
-def _blur(x: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tensor:
-    """Blur (n, C, H, W) with per-sample sigma and one kernel size: reflect pad, then the
-    vertical and the horizontal 1-D pass as depthwise convolutions over n * C channels."""
+def _blur(
+    x: torch.Tensor, sigma: torch.Tensor, own: torch.Tensor | None = None, *, size: int
+) -> torch.Tensor:
+    """Blur (n, C, H, W) with per-sample sigma and one kernel size (or per-sample sizes ``own``
+    up to ``size``): reflect pad, then the vertical and the horizontal 1-D pass as depthwise
+    convolutions over n * C channels."""
     n, c, h, w = x.shape
-    kernels = _gaussian_kernels(sigma, size).repeat_interleave(c, 0)  # (n * C, size)
+    kernels = _gaussian_kernels(sigma, size, own).repeat_interleave(c, 0)  # (n * C, size)
     pad = size // 2
     y = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
     y = F.conv2d(y, kernels.view(n * c, 1, size, 1), groups=n * c)
@@ -599,10 +614,17 @@ def gaussian_blur(
     sigma = _param(sigma, batch, "sigma", torch.float32)
     sizes = _param(kernel_size, batch, "kernel_size", torch.long).to(sigma.device)
     mask = _active(active, batch).to(sigma.device)
-    _require((sigma > 0) | ~mask, f"gaussian_blur: sigma must be > 0, got {sigma.tolist()}")
+    _require((sigma > 0) | ~mask, lambda: f"gaussian_blur: sigma must be > 0, got {sigma.tolist()}")
     ok = (sizes > 0) & (sizes % 2 == 1) & (sizes // 2 < min(h, w))
     _require(ok | ~mask, f"gaussian_blur: kernel sizes must be odd, positive and fit {h}x{w}")
     out = x
+    if whole_batch_ops(x):
+        # One whole-batch pass for every size (each sample's kernel zero-padded to the largest),
+        # not one per distinct size: the visual sizes 3..13 made up to 6 passes and ~90 launches.
+        if bool(mask.any()):
+            blur = functools.partial(_blur, size=int(sizes[mask].max()))
+            out = _apply(x, mask, blur, sigma, sizes, owned=owned)
+        return out if out is not x or owned else x.clone()
     for size in torch.unique(sizes[mask]).tolist():
         blur = functools.partial(_blur, size=size)
         chosen = mask & (sizes == size)

@@ -308,7 +308,7 @@ def test_gaussian_blur_matches_torchvision(selection, images, kind):
     _check(out, x, active, _blur_reference(x, sigma, sizes), 5e-6)
 
 
-def test_gaussian_blur_with_wrong_sigma_or_kernel_size_fails(images):
+def test_gaussian_blur_with_wrong_sigma_or_kernel_size_fails(selection, images):
     x = images["rgb240x320"]
     sigma = torch.tensor([0.3, 0.7, 1.1, 1.6, 2.0])
     sizes = K.visual_blur_kernel_size(sigma)
