@@ -36,6 +36,7 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -416,9 +417,10 @@ _COLOUR_OPS = (_brightness, _contrast, _saturation, _hue)
 _COLOUR_NAMES = ("brightness", "contrast", "saturation", "hue")
 
 
-def _check_factor(op: int, factor: torch.Tensor, mask: torch.Tensor) -> None:
-    """torchvision's ranges: brightness/contrast/saturation >= 0, hue in [-0.5, 0.5]."""
-    ok = factor.abs() <= 0.5 if op == 3 else factor >= 0
+def _check_factor(op: int, factor, mask) -> None:
+    """torchvision's ranges: brightness/contrast/saturation >= 0, hue in [-0.5, 0.5] (torch
+    tensors or numpy arrays)."""
+    ok = abs(factor) <= 0.5 if op == 3 else factor >= 0
     wanted = "in [-0.5, 0.5]" if op == 3 else ">= 0"
     _require(
         ok | ~mask, lambda: f"{_COLOUR_NAMES[op]} factors must be {wanted}, got {factor.tolist()}"
@@ -489,12 +491,13 @@ def color_jitter(
             f"order and factors must have shape ({batch}, 4), got "
             f"{tuple(order.shape)} and {tuple(factors.shape)}"
         )
-    order = order.long()
-    factors = factors.float().to(order.device)
-    mask = _active(active, batch).to(order.device)
-    identity = torch.arange(4, device=order.device)
+    # The control logic runs in numpy on the host: ~90 small torch ops per call before, which a
+    # GPU stage's host thread paid for (parameters on a device are read once here).
+    order = order.long().cpu().numpy()
+    factors = factors.float().cpu().numpy()
+    mask = _active(active, batch).cpu().numpy()
     _require(
-        (order.sort(1).values == identity).all(1) | ~mask,
+        (np.sort(order, 1) == np.arange(4)).all(1) | ~mask,
         lambda: f"color_jitter: each order row must be a permutation of 0..3, got {order.tolist()}",
     )
     for op in range(4):
@@ -505,15 +508,13 @@ def color_jitter(
             "color_jitter on a one-channel (grey) image: hue first would make the channels "
             "differ; pass those samples with three channels",
         )
-    # Position by position, each op goes to the samples that have it there. The (position, op)
-    # masks are made in one go and read once (the host's per-op cost is a GPU stage's limit).
-    ops = torch.arange(4, device=order.device)
-    chosen = mask[None, None, :] & (order.T[:, None, :] == ops[None, :, None])  # (pos, op, B)
+    # Position by position, each op goes to the samples that have it there.
+    chosen = mask[None, None, :] & (order.T[:, None, :] == np.arange(4)[None, :, None])
     out = x
-    for pos, present in enumerate(chosen.any(2).tolist()):
-        for op in (op for op in range(4) if present[op]):
-            mine = owned or out is not x
-            out = _apply(out, chosen[pos, op], _COLOUR_OPS[op], factors[:, op], owned=mine)
+    for pos, op in zip(*np.nonzero(chosen.any(2)), strict=True):  # (pos, op) in order
+        mine = owned or out is not x
+        factor = torch.from_numpy(np.ascontiguousarray(factors[:, op]))
+        out = _apply(out, torch.from_numpy(chosen[pos, op]), _COLOUR_OPS[op], factor, owned=mine)
     return out if out is not x or owned else x.clone()
 
 
