@@ -93,7 +93,7 @@ def _active(active: Param | None, batch: int) -> torch.Tensor:
     return mask
 
 
-def _require(ok: torch.Tensor, message: str | Callable[[], str]) -> None:
+def _require(ok: torch.Tensor | np.ndarray, message: str | Callable[[], str]) -> None:
     """Raise ValueError(message) unless every element of ``ok`` is true; a callable message is
     built only then (the messages that list the parameters cost host time on every call)."""
     if not bool(ok.all()):
