@@ -168,14 +168,16 @@ def _baseline_rows(
 
 
 def _median_rows(rounds: list[list[dict]]) -> list[dict]:
-    """One row per pipeline: the first round's, with the median samples/s of all rounds (and
-    each round's in ``round_samples_per_s``)."""
+    """One row per pipeline: the row of its median round (the lower of the middle two for an
+    even count, so that every field of the row comes from one measurement), with each round's
+    samples/s in ``round_samples_per_s``."""
     merged = []
-    for i, row in enumerate(rounds[0]):
-        values = [round(r[i]["samples_per_s"], 2) for r in rounds]
-        merged.append(
-            {**row, "samples_per_s": statistics.median(values), "round_samples_per_s": values}
-        )
+    for i in range(len(rounds[0])):
+        rows = [r[i] for r in rounds]
+        median = statistics.median_low(row["samples_per_s"] for row in rows)
+        chosen = next(row for row in rows if row["samples_per_s"] == median)
+        values = [round(row["samples_per_s"], 2) for row in rows]
+        merged.append({**chosen, "round_samples_per_s": values})
     return merged
 
 

@@ -121,12 +121,15 @@ def _pipeline(source: SampleSource, opts: PipelineOptions):
         wave, wave_len = audio.waveform(src["wav"], opts.target_frames)
     if device == "gpu":
         wave = wave.gpu()
-    both_views_once = mode == "pretrain" and source.video_files and device == "cpu"
-    if both_views_once:  # the two views are frames of the same file: decode it once
+    aug_frame = None  # pretraining's augmented view, from its own frame draw
+    if mode == "pretrain" and source.video_files and device == "cpu":
+        # The two views are frames of the same file: decode it once.
         indices = fn.stack(src["frame0_index"], src["frame1_index"])
         frame, aug_frame = video.decode_video_frames(src["frame0"], indices, 2, device)
     else:
         frame = _decode(src, 0, source.video_files, device)
+        if mode == "pretrain":
+            aug_frame = _decode(src, 1, source.video_files, device)
     visual = video.clean_view(frame, device, opts.image_size)
     if mode == "finetune":  # frames mixed after normalisation, as the original does
         partner = video.clean_view(
@@ -136,8 +139,6 @@ def _pipeline(source: SampleSource, opts: PipelineOptions):
         visual = visual * lam + partner * (1.0 - lam)
     outputs = [wave, wave_len, visual] + [src[name] for name in _PASS[mode]]
     if mode == "pretrain":
-        if not both_views_once:
-            aug_frame = _decode(src, 1, source.video_files, device)
         outputs.append(_augmented_crop(aug_frame, src["vcrop"], opts.image_size, device))
         if source.spec.cen_num > 0:
             outputs += [src["t_a_cen"], src["t_v_cen"]]

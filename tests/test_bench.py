@@ -333,6 +333,9 @@ def test_loader_benchmark_smoke_writes_a_valid_result(synth_small, tmp_path):
     assert set(result["summary"]["ratio"]) == {"frames", "webm"}
     # Two alternating rounds: each row is the median of its two, each layout has two ratios.
     assert all(len(row["round_samples_per_s"]) == 2 for row in result["rows"])
+    for row in result["rows"]:  # every field of a row comes from the same round
+        assert row["samples"] / row["seconds"] == pytest.approx(row["samples_per_s"], rel=0.01)
+        assert min(row["round_samples_per_s"]) == pytest.approx(row["samples_per_s"], abs=0.01)
     assert all(len(v) == 2 for v in result["summary"]["ratio_rounds"].values())
     assert result["config"]["train_entries"] == 8
     assert result["summary"]["shards_vs_files"]["frames"] > 0
