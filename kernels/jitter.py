@@ -1,0 +1,271 @@
+"""Colour jitter as one fused Triton kernel: the GPU path of ``kernels.augment.color_jitter``.
+
+Why: the torch path applies each (position, op) pair of the per-sample orders as separate
+whole-batch ops; on a GPU that is ~500 small launches per pretraining batch (hue alone is ~38 ops
+per call), and the loader's device stage is bound by the host's launch time. Here one launch
+per call does every sample's four adjustments in its own order.
+
+One program per image, two passes over it: the first (only for active samples) applies the ops
+that come before contrast and sums the grayscale image for contrast's mean; the second applies
+all four ops in order and writes the result. Every adjustment is pointwise except contrast's
+mean, so nothing else needs the whole image.
+
+Numerics: the same float32 operations in the same order as the torch path (torchvision's
+formulas), with IEEE division (``div_rn``; Triton's ``/`` is approximate on NVIDIA GPUs), NaN
+propagating min/max as torch's clamp, and the kernel compiled without fused multiply-adds
+(``enable_fp_fusion=False``), so every op rounds as torch's separate kernels do. The one
+difference is contrast's mean, whose sum runs in another order (a few ulp of the mean).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+import torch
+
+from kernels.transfer import to_device
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only install without triton: the torch path is used everywhere
+    triton = None
+
+# Per sample: [active, op at position 0..3, brightness, contrast, saturation, hue, contrast's
+# position], as float32 (small integers are exact).
+_PARAMS = 10
+_BLOCK = 1024
+_NUM_WARPS = 4
+
+
+def fused_path(x: torch.Tensor) -> bool:
+    """Whether ``kernels.augment.color_jitter`` takes this kernel for x: on a CUDA tensor when
+    triton is importable (the torch path otherwise)."""
+    return triton is not None and x.is_cuda
+
+
+def _interpreting() -> bool:
+    """Whether Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1, the tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _clamp01(v):
+        zero = tl.full(v.shape, 0.0, tl.float32)
+        one = tl.full(v.shape, 1.0, tl.float32)
+        return tl.minimum(tl.maximum(v, zero, tl.PropagateNan.ALL), one, tl.PropagateNan.ALL)
+
+    @triton.jit
+    def _gray(r, g, b):
+        # torchvision's rgb_to_grayscale weights and summation order (kernels.augment.GRAY_WEIGHTS).
+        return 0.2989 * r + 0.587 * g + 0.114 * b
+
+    @triton.jit
+    def _blend(a, b, ratio):
+        return _clamp01(ratio * a + (1.0 - ratio) * b)
+
+    @triton.jit
+    def _pick(sector, s0, s1, s2, s3, s4, s5):
+        """The candidate of each pixel's hue sector (0..5)."""
+        out = tl.where(sector == 0, s0, s5)
+        out = tl.where(sector == 1, s1, out)
+        out = tl.where(sector == 2, s2, out)
+        out = tl.where(sector == 3, s3, out)
+        return tl.where(sector == 4, s4, out)
+
+    @triton.jit
+    def _hue(r, g, b, factor):
+        """torchvision's adjust_hue: RGB -> HSV, shift h, back (``augment._hue_general``)."""
+        maxc = tl.maximum(tl.maximum(r, g, tl.PropagateNan.ALL), b, tl.PropagateNan.ALL)
+        minc = tl.minimum(tl.minimum(r, g, tl.PropagateNan.ALL), b, tl.PropagateNan.ALL)
+        flat = maxc == minc
+        span = maxc - minc
+        s = tl.div_rn(span, tl.where(flat, 1.0, maxc))
+        divisor = tl.where(flat, 1.0, span)
+        rc = tl.div_rn(maxc - r, divisor)
+        gc = tl.div_rn(maxc - g, divisor)
+        bc = tl.div_rn(maxc - b, divisor)
+        h = tl.where(maxc == r, bc - gc, tl.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+        # fmod(h / 6 + 1, 1): the argument lies in [5/6, 11/6], where a - floor(a) is exact.
+        h = tl.div_rn(h, 6.0) + 1.0
+        h = h - tl.floor(h)
+        # remainder(h + factor, 1): a - floor(a) rounds as torch's remainder does.
+        h = h + factor
+        h = h - tl.floor(h)
+        h6 = h * 6.0
+        sector_f = tl.floor(h6)
+        f = h6 - sector_f
+        sector = sector_f.to(tl.int32) % 6  # h in [0, 1]: sector_f >= 0
+        v = maxc
+        p = _clamp01(v * (1.0 - s))
+        q = _clamp01(v * (1.0 - s * f))
+        t = _clamp01(v * (1.0 - s * (1.0 - f)))
+        return (
+            _pick(sector, v, q, p, p, t, v),
+            _pick(sector, t, v, v, q, p, p),
+            _pick(sector, p, p, t, v, v, q),
+        )
+
+    @triton.jit
+    def _adjust(r, g, b, op, factor, mean, CHANNELS: tl.constexpr):
+        """One adjustment (0 brightness, 1 contrast, 2 saturation, 3 hue) on a block of pixels."""
+        if op == 0:
+            # torchvision blends with zeros; the (1 - factor) * 0 term adds only a signed zero.
+            r = _clamp01(factor * r)
+            g = _clamp01(factor * g)
+            b = _clamp01(factor * b)
+        elif op == 1:
+            r = _blend(r, mean, factor)
+            g = _blend(g, mean, factor)
+            b = _blend(b, mean, factor)
+        elif op == 2:
+            gray = _gray(r, g, b)
+            r = _blend(r, gray, factor)
+            g = _blend(g, gray, factor)
+            b = _blend(b, gray, factor)
+        else:
+            if CHANNELS == 1:
+                # A grey image stored once: hue leaves grey pixels at clamp(v) in every channel
+                # (color_jitter refuses hue first here, so the values are already in [0, 1]).
+                r = _clamp01(r)
+                g = r
+                b = r
+            else:
+                r, g, b = _hue(r, g, b, factor)
+        return r, g, b
+
+    @triton.jit
+    def _jitter_kernel(
+        x_ptr,
+        out_ptr,
+        params_ptr,
+        pixels,
+        stride_b,
+        stride_c,
+        CHANNELS: tl.constexpr,
+        BLOCK: tl.constexpr,
+        COPY_INACTIVE: tl.constexpr,
+        PARAMS: tl.constexpr,
+    ):
+        """One program: image ``program_id(0)`` of a (B, CHANNELS, H, W) batch, H * W = pixels."""
+        row = tl.program_id(0)
+        params = params_ptr + row * PARAMS
+        active = tl.load(params) > 0.5
+        x_img = x_ptr + row.to(tl.int64) * stride_b
+        out_img = out_ptr + row.to(tl.int64) * stride_b
+        offs = tl.arange(0, BLOCK)
+        if active:
+            ops0 = tl.load(params + 1).to(tl.int32)
+            ops1 = tl.load(params + 2).to(tl.int32)
+            ops2 = tl.load(params + 3).to(tl.int32)
+            ops3 = tl.load(params + 4).to(tl.int32)
+            f0 = tl.load(params + 5 + ops0)
+            f1 = tl.load(params + 5 + ops1)
+            f2 = tl.load(params + 5 + ops2)
+            f3 = tl.load(params + 5 + ops3)
+            contrast_at = tl.load(params + 9).to(tl.int32)
+
+            # Pass 1: the grayscale mean of the image as contrast finds it.
+            total = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, pixels, BLOCK):
+                idx = start + offs
+                inside = idx < pixels
+                r = tl.load(x_img + idx, mask=inside, other=0.0)
+                if CHANNELS == 3:
+                    g = tl.load(x_img + stride_c + idx, mask=inside, other=0.0)
+                    b = tl.load(x_img + 2 * stride_c + idx, mask=inside, other=0.0)
+                else:
+                    g = r
+                    b = r
+                if contrast_at > 0:
+                    r, g, b = _adjust(r, g, b, ops0, f0, 0.0, CHANNELS)
+                if contrast_at > 1:
+                    r, g, b = _adjust(r, g, b, ops1, f1, 0.0, CHANNELS)
+                if contrast_at > 2:
+                    r, g, b = _adjust(r, g, b, ops2, f2, 0.0, CHANNELS)
+                total += tl.where(inside, _gray(r, g, b), 0.0)
+            mean = tl.div_rn(tl.sum(total, axis=0), pixels.to(tl.float32))
+
+            # Pass 2: the four adjustments in the sample's order.
+            for start in range(0, pixels, BLOCK):
+                idx = start + offs
+                inside = idx < pixels
+                r = tl.load(x_img + idx, mask=inside, other=0.0)
+                if CHANNELS == 3:
+                    g = tl.load(x_img + stride_c + idx, mask=inside, other=0.0)
+                    b = tl.load(x_img + 2 * stride_c + idx, mask=inside, other=0.0)
+                else:
+                    g = r
+                    b = r
+                r, g, b = _adjust(r, g, b, ops0, f0, mean, CHANNELS)
+                r, g, b = _adjust(r, g, b, ops1, f1, mean, CHANNELS)
+                r, g, b = _adjust(r, g, b, ops2, f2, mean, CHANNELS)
+                r, g, b = _adjust(r, g, b, ops3, f3, mean, CHANNELS)
+                tl.store(out_img + idx, r, mask=inside)
+                if CHANNELS == 3:
+                    tl.store(out_img + stride_c + idx, g, mask=inside)
+                    tl.store(out_img + 2 * stride_c + idx, b, mask=inside)
+        else:
+            if COPY_INACTIVE:
+                for start in range(0, pixels * CHANNELS, BLOCK):
+                    idx = start + offs
+                    inside = idx < pixels * CHANNELS
+                    tl.store(out_img + idx, tl.load(x_img + idx, mask=inside), mask=inside)
+
+
+def color_jitter_triton(
+    x: torch.Tensor,
+    order: np.ndarray,
+    factors: np.ndarray,
+    active: np.ndarray,
+    *,
+    owned: bool = False,
+    block: int | None = None,
+) -> torch.Tensor:
+    """Colour jitter of a (B, C, H, W) float32 batch, C = 3 or 1 (a grey image stored once).
+
+    order (B, 4) int, factors (B, 4) float32 as applied, active (B,) bool: host arrays that
+    ``kernels.augment.color_jitter`` has already checked (call that, not this). ``owned``: x
+    may be overwritten. ``block``: pixels per step (a power of two; default 1024 on a GPU,
+    8192 under the interpreter, whose cost is per step).
+    """
+    if triton is None:
+        raise RuntimeError("color_jitter_triton needs triton, which is not importable")
+    if not x.is_cuda and not _interpreting():
+        raise ValueError(
+            f"color_jitter_triton needs a CUDA tensor (or TRITON_INTERPRET=1), got {x.device}"
+        )
+    batch, channels, height, width = x.shape
+    if channels not in (1, 3):
+        raise ValueError(f"color_jitter_triton needs 1 or 3 channels, got {channels}")
+    params = np.zeros((batch, _PARAMS), np.float32)
+    params[:, 0] = active
+    params[:, 1:5] = order
+    params[:, 5:9] = factors
+    params[:, 9] = np.argmax(np.asarray(order) == 1, axis=1)  # contrast's position
+    source = x.contiguous()
+    in_place = owned or source is not x  # a contiguous copy is ours too
+    out = source if in_place else torch.empty_like(source)
+    if batch == 0 or height * width == 0:
+        return out
+    device_guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with device_guard:
+        _jitter_kernel[(batch,)](
+            source,
+            out,
+            to_device(torch.from_numpy(params), x.device),
+            height * width,
+            source.stride(0),
+            source.stride(1),
+            CHANNELS=channels,
+            BLOCK=block or (8192 if _interpreting() else _BLOCK),
+            COPY_INACTIVE=not in_place,
+            PARAMS=_PARAMS,
+            num_warps=_NUM_WARPS,
+            enable_fp_fusion=False,
+        )
+    return out
