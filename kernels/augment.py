@@ -25,6 +25,9 @@ touches (None: all); inactive samples come back bit for bit unchanged. Inputs ar
 except with ``owned=True``: the caller says x is its own intermediate (made by an earlier kernel of
 a chain), which the kernel may then overwrite and return (on a CPU this saves a full-batch copy
 and fresh memory per op; the values are the same either way).
+On a CUDA tensor (triton importable) ``color_jitter`` and ``gaussian_blur`` run as fused Triton
+kernels (``kernels.augment_triton``: one launch per jitter, two per blur, the same numbers within
+the tolerances above); the other functions, and everything on a CPU, run the torch code here.
 Every function runs in float32 with autocast disabled, so an enclosing ``torch.autocast`` cannot
 change the views. torchvision rounds its Python-float factors to float32 on float32 images; ours are
 float32 tensors, so pass the same float32 numbers to both when comparing.
@@ -40,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels import jitter
+from kernels import augment_triton as fused
 from kernels.transfer import to_device
 
 # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma, as TensorFlow rounds them).
@@ -509,8 +512,8 @@ def color_jitter(
             "color_jitter on a one-channel (grey) image: hue first would make the channels "
             "differ; pass those samples with three channels",
         )
-    if jitter.fused_path(x):  # a GPU: one fused kernel instead of ~60 ops per call
-        return jitter.color_jitter_triton(x, order, factors, mask, owned=owned)
+    if fused.fused_path(x):  # a GPU: one fused kernel instead of ~60 ops per call
+        return fused.color_jitter_triton(x, order, factors, mask, owned=owned)
     # Position by position, each op goes to the samples that have it there.
     chosen = mask[None, None, :] & (order.T[:, None, :] == np.arange(4)[None, :, None])
     out = x
@@ -621,6 +624,14 @@ def gaussian_blur(
     _require((sigma > 0) | ~mask, lambda: f"gaussian_blur: sigma must be > 0, got {sigma.tolist()}")
     ok = (sizes > 0) & (sizes % 2 == 1) & (sizes // 2 < min(h, w))
     _require(ok | ~mask, f"gaussian_blur: kernel sizes must be odd, positive and fit {h}x{w}")
+    if fused.fused_path(x):
+        # A GPU: two fused passes, each sample with its own kernel (was ~40 ops per call).
+        if not bool(mask.any()):
+            return x if owned else x.clone()
+        mask, sizes = mask.cpu(), sizes.cpu()
+        own = torch.where(mask, sizes, 1)  # inactive samples: a 1-tap kernel, never applied
+        weights = _gaussian_kernels(torch.where(mask, sigma.cpu(), 1.0), int(own.max()), own)
+        return fused.gaussian_blur_triton(x, weights, own, mask, owned=owned)
     out = x
     if whole_batch_ops(x):
         # One whole-batch pass for every size (each sample's kernel zero-padded to the largest),

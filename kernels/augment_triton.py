@@ -1,20 +1,26 @@
-"""Colour jitter as one fused Triton kernel: the GPU path of ``kernels.augment.color_jitter``.
+"""Fused Triton kernels: the GPU paths of ``kernels.augment.color_jitter`` and ``gaussian_blur``.
 
-Why: the torch path applies each (position, op) pair of the per-sample orders as separate
-whole-batch ops; on a GPU that is ~500 small launches per pretraining batch (hue alone is ~38 ops
-per call), and the loader's device stage is bound by the host's launch time. Here one launch
-per call does every sample's four adjustments in its own order.
+Why: the torch paths apply per-sample parameters as sequences of whole-batch ops; on a GPU that
+is hundreds of small launches per pretraining batch (colour jitter ~60 per call, hue alone ~38;
+blur ~40 per call), and the loader's device stage is bound by the host's launch time. Here a
+colour jitter is one launch and a blur two, whatever the samples' parameters. The kernels are
+taken for CUDA tensors when triton is importable (``fused_path``); the CPU keeps the torch paths.
 
-One program per image, two passes over it: the first (only for active samples) applies the ops
-that come before contrast and sums the grayscale image for contrast's mean; the second applies
-all four ops in order and writes the result. Every adjustment is pointwise except contrast's
-mean, so nothing else needs the whole image.
+Colour jitter: one program per image, two passes over it. The first (active samples only)
+applies the ops that come before contrast and sums the grayscale image for contrast's mean; the
+second applies all four ops in the sample's order and writes the result. Every adjustment is
+pointwise except contrast's mean, so nothing else needs the whole image.
+
+Blur: a vertical and a horizontal pass, each one program per (image plane, tile), each sample
+with its own normalised 1-D Gaussian (made on the host, as the torch path makes it) and kernel
+size, reflect padding by index arithmetic (no padded copy).
 
 Numerics: the same float32 operations in the same order as the torch path (torchvision's
 formulas), with IEEE division (``div_rn``; Triton's ``/`` is approximate on NVIDIA GPUs), NaN
-propagating min/max as torch's clamp, and the kernel compiled without fused multiply-adds
-(``enable_fp_fusion=False``), so every op rounds as torch's separate kernels do. The one
-difference is contrast's mean, whose sum runs in another order (a few ulp of the mean).
+propagating min/max as torch's clamp, compiled without fused multiply-adds
+(``enable_fp_fusion=False``), so every op rounds as torch's separate kernels do. Differences:
+contrast's mean and the blur's tap sums run in another order (a few ulp), and libdevice's
+division and floor flush denormals (values below 1.2e-38, which these images never hold).
 """
 
 from __future__ import annotations
@@ -41,8 +47,8 @@ _NUM_WARPS = 4
 
 
 def fused_path(x: torch.Tensor) -> bool:
-    """Whether ``kernels.augment.color_jitter`` takes this kernel for x: on a CUDA tensor when
-    triton is importable (the torch path otherwise)."""
+    """Whether ``kernels.augment`` takes these kernels for x: on a CUDA tensor when triton is
+    importable (the torch paths otherwise)."""
     return triton is not None and x.is_cuda
 
 
@@ -266,6 +272,127 @@ def color_jitter_triton(
             COPY_INACTIVE=not in_place,
             PARAMS=_PARAMS,
             num_warps=_NUM_WARPS,
+            enable_fp_fusion=False,
+        )
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _reflect(i, length):
+        """torch's reflect padding as an index map: -1 -> 1, length -> length - 2 (pad < length)."""
+        i = tl.where(i < 0, -i, i)
+        return tl.where(i >= length, 2 * (length - 1) - i, i)
+
+    @triton.jit
+    def _blur_kernel(
+        src_ptr,
+        dst_ptr,
+        orig_ptr,
+        params_ptr,
+        channels,
+        height,
+        width,
+        stride_b,
+        stride_c,
+        KMAX: tl.constexpr,
+        VERTICAL: tl.constexpr,
+        COPY_INACTIVE: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+    ):
+        """One 1-D pass of the blur over a (BLOCK_H, BLOCK_W) tile of one image plane."""
+        plane = tl.program_id(0)
+        row = plane // channels
+        params = params_ptr + row * (KMAX + 2)
+        base = row.to(tl.int64) * stride_b + (plane % channels).to(tl.int64) * stride_c
+        rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        cols = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)
+        inside = (rows < height)[:, None] & (cols < width)[None, :]
+        here = base + rows[:, None] * width + cols[None, :]
+        if tl.load(params) > 0.5:
+            size = tl.load(params + 1).to(tl.int32)
+            pad = size // 2
+            first = KMAX // 2 - pad  # the sample's taps sit in the middle of its weight row
+            acc = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float32)
+            for k in range(0, size):
+                weight = tl.load(params + 2 + first + k)
+                if VERTICAL:
+                    source = _reflect(rows + (k - pad), height)[:, None] * width + cols[None, :]
+                else:
+                    source = rows[:, None] * width + _reflect(cols + (k - pad), width)[None, :]
+                acc += weight * tl.load(src_ptr + base + source, mask=inside, other=0.0)
+            tl.store(dst_ptr + here, acc, mask=inside)
+        else:
+            if COPY_INACTIVE:
+                tl.store(dst_ptr + here, tl.load(orig_ptr + here, mask=inside), mask=inside)
+
+
+def gaussian_blur_triton(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    sizes: torch.Tensor,
+    active: torch.Tensor,
+    *,
+    owned: bool = False,
+    tile: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Separable Gaussian blur of a (B, C, H, W) float32 batch, each sample with its own kernel.
+
+    weights (B, K) host float32: each sample's normalised 1-D kernel of its own odd size
+    ``sizes`` (B,), zero-padded on both sides to the largest size K; active (B,) bool. Reflect
+    padding needs size // 2 < H and W. ``kernels.augment.gaussian_blur`` checks the parameters
+    and makes the weights (call that, not this). ``owned``: x may be overwritten. ``tile``:
+    (rows, columns) per program, powers of two (default (16, 64) on a GPU, (256, 256) under the
+    interpreter).
+    """
+    if triton is None:
+        raise RuntimeError("gaussian_blur_triton needs triton, which is not importable")
+    if not x.is_cuda and not _interpreting():
+        raise ValueError(
+            f"gaussian_blur_triton needs a CUDA tensor (or TRITON_INTERPRET=1), got {x.device}"
+        )
+    batch, channels, height, width = x.shape
+    kmax = weights.shape[1]
+    params = torch.empty(batch, kmax + 2)
+    params[:, 0] = torch.as_tensor(active).cpu()
+    params[:, 1] = torch.as_tensor(sizes).cpu()
+    params[:, 2:] = weights.cpu()
+    source = x.contiguous()
+    in_place = owned or source is not x
+    out = source if in_place else torch.empty_like(source)
+    if out.numel() == 0:
+        return out
+    block_h, block_w = tile or ((256, 256) if _interpreting() else (16, 64))
+    grid = (batch * channels, triton.cdiv(height, block_h), triton.cdiv(width, block_w))
+    params = to_device(params, x.device)
+    middle = torch.empty_like(source)
+    device_guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    common = dict(BLOCK_H=block_h, BLOCK_W=block_w, KMAX=kmax, num_warps=_NUM_WARPS)
+    shape = (channels, height, width, source.stride(0), source.stride(1))
+    with device_guard:
+        # Vertical pass into a scratch batch (inactive planes left unwritten), then horizontal.
+        _blur_kernel[grid](
+            source,
+            middle,
+            source,
+            params,
+            *shape,
+            VERTICAL=True,
+            COPY_INACTIVE=False,
+            **common,
+            enable_fp_fusion=False,
+        )
+        _blur_kernel[grid](
+            middle,
+            out,
+            source,
+            params,
+            *shape,
+            VERTICAL=False,
+            COPY_INACTIVE=not in_place,
+            **common,
             enable_fp_fusion=False,
         )
     return out
