@@ -234,16 +234,12 @@ def apply_audio(
     # one per mask: ~65 per batch, which made this stage launch- and sync-bound on an H100).
     t, params = t.cpu(), params.cpu().long()
     spec = t[:, 0] > 0
-    # The three channels are equal until the colour jitter: mask, roll and crop one of them.
-    x = x[:, :1]
-    # Every kernel after the first writes into its predecessor's result (owned): no input of
-    # this function is modified.
-    x = K.mask_rows(x, t[:, 1].long(), t[:, 2].long(), 2, spec)
-    x = K.mask_rows(x, t[:, 3].long(), t[:, 4].long(), 3, spec, owned=True)
-    if time_shift_applied:
-        x = K.roll(x, params[:, 5], 2, spec)
+    # The three channels are equal until the colour jitter: mask, roll and crop one of them
+    # (into a new tensor; every kernel after it writes into its predecessor's result, owned,
+    # so no input of this function is modified).
+    shift = params[:, 5] if time_shift_applied else torch.zeros_like(params[:, 5])
+    x = K.fbank_geometry(x[:, :1], t[:, 1:5].long(), spec, shift, params[:, 1:5])
     frames, bins = x.shape[2], x.shape[3]
-    x = K.resized_crop(x, params[:, 1], params[:, 2], params[:, 3], params[:, 4], (frames, bins))
     # The channels stay equal through jitter, blur and flip unless hue comes first in the jitter
     # (it clamps two channels of three): only those samples are processed with three channels.
     three = (t[:, 12] > 0) & (t[:, 13] == 3)

@@ -1,9 +1,11 @@
-"""Fused Triton kernels: the GPU paths of ``kernels.augment.color_jitter`` and ``gaussian_blur``.
+"""Fused Triton kernels: the GPU paths of ``kernels.augment``'s ``color_jitter``,
+``gaussian_blur`` and ``fbank_geometry``.
 
 Why: the torch paths apply per-sample parameters as sequences of whole-batch ops; on a GPU that
 is hundreds of small launches per pretraining batch (colour jitter ~60 per call, hue alone ~38;
 blur ~40 per call), and the loader's device stage is bound by the host's launch time. Here a
-colour jitter is one launch and a blur two, whatever the samples' parameters. The kernels are
+colour jitter is one launch, a blur two and the audio view's masks, roll and crop one, whatever
+the samples' parameters. The kernels are
 taken for CUDA tensors when triton is importable (``fused_path``); the CPU keeps the torch paths.
 
 Colour jitter: one program per image, two passes over it. The first (active samples only)
@@ -15,12 +17,18 @@ Blur: a vertical and a horizontal pass, each one program per (image plane, tile)
 with its own normalised 1-D Gaussian (made on the host, as the torch path makes it) and kernel
 size, reflect padding by index arithmetic (no padded copy).
 
+Filterbank geometry: one program per (image, tile) reads, for each output pixel, the four
+bilinear taps of its crop position straight from the unmasked, unrolled image (mask and roll
+are index arithmetic), so SpecAugment's masks, the time roll and the resized crop are one pass.
+
 Numerics: the same float32 operations in the same order as the torch path (torchvision's
 formulas), with IEEE division (``div_rn``; Triton's ``/`` is approximate on NVIDIA GPUs), NaN
 propagating min/max as torch's clamp, compiled without fused multiply-adds
 (``enable_fp_fusion=False``), so every op rounds as torch's separate kernels do. Differences:
-contrast's mean and the blur's tap sums run in another order (a few ulp), and libdevice's
-division and floor flush denormals (values below 1.2e-38, which these images never hold).
+contrast's mean and the blur's tap sums run in another order (a few ulp); the geometry is
+plain bilinear where torchvision's resize is antialiased (the same taps for these upsampling
+crops, weights rounded differently: ~5e-7); libdevice's division and floor flush denormals
+(values below 1.2e-38, which these images never hold).
 """
 
 from __future__ import annotations
@@ -393,6 +401,116 @@ def gaussian_blur_triton(
             VERTICAL=False,
             COPY_INACTIVE=not in_place,
             **common,
+            enable_fp_fusion=False,
+        )
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _masked_rolled(plane, rows, cols, bins, frames, shift, t0, t1, f0, f1, inside):
+        """The filterbank image after SpecAugment's masks and then the time roll, at integer
+        positions (rows (H, 1), cols (1, W)): rolled[r] = masked[(r - shift) mod frames]."""
+        source = (rows - shift) % frames
+        source = tl.where(source < 0, source + frames, source)  # C remainder -> modulo
+        hit = ((source >= t0) & (source < t1)) | ((cols >= f0) & (cols < f1))
+        value = tl.load(plane + source * bins + cols, mask=inside, other=0.0)
+        return tl.where(hit, 0.0, value)
+
+    @triton.jit
+    def _geometry_kernel(
+        x_ptr,
+        out_ptr,
+        params_ptr,
+        frames,
+        bins,
+        PARAMS: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+    ):
+        """One (BLOCK_H, BLOCK_W) tile of one sample's masked, rolled, cropped and resized
+        (frames, bins) filterbank image."""
+        row = tl.program_id(0)
+        params = params_ptr + row * PARAMS
+        t0 = tl.load(params + 1).to(tl.int32)
+        t1 = tl.load(params + 2).to(tl.int32)
+        f0 = tl.load(params + 3).to(tl.int32)
+        f1 = tl.load(params + 4).to(tl.int32)
+        shift = tl.load(params + 5).to(tl.int32)
+        top = tl.load(params + 6).to(tl.int32)
+        left = tl.load(params + 7).to(tl.int32)
+        height = tl.load(params + 8).to(tl.int32)
+        width = tl.load(params + 9).to(tl.int32)
+        plane = x_ptr + row.to(tl.int64) * frames * bins
+        ty = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        tx = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)
+        inside = (ty < frames)[:, None] & (tx < bins)[None, :]
+        # torch's bilinear resize (align_corners=False): source = scale * (i + 0.5) - 0.5,
+        # clamped at 0, scale = crop / output. The crop is never larger than the output, and
+        # for upsampling torchvision's antialiased filter has the same two taps.
+        scale_y = tl.div_rn(height.to(tl.float32), frames.to(tl.float32))
+        scale_x = tl.div_rn(width.to(tl.float32), bins.to(tl.float32))
+        sy = tl.maximum(scale_y * (ty.to(tl.float32) + 0.5) - 0.5, 0.0)
+        sx = tl.maximum(scale_x * (tx.to(tl.float32) + 0.5) - 0.5, 0.0)
+        y0 = sy.to(tl.int32)  # sy >= 0: truncation is floor
+        x0 = sx.to(tl.int32)
+        ly = sy - y0.to(tl.float32)
+        lx = sx - x0.to(tl.float32)
+        hy = 1.0 - ly
+        hx = 1.0 - lx
+        r0 = (top + y0)[:, None]
+        r1 = (top + tl.minimum(y0 + 1, height - 1))[:, None]
+        c0 = (left + x0)[None, :]
+        c1 = (left + tl.minimum(x0 + 1, width - 1))[None, :]
+        mask = (bins, frames, shift, t0, t1, f0, f1, inside)
+        v00 = _masked_rolled(plane, r0, c0, *mask)
+        v01 = _masked_rolled(plane, r0, c1, *mask)
+        v10 = _masked_rolled(plane, r1, c0, *mask)
+        v11 = _masked_rolled(plane, r1, c1, *mask)
+        hx2, lx2 = hx[None, :], lx[None, :]
+        value = hy[:, None] * (hx2 * v00 + lx2 * v01) + ly[:, None] * (hx2 * v10 + lx2 * v11)
+        out = out_ptr + row.to(tl.int64) * frames * bins + ty[:, None] * bins + tx[None, :]
+        tl.store(out, value, mask=inside)
+
+
+def fbank_geometry_triton(
+    x: torch.Tensor, params: torch.Tensor, *, tile: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """(B, 1, T, F) filterbank images -> a new (B, 1, T, F): per sample SpecAugment's time and
+    frequency masks, then the time roll, then the crop resized back to (T, F).
+
+    params (B, 10) host: [masks on, time start, end, frequency start, end, shift, crop top,
+    left, height, width], with empty masks and a zero shift where the masks are off, checked by
+    ``kernels.augment.fbank_geometry`` (call that, not this). ``tile``: (rows, columns) per
+    program (default (32, 64) on a GPU, (256, 128) under the interpreter).
+    """
+    if triton is None:
+        raise RuntimeError("fbank_geometry_triton needs triton, which is not importable")
+    if not x.is_cuda and not _interpreting():
+        raise ValueError(
+            f"fbank_geometry_triton needs a CUDA tensor (or TRITON_INTERPRET=1), got {x.device}"
+        )
+    batch, _, frames, bins = x.shape
+    source = x.contiguous()
+    out = torch.empty_like(source)
+    if out.numel() == 0:
+        return out
+    block_h, block_w = tile or ((256, 128) if _interpreting() else (32, 64))
+    grid = (batch, triton.cdiv(frames, block_h), triton.cdiv(bins, block_w))
+    params = to_device(params.to(torch.float32).contiguous(), x.device)
+    device_guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with device_guard:
+        _geometry_kernel[grid](
+            source,
+            out,
+            params,
+            frames,
+            bins,
+            PARAMS=params.shape[1],
+            BLOCK_H=block_h,
+            BLOCK_W=block_w,
+            num_warps=_NUM_WARPS,
             enable_fp_fusion=False,
         )
     return out

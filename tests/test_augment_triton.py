@@ -23,18 +23,22 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 
 from kernels import augment as K
 from kernels import augment_triton as J
 from tests.test_augment_kernels import (
     TV_JITTER,
     _blur_reference,
+    _crops,
     _fbank_images,
     _jitter_params,
     _rgb_images,
+    _spec_mask,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +46,7 @@ TOL_TORCH = 1e-5
 TOL_TORCHVISION = 1e-5
 BLUR_TOL_TORCH = 1e-6
 BLUR_TOL_TORCHVISION = 5e-6
+GEOMETRY_TOL = 2e-6
 needs_triton = pytest.mark.skipif(J.triton is None, reason="triton is not installed")
 
 
@@ -196,12 +201,80 @@ def check_blur(cases: dict, results: dict) -> None:
     assert torch.equal(results["fbank1"]["out"].expand(-1, 3, -1, -1), results["fbank3"]["out"])
 
 
+def geometry_case() -> tuple[torch.Tensor, ...]:
+    """(x, masks, spec, shift, crop): nine filterbank images with the spec's SpecAugment masks,
+    shifts and crops; sample 0 has no mask and the whole image as its crop."""
+    x = _fbank_images()[:, :1]
+    x = torch.cat([x, x.flip(2), -x]).contiguous()
+    n, _, frames, bins = x.shape
+    t0, t1 = _spec_mask(n, frames, 192, seed=1)
+    f0, f1 = _spec_mask(n, bins, 48, seed=2)
+    masks = torch.stack([t0, t1, f0, f1], 1)
+    spec = torch.tensor([False, True, True, False, True, True, True, False, True])
+    shift = torch.randint(-frames, frames, (n,), generator=torch.Generator().manual_seed(3))
+    crop = torch.stack(_crops("fbank", x, seed=4), 1)
+    crop[0] = torch.tensor([0, 0, frames, bins])
+    return x, masks, spec, shift, crop
+
+
+def run_geometry(case: tuple, device: str) -> dict[str, torch.Tensor]:
+    """``kernels.augment.fbank_geometry`` through the fused kernel on ``device`` (forced on a
+    CPU, where it would take the torch path), and with top and left swapped."""
+    x, masks, spec, shift, crop = case
+    x = x.to(device)
+    with mock.patch.object(J, "fused_path", lambda _: True):
+        out = K.fbank_geometry(x, masks, spec, shift, crop)
+        swapped = K.fbank_geometry(x, masks, spec, shift, swap_top_left(crop, x.shape[2:]))
+    return {"out": out.cpu(), "swapped": swapped.cpu()}
+
+
+def swap_top_left(crop: torch.Tensor, size) -> torch.Tensor:
+    """The crops with top and left swapped (moved back inside the image where needed)."""
+    top, left, height, width = crop.T
+    top, left = left.clamp(max=size[0] - height), top.clamp(max=size[1] - width)
+    return torch.stack([top, left, height, width], 1)
+
+
+def geometry_reference(case: tuple, b: int) -> torch.Tensor:
+    """torch and torchvision only: masks by slicing, torch.roll, F.resized_crop (antialiased)."""
+    x, masks, spec, shift, crop = case
+    image = x[b].clone()
+    if spec[b]:
+        t0, t1, f0, f1 = masks[b].tolist()
+        image[:, t0:t1] = 0.0
+        image[:, :, f0:f1] = 0.0
+        image = torch.roll(image, int(shift[b]), 1)
+    top, left, height, width = crop[b].tolist()
+    size = list(x.shape[2:])
+    return TF.resized_crop(image, top, left, height, width, size, antialias=True)
+
+
+def check_geometry(case: tuple, results: dict) -> None:
+    x = case[0]
+    out = results["out"]
+    assert out.shape == x.shape and out.dtype == torch.float32
+    for b in range(len(x)):
+        ref = geometry_reference(case, b)
+        error = (out[b] - ref).abs().max().item()
+        assert error <= GEOMETRY_TOL, f"sample {b}: {error} from the reference"
+        if not torch.equal(swap_top_left(case[4], x.shape[2:])[b], case[4][b]):
+            wrong = (results["swapped"][b] - ref).abs().max().item()
+            assert wrong > 0.1, f"sample {b}: swapped top and left went unnoticed"
+    assert torch.equal(out[0], x[0])  # no mask, whole-image crop: the image itself
+    # And the torch path (the CPU's) agrees: the same function either way.
+    torch_path = K.fbank_geometry(*case)
+    assert (out - torch_path).abs().max().item() <= GEOMETRY_TOL
+
+
 _SCRIPT = """
 import torch
-from tests.test_augment_triton import blur_cases, jitter_cases, run_blur, run_jitter
+from tests.test_augment_triton import (
+    blur_cases, geometry_case, jitter_cases, run_blur, run_geometry, run_jitter
+)
 jitter = run_jitter(jitter_cases(), "cpu")
 blur = run_blur(blur_cases(), "cpu")
-torch.save({{"jitter": jitter, "blur": blur}}, {out!r})
+geometry = run_geometry(geometry_case(), "cpu")
+torch.save({{"jitter": jitter, "blur": blur, "geometry": geometry}}, {out!r})
 """
 
 
@@ -234,26 +307,67 @@ def test_fused_blur_under_interpreter(interpreted) -> None:
     check_blur(blur_cases(), interpreted["blur"])
 
 
+@needs_triton
+def test_fused_fbank_geometry_under_interpreter(interpreted) -> None:
+    """Masks, roll and resized crop in one kernel on the CPU equal torch/torchvision's."""
+    check_geometry(geometry_case(), interpreted["geometry"])
+
+
+def test_fbank_geometry_torch_path_matches_the_reference() -> None:
+    case = geometry_case()
+    out = K.fbank_geometry(*case)
+    for b in range(len(out)):
+        assert torch.equal(out[b], geometry_reference(case, b)), b
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fbank_geometry_checks_its_parameters(fused) -> None:
+    """Bad masks or crops are refused before anything runs (on the fused path by its own host
+    checks: forced here, they run before the launch)."""
+    x, masks, spec, shift, crop = geometry_case()
+    with mock.patch.object(J, "fused_path", lambda _: fused):
+        bad = masks.clone()
+        bad[1, 1] = x.shape[2] + 1  # a time mask past the end, on a sample with masks on
+        with pytest.raises(ValueError, match="<="):
+            K.fbank_geometry(x, bad, spec, shift, crop)
+        bad = crop.clone()
+        bad[2, 0] = x.shape[2] - bad[2, 2] + 1  # the crop leaves the image
+        with pytest.raises(ValueError, match="inside"):
+            K.fbank_geometry(x, masks, spec, shift, bad)
+        with pytest.raises(ValueError, match="one-channel"):
+            K.fbank_geometry(x.expand(-1, 3, -1, -1), masks, spec, shift, crop)
+
+
 _F32 = {"x_ptr": "*fp32", "out_ptr": "*fp32", "params_ptr": "*fp32"}
 _I32 = ("pixels", "stride_b", "stride_c")
 _BLUR_PTRS = ("src_ptr", "dst_ptr", "orig_ptr", "params_ptr")
 _BLUR_INTS = ("channels", "height", "width", "stride_b", "stride_c")
 # kernel name -> (signature, constexprs) for each compiled variant
-_VARIANTS = {
-    f"jitter-{channels}ch": (
-        "_jitter_kernel",
-        {**_F32, **dict.fromkeys(_I32, "i32")},
-        {"CHANNELS": channels, "BLOCK": 1024, "COPY_INACTIVE": True, "PARAMS": J._PARAMS},
-    )
-    for channels in (1, 3)
-} | {
-    f"blur-{'vertical' if vertical else 'horizontal'}": (
-        "_blur_kernel",
-        {**dict.fromkeys(_BLUR_PTRS, "*fp32"), **dict.fromkeys(_BLUR_INTS, "i32")},
-        {"KMAX": 13, "VERTICAL": vertical, "COPY_INACTIVE": True, "BLOCK_H": 16, "BLOCK_W": 64},
-    )
-    for vertical in (True, False)
-}
+_VARIANTS = (
+    {
+        f"jitter-{channels}ch": (
+            "_jitter_kernel",
+            {**_F32, **dict.fromkeys(_I32, "i32")},
+            {"CHANNELS": channels, "BLOCK": 1024, "COPY_INACTIVE": True, "PARAMS": J._PARAMS},
+        )
+        for channels in (1, 3)
+    }
+    | {
+        f"blur-{'vertical' if vertical else 'horizontal'}": (
+            "_blur_kernel",
+            {**dict.fromkeys(_BLUR_PTRS, "*fp32"), **dict.fromkeys(_BLUR_INTS, "i32")},
+            {"KMAX": 13, "VERTICAL": vertical, "COPY_INACTIVE": True, "BLOCK_H": 16, "BLOCK_W": 64},
+        )
+        for vertical in (True, False)
+    }
+    | {
+        "fbank-geometry": (
+            "_geometry_kernel",
+            {**_F32, "frames": "i32", "bins": "i32"},
+            {"PARAMS": 10, "BLOCK_H": 32, "BLOCK_W": 64},
+        )
+    }
+)
 
 
 @needs_triton
@@ -299,3 +413,5 @@ def test_fused_kernels_on_cuda():
     got = K.gaussian_blur(x.cuda(), sigma, sizes, active).cpu()
     error = (got - K.gaussian_blur(x, sigma, sizes, active)).abs().max().item()
     assert error <= BLUR_TOL_TORCH
+    check_geometry(geometry_case(), run_geometry(geometry_case(), "cuda"))
+    assert J.fused_path(torch.zeros(1, device="cuda"))  # so the pipeline takes the kernels
