@@ -10,19 +10,23 @@ the wall time, the host time of the ops the loop called, the device time of the 
 launches and of host synchronisations (stream, device and event synchronisation, blocking copies)
 per iteration, and the top kernels and ops by device time. Writes
 ``bench/results/profile-<what>-<host>.json`` and prints the tables. Meant for a GPU; on a CPU it
-runs (``--smoke``) and records host times only.
+runs (``--smoke``) and records host times, and for ``--what stage`` also the stage's aten ops
+and Triton launches as a GPU would run it (``gpu_policy_*``, see ``gpu_policy_counts``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -114,6 +118,53 @@ def dispatched_ops(fn: Callable[[], None]) -> int:
     return counter.count
 
 
+class _LaunchCounter:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` counts a launch and does nothing."""
+
+    def __init__(self, name: str, launches: Counter) -> None:
+        self.name, self.launches = name, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs) -> None:
+            self.launches[self.name] += 1
+
+        return launch
+
+
+def gpu_policy_counts(fn: Callable[[], None]) -> dict[str, Any]:
+    """Dispatched aten ops and Triton launches of one call of ``fn`` (the loader's device stage
+    on CPU tensors) as a GPU would run it: the kernels' whole-batch policy, the fused Triton
+    paths and the Triton filterbank, with every Triton launch counted instead of run (its
+    outputs stay unwritten, so only the counts mean anything). A CPU proxy for the stage's
+    launches, the cost that bounds it on a GPU; a real GPU profile is the measurement."""
+    import dali_pipelines.audio as audio
+    import kernels.augment as K
+    import kernels.augment_triton as fused
+    import kernels.fbank as KF
+
+    launches: Counter = Counter()
+    stubs = {
+        (fused, "_jitter_kernel"): _LaunchCounter("color_jitter", launches),
+        (fused, "_blur_kernel"): _LaunchCounter("gaussian_blur", launches),
+        (fused, "_geometry_kernel"): _LaunchCounter("fbank_geometry", launches),
+        (KF, "_fbank_kernel"): _LaunchCounter("fbank", launches),
+        (K, "whole_batch_ops"): lambda x: True,
+        (fused, "fused_path"): lambda x: True,
+        (fused, "_interpreting"): lambda: True,
+        (KF, "_interpreting"): lambda: True,
+        (audio, "fbank"): lambda wave, lengths=None: KF.fbank_triton(wave, lengths),
+    }
+    if fused.triton is None or KF.triton is None:
+        raise RuntimeError("gpu_policy_counts needs triton (its kernels are what it counts)")
+    with contextlib.ExitStack() as stack:
+        for (module, name), value in stubs.items():
+            stack.enter_context(mock.patch.object(module, name, value))
+        fn()  # warm-up: cached constants (fbank's DFT tables) are built once per device
+        launches.clear()
+        ops = dispatched_ops(fn)
+    return {"dispatched_ops": ops, "triton_launches": dict(launches)}
+
+
 def profiled(fn: Callable[[], None], steps: int, warmup: int, device: torch.device):
     """Run ``fn`` warmup + steps times, profiling the last ``steps``; -> (profile, wall s)."""
     for _ in range(warmup):
@@ -175,6 +226,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         ]
         iterations = len(outputs) - a.warmup
         ops = dispatched_ops(lambda: stage(outputs[-1]))
+        gpu_policy = None if cuda else gpu_policy_counts(lambda: stage(outputs[-1]))
         todo = iter(outputs)
         prof, wall = profiled(lambda: stage(next(todo)), iterations, a.warmup, device)
     else:
@@ -185,6 +237,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     summary = summarize_profile(prof, wall, iterations)
     if a.what == "stage":
         summary["dispatched_ops_per_iter"] = ops
+        if gpu_policy is not None:
+            summary["gpu_policy_ops_per_iter"] = gpu_policy["dispatched_ops"]
+            summary["gpu_policy_triton_launches"] = gpu_policy["triton_launches"]
     gc.collect()
     config = {
         "what": a.what,

@@ -359,6 +359,11 @@ def test_profile_smoke_writes_a_valid_result(synth_small, tmp_path, what):
     assert row["syncs_per_iter"] == 0 and row["launches_per_iter"] == 0  # no GPU here
     if what == "stage":  # the filterbank, masks, crops and colour ops: hundreds of aten ops
         assert row["dispatched_ops_per_iter"] > 100
+        # As a GPU would run it (fused Triton kernels, counted not run): far fewer host ops,
+        # and the filterbank and the audio geometry are one launch each.
+        assert 0 < row["gpu_policy_ops_per_iter"] < row["dispatched_ops_per_iter"] / 2
+        launches = row["gpu_policy_triton_launches"]
+        assert launches["fbank"] == 1 and launches["fbank_geometry"] == 1
     ops = {o["name"] for o in result["summary"]["top_ops"]}
     assert ("aten::addmm" in ops or "aten::mm" in ops) if what != "stage" else ops
     report = write_report(tmp_path / "results", tmp_path)
