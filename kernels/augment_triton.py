@@ -304,7 +304,7 @@ if triton is not None:
         width,
         stride_b,
         stride_c,
-        KMAX: tl.constexpr,
+        kmax,
         VERTICAL: tl.constexpr,
         COPY_INACTIVE: tl.constexpr,
         BLOCK_H: tl.constexpr,
@@ -313,7 +313,7 @@ if triton is not None:
         """One 1-D pass of the blur over a (BLOCK_H, BLOCK_W) tile of one image plane."""
         plane = tl.program_id(0)
         row = plane // channels
-        params = params_ptr + row * (KMAX + 2)
+        params = params_ptr + row * (kmax + 2)
         base = row.to(tl.int64) * stride_b + (plane % channels).to(tl.int64) * stride_c
         rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         cols = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)
@@ -322,7 +322,7 @@ if triton is not None:
         if tl.load(params) > 0.5:
             size = tl.load(params + 1).to(tl.int32)
             pad = size // 2
-            first = KMAX // 2 - pad  # the sample's taps sit in the middle of its weight row
+            first = kmax // 2 - pad  # the sample's taps sit in the middle of its weight row
             acc = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float32)
             for k in range(0, size):
                 weight = tl.load(params + 2 + first + k)
@@ -377,8 +377,10 @@ def gaussian_blur_triton(
     params = to_device(params, x.device)
     middle = torch.empty_like(source)
     device_guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-    common = dict(BLOCK_H=block_h, BLOCK_W=block_w, KMAX=kmax, num_warps=_NUM_WARPS)
-    shape = (channels, height, width, source.stride(0), source.stride(1))
+    # The largest kernel size is a runtime argument: as a constexpr every new size in a batch
+    # would compile two more kernel variants (visual sizes 3..13) in the middle of training.
+    common = dict(BLOCK_H=block_h, BLOCK_W=block_w, num_warps=_NUM_WARPS)
+    shape = (channels, height, width, source.stride(0), source.stride(1), kmax)
     with device_guard:
         # Vertical pass into a scratch batch (inactive planes left unwritten), then horizontal.
         _blur_kernel[grid](

@@ -341,7 +341,7 @@ def test_fbank_geometry_checks_its_parameters(fused) -> None:
 _F32 = {"x_ptr": "*fp32", "out_ptr": "*fp32", "params_ptr": "*fp32"}
 _I32 = ("pixels", "stride_b", "stride_c")
 _BLUR_PTRS = ("src_ptr", "dst_ptr", "orig_ptr", "params_ptr")
-_BLUR_INTS = ("channels", "height", "width", "stride_b", "stride_c")
+_BLUR_INTS = ("channels", "height", "width", "stride_b", "stride_c", "kmax")
 # kernel name -> (signature, constexprs) for each compiled variant
 _VARIANTS = (
     {
@@ -356,7 +356,7 @@ _VARIANTS = (
         f"blur-{'vertical' if vertical else 'horizontal'}": (
             "_blur_kernel",
             {**dict.fromkeys(_BLUR_PTRS, "*fp32"), **dict.fromkeys(_BLUR_INTS, "i32")},
-            {"KMAX": 13, "VERTICAL": vertical, "COPY_INACTIVE": True, "BLOCK_H": 16, "BLOCK_W": 64},
+            {"VERTICAL": vertical, "COPY_INACTIVE": True, "BLOCK_H": 16, "BLOCK_W": 64},
         )
         for vertical in (True, False)
     }
