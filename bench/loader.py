@@ -24,7 +24,9 @@ list is regenerated larger when it holds fewer than the measured batches):
   PyAV seek-and-decode for video files);
 
 plus the baseline's per-sample cost on one core (``baseline_ms_per_sample_core``), a sanity check
-against MEASURED.md's 42.8 ms (the benchmark says whether it is within 30 %). Writes
+against MEASURED.md's 42.8 ms (the benchmark says whether it is within 30 %), and the Python
+source callback's CPU time per sample (``source_ms_per_sample_core``, with the cores it would
+take at the GPU target of 1200 samples/s). Writes
 ``bench/results/loader-<host>.json`` and prints the ratios. Samples/s count samples delivered as
 tensors on the target device after ``--warmup`` batches.
 """
@@ -139,6 +141,26 @@ def _dali_rows(
         )
         print(f"{name}: {samples / seconds:.1f} samples/s", flush=True)
     return rows
+
+
+def _source_ms_per_sample(cfg, data_dir: Path, shard_dirs: dict[str, Path], samples: int) -> float:
+    """One core's milliseconds per sample of the pretraining source callback on the frames
+    layout (file reads, every draw), called inline: what the Python source asks of the CPU
+    at a given loader speed, apart from DALI's decoding and the device stage."""
+    from types import SimpleNamespace
+
+    from dali_pipelines.loader import build_loader
+
+    cfg.data.train_json = str(_list_path(data_dir, "frames", shard_dirs))
+    cfg.data.py_workers = 0
+    source = build_loader(cfg, "train", "pretrain", device="cpu").source
+    calls = [SimpleNamespace(epoch_idx=0, idx_in_epoch=i % len(source)) for i in range(samples)]
+    for info in calls[:4]:  # page cache, imports
+        source(info)
+    start = time.process_time()
+    for info in calls:
+        source(info)
+    return (time.process_time() - start) / samples * 1000
 
 
 def _baseline_rows(
@@ -302,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         cen_num=cfg.model.cen_num,
     )
     per_core = per_sample_cost(probe, 4 if args.smoke else 30)
+    source_ms = _source_ms_per_sample(cfg, data_dir, shard_dirs, 8 if args.smoke else 200)
 
     def speed(rows: list[dict], layout: str, workers: int | None = None) -> float | None:
         """The layout's samples/s: of `workers` source processes, or the best of them."""
@@ -342,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         "baseline_within_30pct": abs(per_core / MEASURED_BASELINE_MS - 1) <= 0.30,
         "target_cpu_ratio": 2.0,
         "paper_step_consumes_per_gpu": 600,
+        # The Python source's share: cores it needs at the GPU target (2x the paper step).
+        "source_ms_per_sample_core": round(source_ms, 3),
+        "source_cores_at_1200_per_s": round(source_ms * 1.2, 2),
     }
     payload = {
         "benchmark": "loader",

@@ -36,7 +36,15 @@ from kernels.transfer import to_device
 
 T_A = 24
 T_V = 18
-_STREAM = {"audio": 1, "visual": 2, "audio_cen": 3, "visual_cen": 4, "roll": 5, "mixup": 6}
+_STREAM = {
+    "audio": 1,
+    "visual": 2,
+    "audio_cen": 3,
+    "visual_cen": 4,
+    "roll": 5,
+    "mixup": 6,
+    "pretrain": 7,
+}
 
 
 def rng_for(seed: int, epoch: int, position: int, purpose: str) -> np.random.Generator:
@@ -46,8 +54,8 @@ def rng_for(seed: int, epoch: int, position: int, purpose: str) -> np.random.Gen
 
 def rrc_params(
     rng: np.random.Generator,
-    height: int,
-    width: int,
+    height: int | np.ndarray,
+    width: int | np.ndarray,
     scale: tuple[float, float],
     ratio: tuple[float, float],
     n: int = 1,
@@ -56,31 +64,43 @@ def rrc_params(
 
     Per row: ten tries of a random area fraction and log-uniform aspect ratio (w/h), the first
     that fits wins; failing all ten, the largest centred crop within the ratio range. Vectorised
-    over rows (the ``cen_num`` vectors draw 16 crops per sample per modality).
+    over rows (the ``cen_num`` vectors draw 16 crops per sample per modality); ``height`` and
+    ``width`` may differ per row ((n,) arrays).
     """
-    area = height * width
+    height = np.broadcast_to(np.asarray(height, np.int64), (n,))
+    width = np.broadcast_to(np.asarray(width, np.int64), (n,))
+    area = (height * width)[:, None]
     target = area * rng.uniform(scale[0], scale[1], size=(n, 10))
     aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), size=(n, 10)))
     w = np.round(np.sqrt(target * aspect)).astype(np.int64)  # half to even, as Python's round
     h = np.round(np.sqrt(target / aspect)).astype(np.int64)
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
     first = fits.argmax(axis=1)
     rows = np.arange(n)
     h, w, found = h[rows, first], w[rows, first], fits.any(axis=1)
     i = (rng.uniform(size=n) * (height - h + 1)).astype(np.int64)
     j = (rng.uniform(size=n) * (width - w + 1)).astype(np.int64)
     if not found.all():
-        in_ratio = width / height
-        if in_ratio < min(ratio):
-            fw, fh = width, int(round(width / min(ratio)))
-        elif in_ratio > max(ratio):
-            fh, fw = height, int(round(height * max(ratio)))
-        else:
-            fw, fh = width, height
+        fh, fw = _fallback_crop(height, width, ratio)
         h, w = np.where(found, h, fh), np.where(found, w, fw)
         i = np.where(found, i, (height - fh) // 2)
         j = np.where(found, j, (width - fw) // 2)
     return np.stack([i, j, h, w], axis=1)
+
+
+def _fallback_crop(
+    height: np.ndarray, width: np.ndarray, ratio: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the largest centred crop (h, w) within the ratio range (torchvision's
+    fallback: Python's round of the side that is cut)."""
+    fh, fw = height.copy(), width.copy()
+    for r, (hh, ww) in enumerate(zip(height.tolist(), width.tolist(), strict=True)):
+        in_ratio = ww / hh
+        if in_ratio < min(ratio):
+            fh[r] = int(round(ww / min(ratio)))
+        elif in_ratio > max(ratio):
+            fw[r] = int(round(hh * max(ratio)))
+    return fh, fw
 
 
 def _jitter(rng: np.random.Generator, aug, out: np.ndarray, at: int) -> None:
@@ -89,15 +109,9 @@ def _jitter(rng: np.random.Generator, aug, out: np.ndarray, at: int) -> None:
     n = len(out)
     on = rng.uniform(size=n) < aug.jitter_p
     order = np.argsort(rng.uniform(size=(n, 4)), axis=1)  # a uniform random permutation
-    factors = np.stack(
-        [
-            rng.uniform(-aug.brightness, aug.brightness, size=n),
-            rng.uniform(-aug.contrast, aug.contrast, size=n),
-            rng.uniform(-aug.saturation, aug.saturation, size=n),
-            rng.uniform(-aug.hue, aug.hue, size=n),
-        ],
-        axis=1,
-    )
+    # The four factors, uniform in +-(brightness, contrast, saturation, hue), in one call.
+    bounds = np.array([aug.brightness, aug.contrast, aug.saturation, aug.hue])
+    factors = rng.uniform(-bounds, bounds, size=(n, 4))
     out[:, at] = on
     out[:, at + 1 : at + 5] = np.where(on[:, None], order, np.arange(4))
     out[:, at + 5 : at + 9] = np.where(on[:, None], factors, 0.0)
@@ -137,14 +151,15 @@ def draw_audio(
     shift = np.where(on, rng.integers(-frames, frames, size=n), 0)
     t0 = np.floor(tu * (frames - tv))
     f0 = np.floor(fu * (bins - fv))
-    block = np.stack(
-        [np.ones(n), t0, t0 + np.floor(tv), f0, f0 + np.floor(fv), np.ones(n), shift / frames],
-        axis=1,
-    )
-    t[:, 0:7] = np.where(on[:, None], block, 0.0)
+    # Written column by column (np.stack of seven columns cost more than the draws).
+    t[:, 0] = 1.0
+    t[:, 1], t[:, 2] = t0, t0 + np.floor(tv)
+    t[:, 3], t[:, 4] = f0, f0 + np.floor(fv)
+    t[:, 5], t[:, 6] = 1.0, shift / frames
+    t[~on, 0:7] = 0.0
     crop = rrc_params(rng, frames, bins, aug.audio_rrc_scale, aug.audio_rrc_ratio, n)
-    i, j, h, w = crop.T
-    t[:, 7:12] = np.stack([np.ones(n), i / bins, j / frames, h / bins, w / frames], axis=1)
+    t[:, 7] = 1.0
+    t[:, 8:12] = crop / np.array([bins, frames, bins, frames])
     _jitter(rng, aug, t, 12)
     _blur(rng, aug, t, 21)
     t[:, 23] = rng.uniform(size=n) < aug.flip_p
@@ -159,12 +174,16 @@ class VisualDraw:
     crop: np.ndarray  # (n, 4) int: (i, j, h, w) on the (H, W) frame
 
 
-def draw_visual(rng: np.random.Generator, aug, height: int, width: int, n: int = 1) -> VisualDraw:
-    """Draw ``n`` pretraining visual augmentations on a ``height`` x ``width`` frame."""
+def draw_visual(
+    rng: np.random.Generator, aug, height: int | np.ndarray, width: int | np.ndarray, n: int = 1
+) -> VisualDraw:
+    """Draw ``n`` pretraining visual augmentations on ``height`` x ``width`` frames (one size,
+    or one per row)."""
     t = np.zeros((n, T_V), np.float64)
     crop = rrc_params(rng, height, width, aug.visual_rrc_scale, aug.visual_rrc_ratio, n)
-    i, j, h, w = crop.T
-    t[:, 0:5] = np.stack([np.ones(n), i / height, j / width, h / height, w / width], axis=1)
+    t[:, 0] = 1.0
+    size = np.stack(np.broadcast_arrays(height, width, height, width), axis=-1)
+    t[:, 1:5] = crop / size
     _jitter(rng, aug, t, 5)
     _blur(rng, aug, t, 14)
     t[:, 16] = rng.uniform(size=n) < aug.flip_p
@@ -210,6 +229,45 @@ def draw_cen(
     ta = draw_audio(ra, aug, frames, bins, time_mask, freq_mask, n=count).t
     tv = draw_visual(rv, aug, image_size, image_size, n=count).t
     return ta, tv
+
+
+@dataclass(frozen=True)
+class PretrainDraw:
+    """One pretraining sample's draws: row 0 of ``audio`` / ``visual`` is applied to the views,
+    rows 1.. are its ``cen_num`` vectors (sampled, never applied); ``roll`` is the clean
+    fbank's time roll in frames."""
+
+    audio: AudioDraw
+    visual: VisualDraw
+    roll: int
+
+
+def draw_pretrain(
+    seed: int,
+    epoch: int,
+    position: int,
+    aug,
+    frames: int,
+    bins: int,
+    time_mask: int,
+    freq_mask: int,
+    frame_size: tuple[int, int],
+    image_size: int,
+    cen_num: int,
+) -> PretrainDraw:
+    """All draws of one pretraining sample from one generator, the applied and the ``cen_num``
+    rows of each modality in one vectorised call (the source's per-sample cost is the number
+    of numpy calls, not their size). The applied visual crop is drawn on the decoded frame
+    (``frame_size`` (H, W)), the cen crops on an ``image_size`` square, as the original does."""
+    rng = rng_for(seed, epoch, position, "pretrain")
+    n = 1 + cen_num
+    audio = draw_audio(rng, aug, frames, bins, time_mask, freq_mask, n=n)
+    heights = np.full(n, image_size, np.int64)
+    widths = heights.copy()
+    heights[0], widths[0] = frame_size
+    visual = draw_visual(rng, aug, heights, widths, n=n)
+    roll = int(rng.integers(-frames, frames))
+    return PretrainDraw(audio, visual, roll)
 
 
 # ------------------------------------------------------------------------------------------------

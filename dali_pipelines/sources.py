@@ -390,17 +390,21 @@ class SampleSource:
         from dali_pipelines import augment
 
         s, aug = self.spec, self.spec.augment
-        a = augment.draw_audio(
-            augment.rng_for(s.seed, epoch, gpos, "audio"),
+        d = augment.draw_pretrain(
+            s.seed,
+            epoch,
+            gpos,
             aug,
             s.frames,
             s.bins,
             aug.time_mask,
             aug.freq_mask,
+            size,
+            s.image_size,
+            s.cen_num,
         )
-        h, w = size
-        v = augment.draw_visual(augment.rng_for(s.seed, epoch, gpos, "visual"), aug, h, w)
-        roll = self._clean_roll(epoch, gpos)
+        a, v = d.audio, d.visual
+        roll = d.roll if aug.noise else 0
         draws = {
             "vcrop": v.crop[0].astype(np.int32),
             "t_a": a.t[0],
@@ -408,18 +412,7 @@ class SampleSource:
             "a_params": np.array([roll, *a.crop[0], a.shift[0]], np.int32),
         }
         if s.cen_num > 0:
-            draws["t_a_cen"], draws["t_v_cen"] = augment.draw_cen(
-                s.seed,
-                epoch,
-                gpos,
-                aug,
-                s.cen_num,
-                s.frames,
-                s.bins,
-                aug.time_mask,
-                aug.freq_mask,
-                s.image_size,
-            )
+            draws["t_a_cen"], draws["t_v_cen"] = a.t[1:], v.t[1:]
         return draws
 
     def _clean_roll(self, epoch: int, gpos: int) -> int:

@@ -197,23 +197,21 @@ def test_resume_mid_epoch_through_the_augmenting_pipeline(synth_small):
 
 
 def _draws(n=4000, frames=1024, bins=128):
-    """Half of the draws one per sample (as the source draws the applied ones), half in one
-    vectorised call (as the cen_num vectors are drawn): both must follow the spec."""
+    """Half of the draws as the source makes them (``draw_pretrain``: per sample the applied
+    rows and, for audio, three cen rows), half in one vectorised call: both must follow the
+    spec."""
     aug = AugmentConfig()
     half = n // 2
-    single = [
-        augment.draw_audio(augment.rng_for(0, 0, p, "audio"), aug, frames, bins, 192, 48)
-        for p in range(half)
-    ]
+    args = (aug, frames, bins, 192, 48, (240, 320), 224)
+    with_cen = [augment.draw_pretrain(0, 0, p, *args, cen_num=3) for p in range(half // 4)]
     batch = augment.draw_audio(np.random.default_rng(1), aug, frames, bins, 192, 48, n=half)
-    ta = np.concatenate([a.t for a in single] + [batch.t])
-    a_crops = np.concatenate([a.crop for a in single] + [batch.crop])
-    vsingle = [
-        augment.draw_visual(augment.rng_for(0, 0, p, "visual"), aug, 240, 320) for p in range(half)
-    ]
+    ta = np.concatenate([d.audio.t for d in with_cen] + [batch.t])
+    a_crops = np.concatenate([d.audio.crop for d in with_cen] + [batch.crop])
+    # The applied visual rows (on the 240 x 320 frame; the cen rows use the 224 square).
+    applied = [augment.draw_pretrain(1, 0, p, *args, cen_num=0).visual for p in range(half)]
     vbatch = augment.draw_visual(np.random.default_rng(2), aug, 240, 320, n=half)
-    tv = np.concatenate([v.t for v in vsingle] + [vbatch.t])
-    v_crops = np.concatenate([v.crop for v in vsingle] + [vbatch.crop])
+    tv = np.concatenate([v.t for v in applied] + [vbatch.t])
+    v_crops = np.concatenate([v.crop for v in applied] + [vbatch.crop])
     return ta, tv, a_crops, v_crops
 
 
@@ -261,6 +259,34 @@ def test_visual_draws_follow_the_spec():
     _check_bernoulli(tv[:, 14], 0.5)
     _check_bernoulli(tv[:, 16], 0.5)
     _check_bernoulli(tv[:, 17], 0.2)
+
+
+def test_pretrain_draws_cen_rows_on_the_image_square_and_reproducible():
+    """draw_pretrain's visual cen rows are crops of the image_size square, scaled by it, with
+    the spec's distributions; its draws are a pure function of (seed, epoch, position)."""
+    aug = AugmentConfig()
+    args = (aug, 1024, 128, 192, 48, (240, 320), 224)
+    draws = [augment.draw_pretrain(0, 0, p, *args, cen_num=16) for p in range(300)]
+    tv = np.concatenate([d.visual.t[1:] for d in draws])
+    crops = np.concatenate([d.visual.crop[1:] for d in draws])
+    i, j, h, w = crops.T
+    assert (i >= 0).all() and (j >= 0).all() and (i + h <= 224).all() and (j + w <= 224).all()
+    assert (w / h).min() >= 0.75 - 0.05 and (w / h).max() <= 4 / 3 + 0.05
+    assert (h * w).max() > 0.9 * 224 * 224  # crops of nearly the whole square occur
+    np.testing.assert_allclose(tv[:, 1:5], crops / 224, rtol=1e-6)
+    _check_jitter(tv[:, 5:14])
+    _check_bernoulli(tv[:, 14], 0.5)
+    _check_bernoulli(tv[:, 17], 0.2)
+    first = np.stack([d.visual.crop[0] for d in draws])
+    assert (first[:, 0] + first[:, 2] <= 240).all() and (first[:, 1] + first[:, 3] <= 320).all()
+    assert (first[:, 1] + first[:, 3] > 224).any()  # row 0 is drawn on the 240 x 320 frame
+    again = augment.draw_pretrain(0, 0, 7, *args, cen_num=16)
+    assert np.array_equal(again.audio.t, draws[7].audio.t) and again.roll == draws[7].roll
+    assert np.array_equal(again.visual.t, draws[7].visual.t)
+    other = augment.draw_pretrain(0, 1, 7, *args, cen_num=16)  # the next epoch
+    assert not np.array_equal(other.audio.t, draws[7].audio.t)
+    rolls = np.array([d.roll for d in draws])
+    assert rolls.min() >= -1024 and rolls.max() < 1024 and len(set(rolls.tolist())) > 250
 
 
 def _check_bernoulli(x, p):
