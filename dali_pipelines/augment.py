@@ -355,9 +355,7 @@ def apply_visual(x: torch.Tensor, t: torch.Tensor, mean, std) -> torch.Tensor:
     # x is now this function's own intermediate: the later kernels write into it.
     sigma = t[:, 15]
     x = K.gaussian_blur(x, sigma, K.visual_blur_kernel_size(sigma), t[:, 14] > 0, owned=True)
-    x = K.hflip(x, t[:, 16] > 0, owned=True)
-    x = K.grayscale(x, t[:, 17] > 0, owned=True)
-    return K.normalize(x, mean, std, owned=True)
+    return K.finish_visual(x, t[:, 16] > 0, t[:, 17] > 0, mean, std, owned=True)
 
 
 def _factors(recorded: torch.Tensor) -> torch.Tensor:

@@ -25,12 +25,13 @@ touches (None: all); inactive samples come back bit for bit unchanged. Inputs ar
 except with ``owned=True``: the caller says x is its own intermediate (made by an earlier kernel of
 a chain), which the kernel may then overwrite and return (on a CPU this saves a full-batch copy
 and fresh memory per op; the values are the same either way).
-- ``fbank_geometry``: the audio view's masks, time roll and resized crop in one call.
+- ``fbank_geometry``: the audio view's masks, time roll and resized crop in one call;
+  ``finish_visual``: the visual view's flip, grayscale and normalisation in one call.
 
-On a CUDA tensor (triton importable) ``color_jitter``, ``gaussian_blur`` and ``fbank_geometry``
-run as fused Triton kernels (``kernels.augment_triton``: one launch per jitter, two per blur, one
-per geometry; the same numbers within the tolerances above and in tests/test_augment_triton.py);
-the other functions, and everything on a CPU, run the torch code here.
+On a CUDA tensor (triton importable) ``color_jitter``, ``gaussian_blur``, ``fbank_geometry`` and
+``finish_visual`` run as fused Triton kernels (``kernels.augment_triton``: one launch per jitter,
+two per blur, one per geometry or finish; the same numbers within the tolerances above and in
+tests/test_augment_triton.py); the other functions, and everything on a CPU, run the torch code.
 Every function runs in float32 with autocast disabled, so an enclosing ``torch.autocast`` cannot
 change the views. torchvision rounds its Python-float factors to float32 on float32 images; ours are
 float32 tensors, so pass the same float32 numbers to both when comparing.
@@ -594,6 +595,30 @@ def normalize(x: torch.Tensor, mean: Param, std: Param, *, owned: bool = False) 
     if owned:
         return x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+@_float32_kernel
+def finish_visual(
+    x: torch.Tensor, flip: Param, gray: Param, mean: Param, std: Param, *, owned: bool = False
+) -> torch.Tensor:
+    """The end of the augmented visual view: ``hflip`` where flip (B,) is set, ``grayscale``
+    where gray (B,) is set, then ``normalize``. On a GPU one fused launch (the same numbers:
+    the same float32 operations), elsewhere the three kernels."""
+    batch, channels = x.shape[:2]
+    if channels != 3:
+        raise ValueError(f"finish_visual needs 3 channels, got {channels}")
+    flip, gray = _active(flip, batch), _active(gray, batch)
+    mean32 = torch.as_tensor(mean, dtype=torch.float32)
+    std32 = torch.as_tensor(std, dtype=torch.float32)
+    if mean32.shape != (3,) or std32.shape != (3,):
+        raise ValueError("mean and std must have 3 values each")
+    _require(std32 != 0, lambda: f"finish_visual: std must be non-zero, got {std32.tolist()}")
+    if fused.fused_path(x):
+        flip, gray = flip.cpu().numpy(), gray.cpu().numpy()
+        return fused.finish_visual_triton(x, flip, gray, mean32.tolist(), std32.tolist())
+    x = hflip(x, flip, owned=owned)  # a new tensor unless owned: ours from here on
+    x = grayscale(x, gray, owned=True)
+    return normalize(x, mean32, std32, owned=True)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Fused Triton kernels: the GPU paths of ``kernels.augment``'s ``color_jitter``,
-``gaussian_blur`` and ``fbank_geometry``.
+``gaussian_blur``, ``fbank_geometry`` and ``finish_visual``.
 
 Why: the torch paths apply per-sample parameters as sequences of whole-batch ops; on a GPU that
 is hundreds of small launches per pretraining batch (colour jitter ~60 per call, hue alone ~38;
@@ -20,6 +20,7 @@ size, reflect padding by index arithmetic (no padded copy).
 Filterbank geometry: one program per (image, tile) reads, for each output pixel, the four
 bilinear taps of its crop position straight from the unmasked, unrolled image (mask and roll
 are index arithmetic), so SpecAugment's masks, the time roll and the resized crop are one pass.
+Visual finish: flip (a mirrored read), grayscale and normalisation in one pass per tile.
 
 Numerics: the same float32 operations in the same order as the torch path (torchvision's
 formulas), with IEEE division (``div_rn``; Triton's ``/`` is approximate on NVIDIA GPUs), NaN
@@ -510,6 +511,93 @@ def fbank_geometry_triton(
             frames,
             bins,
             PARAMS=params.shape[1],
+            BLOCK_H=block_h,
+            BLOCK_W=block_w,
+            num_warps=_NUM_WARPS,
+            enable_fp_fusion=False,
+        )
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _finish_kernel(
+        x_ptr,
+        out_ptr,
+        params_ptr,
+        height,
+        width,
+        m0,
+        m1,
+        m2,
+        s0,
+        s1,
+        s2,
+        BLOCK_H: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+    ):
+        """One (BLOCK_H, BLOCK_W) tile of one (3, H, W) image: flip, grayscale, normalise."""
+        row = tl.program_id(0)
+        flip = tl.load(params_ptr + 2 * row) > 0.5
+        gray = tl.load(params_ptr + 2 * row + 1) > 0.5
+        rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        cols = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)
+        inside = (rows < height)[:, None] & (cols < width)[None, :]
+        source_cols = tl.where(flip, width - 1 - cols, cols)
+        plane = height * width
+        image = row.to(tl.int64) * 3 * plane
+        source = x_ptr + image + rows[:, None] * width + source_cols[None, :]
+        r = tl.load(source, mask=inside, other=0.0)
+        g = tl.load(source + plane, mask=inside, other=0.0)
+        b = tl.load(source + 2 * plane, mask=inside, other=0.0)
+        if gray:
+            r = _gray(r, g, b)
+            g = r
+            b = r
+        target = out_ptr + image + rows[:, None] * width + cols[None, :]
+        tl.store(target, tl.div_rn(r - m0, s0), mask=inside)
+        tl.store(target + plane, tl.div_rn(g - m1, s1), mask=inside)
+        tl.store(target + 2 * plane, tl.div_rn(b - m2, s2), mask=inside)
+
+
+def finish_visual_triton(
+    x: torch.Tensor,
+    flip: np.ndarray,
+    gray: np.ndarray,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    *,
+    tile: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """A new (B, 3, H, W) batch: per sample a horizontal flip and grayscale where ``flip`` /
+    ``gray`` (B,) are set, then (x - mean[c]) / std[c]. Checked by
+    ``kernels.augment.finish_visual`` (call that, not this). ``tile``: (rows, columns) per
+    program (default (16, 64) on a GPU, (256, 256) under the interpreter)."""
+    if triton is None:
+        raise RuntimeError("finish_visual_triton needs triton, which is not importable")
+    if not x.is_cuda and not _interpreting():
+        raise ValueError(
+            f"finish_visual_triton needs a CUDA tensor (or TRITON_INTERPRET=1), got {x.device}"
+        )
+    batch, _, height, width = x.shape
+    source = x.contiguous()
+    out = torch.empty_like(source)  # a flip reads other columns: never in place
+    if out.numel() == 0:
+        return out
+    params = torch.from_numpy(np.stack([flip, gray], axis=1).astype(np.float32))
+    block_h, block_w = tile or ((256, 256) if _interpreting() else (16, 64))
+    grid = (batch, triton.cdiv(height, block_h), triton.cdiv(width, block_w))
+    device_guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with device_guard:
+        _finish_kernel[grid](
+            source,
+            out,
+            to_device(params, x.device),
+            height,
+            width,
+            *(float(np.float32(m)) for m in mean),
+            *(float(np.float32(s)) for s in std),
             BLOCK_H=block_h,
             BLOCK_W=block_w,
             num_warps=_NUM_WARPS,

@@ -266,15 +266,65 @@ def check_geometry(case: tuple, results: dict) -> None:
     assert (out - torch_path).abs().max().item() <= GEOMETRY_TOL
 
 
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def finish_case() -> tuple[torch.Tensor, ...]:
+    """(x, flip, gray): colour images (60 x 84: not a multiple of a tile) with every flag pair."""
+    x = _rgb_images(6, 60, 84, seed=6)
+    flip = torch.tensor([True, False, True, False, True, False])
+    gray = torch.tensor([False, True, True, False, False, True])
+    return x, flip, gray
+
+
+def run_finish(case: tuple, device: str) -> dict[str, torch.Tensor]:
+    """``kernels.augment.finish_visual`` through the fused kernel on ``device`` (forced on a
+    CPU), with the flags swapped, and whether the input stayed untouched (also with owned)."""
+    x, flip, gray = case
+    x = x.to(device)
+    before = x.clone()
+    with mock.patch.object(J, "fused_path", lambda _: True):
+        out = K.finish_visual(x, flip, gray, *IMAGENET)
+        owned = K.finish_visual(x, flip, gray, *IMAGENET, owned=True)
+        swapped = K.finish_visual(x, gray, flip, *IMAGENET)
+    return {
+        "out": out.cpu(),
+        "owned": owned.cpu(),
+        "swapped": swapped.cpu(),
+        "input_untouched": torch.tensor(torch.equal(x, before)),
+    }
+
+
+def check_finish(case: tuple, results: dict) -> None:
+    x, flip, gray = case
+    out = results["out"]
+    assert bool(results["input_untouched"])  # a flip reads other columns: never in place
+    assert torch.equal(results["owned"], out)
+    # The same float32 operations as the torch path: bit for bit.
+    assert torch.equal(out, K.finish_visual(x, flip, gray, *IMAGENET))
+    for b in range(len(x)):
+        ref = x[b]
+        if flip[b]:
+            ref = TF.hflip(ref)
+        if gray[b]:
+            ref = TF.rgb_to_grayscale(ref, num_output_channels=3)
+        ref = TF.normalize(ref, *IMAGENET)
+        assert (out[b] - ref).abs().max().item() <= 1e-6, b
+        if flip[b] != gray[b]:  # swapped flags: another image
+            assert (results["swapped"][b] - ref).abs().max().item() > 0.01, b
+
+
 _SCRIPT = """
 import torch
 from tests.test_augment_triton import (
-    blur_cases, geometry_case, jitter_cases, run_blur, run_geometry, run_jitter
+    blur_cases, finish_case, geometry_case, jitter_cases, run_blur, run_finish, run_geometry,
+    run_jitter,
 )
 jitter = run_jitter(jitter_cases(), "cpu")
 blur = run_blur(blur_cases(), "cpu")
 geometry = run_geometry(geometry_case(), "cpu")
-torch.save({{"jitter": jitter, "blur": blur, "geometry": geometry}}, {out!r})
+finish = run_finish(finish_case(), "cpu")
+torch.save({{"jitter": jitter, "blur": blur, "geometry": geometry, "finish": finish}}, {out!r})
 """
 
 
@@ -313,6 +363,12 @@ def test_fused_fbank_geometry_under_interpreter(interpreted) -> None:
     check_geometry(geometry_case(), interpreted["geometry"])
 
 
+@needs_triton
+def test_fused_finish_visual_under_interpreter(interpreted) -> None:
+    """Flip, grayscale and normalisation in one kernel on the CPU: torch's numbers exactly."""
+    check_finish(finish_case(), interpreted["finish"])
+
+
 def test_fbank_geometry_torch_path_matches_the_reference() -> None:
     case = geometry_case()
     out = K.fbank_geometry(*case)
@@ -342,6 +398,7 @@ _F32 = {"x_ptr": "*fp32", "out_ptr": "*fp32", "params_ptr": "*fp32"}
 _I32 = ("pixels", "stride_b", "stride_c")
 _BLUR_PTRS = ("src_ptr", "dst_ptr", "orig_ptr", "params_ptr")
 _BLUR_INTS = ("channels", "height", "width", "stride_b", "stride_c", "kmax")
+_NORM = ("m0", "m1", "m2", "s0", "s1", "s2")
 # kernel name -> (signature, constexprs) for each compiled variant
 _VARIANTS = (
     {
@@ -365,7 +422,12 @@ _VARIANTS = (
             "_geometry_kernel",
             {**_F32, "frames": "i32", "bins": "i32"},
             {"PARAMS": 10, "BLOCK_H": 32, "BLOCK_W": 64},
-        )
+        ),
+        "finish-visual": (
+            "_finish_kernel",
+            {**_F32, "height": "i32", "width": "i32", **dict.fromkeys(_NORM, "fp32")},
+            {"BLOCK_H": 16, "BLOCK_W": 64},
+        ),
     }
 )
 
@@ -414,4 +476,5 @@ def test_fused_kernels_on_cuda():
     error = (got - K.gaussian_blur(x, sigma, sizes, active)).abs().max().item()
     assert error <= BLUR_TOL_TORCH
     check_geometry(geometry_case(), run_geometry(geometry_case(), "cuda"))
+    check_finish(finish_case(), run_finish(finish_case(), "cuda"))
     assert J.fused_path(torch.zeros(1, device="cuda"))  # so the pipeline takes the kernels
