@@ -307,42 +307,22 @@ def apply_audio(
     for rows, channels in ((~three).nonzero().flatten(), 1), (three.nonzero().flatten(), 3):
         if len(rows) == x.shape[0]:
             whole = x.expand(-1, channels, -1, -1).contiguous()  # written into: no overlap
-            _write_transposed(out, None, _audio_colour(whole, t))
+            K.flip_transpose_into(out, None, _audio_colour(whole, t), t[:, 23] > 0)
         elif len(rows):
             on_device = to_device(rows, x.device)
             sub = x[on_device].expand(-1, channels, -1, -1).contiguous()
-            _write_transposed(out, rows, _audio_colour(sub, t[rows]))
+            K.flip_transpose_into(out, rows, _audio_colour(sub, t[rows]), t[rows, 23] > 0)
     return out.transpose(2, 3)
 
 
-def _write_transposed(out: torch.Tensor, rows: torch.Tensor | None, x: torch.Tensor) -> None:
-    """out[rows] = x.transpose(2, 3), x (n, 1 or 3, T, F) broadcast over out's 3 channels
-    (rows None: all). On a GPU one op; on a CPU one 2-D copy per image, which takes torch's
-    blocked transpose (a 4-D transposing copy ran ~4x slower)."""
-    from kernels import augment as K
-
-    if K.whole_batch_ops(out):
-        if rows is None:
-            out.copy_(x.transpose(2, 3).expand_as(out))
-        else:
-            out[to_device(rows, out.device)] = x.transpose(2, 3)
-        return
-    for i, row in enumerate(range(len(out)) if rows is None else rows.tolist()):
-        for c in range(x.shape[1]):
-            out[row, c].copy_(x[i, c].t())
-        if x.shape[1] == 1:
-            out[row, 1:].copy_(out[row, :1].expand(2, -1, -1))
-
-
 def _audio_colour(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Colour jitter, blur and flip of t_a's rows ``t`` on x: (n, 1 or 3, T, F), an
-    intermediate of ``apply_audio`` that is overwritten."""
+    """Colour jitter and blur of t_a's rows ``t`` on x: (n, 1 or 3, T, F), an intermediate of
+    ``apply_audio`` that is overwritten (the flip comes with the write into the output)."""
     from kernels import augment as K
 
     x = K.color_jitter(x, t[:, 13:17].long(), _factors(t[:, 17:21]), t[:, 12] > 0, owned=True)
     sigma = t[:, 22]
-    x = K.gaussian_blur(x, sigma, K.audio_blur_kernel_size(sigma), t[:, 21] > 0, owned=True)
-    return K.hflip(x, t[:, 23] > 0, owned=True)
+    return K.gaussian_blur(x, sigma, K.audio_blur_kernel_size(sigma), t[:, 21] > 0, owned=True)
 
 
 def apply_visual(x: torch.Tensor, t: torch.Tensor, mean, std) -> torch.Tensor:

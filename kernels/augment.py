@@ -17,6 +17,9 @@ float tensors (spec: "Pretraining augmentations and their parameter vectors"), s
   applied as two 1-D passes instead of one 2-D pass (same function; rounding differs by a few ulp).
 - ``hflip``, ``grayscale`` (three equal channels), ``normalize``; ``mask_rows`` and ``roll`` for the
   fbank image (SpecAugment masks and the time shift, compared with slicing and ``torch.roll``).
+- ``fbank_geometry``: the audio view's masks, time roll and resized crop in one call;
+  ``finish_visual``: the visual view's flip, grayscale and normalisation in one call;
+  ``flip_transpose_into``: the audio view's flip and its write into the model's layout.
 
 Conventions: per-sample parameters are 1-D tensors of length B (lists are accepted); they may live
 on the host or on x's device. Checks and index selection run where the parameters live, so host
@@ -25,13 +28,12 @@ touches (None: all); inactive samples come back bit for bit unchanged. Inputs ar
 except with ``owned=True``: the caller says x is its own intermediate (made by an earlier kernel of
 a chain), which the kernel may then overwrite and return (on a CPU this saves a full-batch copy
 and fresh memory per op; the values are the same either way).
-- ``fbank_geometry``: the audio view's masks, time roll and resized crop in one call;
-  ``finish_visual``: the visual view's flip, grayscale and normalisation in one call.
 
-On a CUDA tensor (triton importable) ``color_jitter``, ``gaussian_blur``, ``fbank_geometry`` and
-``finish_visual`` run as fused Triton kernels (``kernels.augment_triton``: one launch per jitter,
-two per blur, one per geometry or finish; the same numbers within the tolerances above and in
-tests/test_augment_triton.py); the other functions, and everything on a CPU, run the torch code.
+On a CUDA tensor (triton importable) ``color_jitter``, ``gaussian_blur``, ``fbank_geometry``,
+``finish_visual`` and ``flip_transpose_into`` run as fused Triton kernels
+(``kernels.augment_triton``: two launches per blur, one for each of the others; the same
+numbers within the tolerances above and in tests/test_augment_triton.py); the other functions,
+and everything on a CPU, run the torch code here.
 Every function runs in float32 with autocast disabled, so an enclosing ``torch.autocast`` cannot
 change the views. torchvision rounds its Python-float factors to float32 on float32 images; ours are
 float32 tensors, so pass the same float32 numbers to both when comparing.
@@ -619,6 +621,43 @@ def finish_visual(
     x = hflip(x, flip, owned=owned)  # a new tensor unless owned: ours from here on
     x = grayscale(x, gray, owned=True)
     return normalize(x, mean32, std32, owned=True)
+
+
+def flip_transpose_into(
+    out: torch.Tensor, rows: Param | None, x: torch.Tensor, flip: Param
+) -> None:
+    """out[rows] = hflip(x, flip).transpose(2, 3), x (n, 1 or 3, T, F) broadcast over the three
+    channels of out (B, 3, F, T) (rows None: all n == B rows): the augmented audio view's flip
+    and its write into the model's layout. x may be overwritten. On a GPU one fused launch (pure
+    data movement: the same values); on a CPU the flip, then one 2-D copy per image, which
+    takes torch's blocked transpose (a 4-D transposing copy ran ~4x slower)."""
+    n, channels, frames, bins = x.shape
+    if out.dim() != 4 or out.shape[1:] != (3, bins, frames) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous (B, 3, {bins}, {frames}) tensor")
+    if channels not in (1, 3) or x.dtype != out.dtype:
+        raise ValueError(f"x must have 1 or 3 channels and out's dtype, got {tuple(x.shape)}")
+    # Host indices, checked in numpy (torch ops on them would cost a GPU stage host time).
+    index = np.arange(n) if rows is None else np.asarray(torch.as_tensor(rows).cpu(), np.int64)
+    if index.shape != (n,) or (n and (index.min() < 0 or index.max() >= len(out))):
+        raise ValueError(f"rows must be {n} indices into out's {len(out)} rows")
+    if rows is None and n != len(out):
+        raise ValueError(f"rows None means all of out's {len(out)} rows, x has {n}")
+    flip = _active(flip, n)
+    if fused.fused_path(x):
+        fused.flip_transpose_triton(out, index, x, flip.cpu().numpy())
+        return
+    x = hflip(x, flip, owned=True)
+    if whole_batch_ops(out):
+        if rows is None:
+            out.copy_(x.transpose(2, 3).expand_as(out))
+        else:
+            out[to_device(torch.from_numpy(index), out.device)] = x.transpose(2, 3)
+        return
+    for i, row in enumerate(index.tolist()):
+        for c in range(channels):
+            out[row, c].copy_(x[i, c].t())
+        if channels == 1:
+            out[row, 1:].copy_(out[row, :1].expand(2, -1, -1))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -604,3 +604,73 @@ def finish_visual_triton(
             enable_fp_fusion=False,
         )
     return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _flip_transpose_kernel(
+        x_ptr,
+        out_ptr,
+        params_ptr,
+        frames,
+        bins,
+        CHANNELS: tl.constexpr,
+        BLOCK_F: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+    ):
+        """One (BLOCK_F, BLOCK_T) tile of out[row] (3, F, T) from x[i] (CHANNELS, T, F)."""
+        i = tl.program_id(0)
+        row = tl.load(params_ptr + 2 * i).to(tl.int64)
+        flip = tl.load(params_ptr + 2 * i + 1) > 0.5
+        f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+        t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+        inside = (f < bins)[:, None] & (t < frames)[None, :]
+        source_f = tl.where(flip, bins - 1 - f, f)
+        plane = frames * bins
+        source = x_ptr + i.to(tl.int64) * CHANNELS * plane + t[None, :] * bins + source_f[:, None]
+        target = out_ptr + row * 3 * plane + f[:, None] * frames + t[None, :]
+        for c in tl.static_range(3):
+            channel = c if CHANNELS == 3 else 0
+            value = tl.load(source + channel * plane, mask=inside, other=0.0)
+            tl.store(target + c * plane, value, mask=inside)
+
+
+def flip_transpose_triton(
+    out: torch.Tensor,
+    rows: np.ndarray,
+    x: torch.Tensor,
+    flip: np.ndarray,
+    *,
+    tile: tuple[int, int] | None = None,
+) -> None:
+    """out[rows[i]] = x[i] flipped along F where flip[i], transposed to (F, T) and broadcast
+    over out's three channels: out (B, 3, F, T) contiguous, x (n, 1 or 3, T, F). Checked by
+    ``kernels.augment.flip_transpose_into`` (call that, not this). ``tile``: (F, T) per program
+    (default (32, 64) on a GPU, (128, 256) under the interpreter)."""
+    if triton is None:
+        raise RuntimeError("flip_transpose_triton needs triton, which is not importable")
+    if not x.is_cuda and not _interpreting():
+        raise ValueError(
+            f"flip_transpose_triton needs a CUDA tensor (or TRITON_INTERPRET=1), got {x.device}"
+        )
+    n, channels, frames, bins = x.shape
+    if n == 0 or x.numel() == 0:
+        return
+    source = x.contiguous()
+    params = torch.from_numpy(np.stack([rows, flip], axis=1).astype(np.float32))
+    block_f, block_t = tile or ((128, 256) if _interpreting() else (32, 64))
+    grid = (n, triton.cdiv(bins, block_f), triton.cdiv(frames, block_t))
+    device_guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with device_guard:
+        _flip_transpose_kernel[grid](
+            source,
+            out,
+            to_device(params, x.device),
+            frames,
+            bins,
+            CHANNELS=channels,
+            BLOCK_F=block_f,
+            BLOCK_T=block_t,
+            num_warps=_NUM_WARPS,
+        )

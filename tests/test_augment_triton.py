@@ -314,17 +314,65 @@ def check_finish(case: tuple, results: dict) -> None:
             assert (results["swapped"][b] - ref).abs().max().item() > 0.01, b
 
 
+def transpose_case() -> tuple:
+    """Two channel groups of an audio batch of 8 (T=40, F=24): five one-channel images for
+    rows 0, 2, 3, 5, 7 and three three-channel images for rows 1, 4, 6, with flips."""
+    gen = torch.Generator().manual_seed(8)
+    x1 = torch.randn(5, 1, 40, 24, generator=gen)
+    x3 = torch.randn(3, 3, 40, 24, generator=gen)
+    groups = (
+        (torch.tensor([0, 2, 3, 5, 7]), x1, torch.tensor([True, False, True, True, False])),
+        (torch.tensor([1, 4, 6]), x3, torch.tensor([False, True, True])),
+    )
+    return groups, (8, 3, 24, 40)
+
+
+def run_transpose(case: tuple, device: str, flips_swapped: bool = False) -> torch.Tensor:
+    """``kernels.augment.flip_transpose_into`` for both groups into one output (fused: forced
+    on a CPU); NaN where nothing was written."""
+    groups, shape = case
+    out = torch.full(shape, float("nan"), device=device)
+    with mock.patch.object(J, "fused_path", lambda _: True):
+        for rows, x, flip in groups:
+            K.flip_transpose_into(out, rows, x.to(device).clone(), ~flip if flips_swapped else flip)
+    return out.cpu()
+
+
+def transpose_reference(case: tuple) -> torch.Tensor:
+    groups, shape = case
+    ref = torch.full(shape, float("nan"))
+    for rows, x, flip in groups:
+        for i, row in enumerate(rows.tolist()):
+            image = x[i].flip(-1) if flip[i] else x[i]
+            ref[row] = image.transpose(1, 2).expand(3, -1, -1)
+    return ref
+
+
+def check_transpose(case: tuple, results: dict) -> None:
+    ref = transpose_reference(case)
+    assert torch.equal(results["out"], ref)  # data movement only: bit for bit, every row written
+    assert not torch.equal(results["swapped"], ref)
+
+
 _SCRIPT = """
 import torch
 from tests.test_augment_triton import (
     blur_cases, finish_case, geometry_case, jitter_cases, run_blur, run_finish, run_geometry,
-    run_jitter,
+    run_jitter, run_transpose, transpose_case,
 )
 jitter = run_jitter(jitter_cases(), "cpu")
 blur = run_blur(blur_cases(), "cpu")
 geometry = run_geometry(geometry_case(), "cpu")
 finish = run_finish(finish_case(), "cpu")
-torch.save({{"jitter": jitter, "blur": blur, "geometry": geometry, "finish": finish}}, {out!r})
+transpose = {{
+    "out": run_transpose(transpose_case(), "cpu"),
+    "swapped": run_transpose(transpose_case(), "cpu", flips_swapped=True),
+}}
+torch.save(
+    {{"jitter": jitter, "blur": blur, "geometry": geometry, "finish": finish,
+      "transpose": transpose}},
+    {out!r},
+)
 """
 
 
@@ -367,6 +415,32 @@ def test_fused_fbank_geometry_under_interpreter(interpreted) -> None:
 def test_fused_finish_visual_under_interpreter(interpreted) -> None:
     """Flip, grayscale and normalisation in one kernel on the CPU: torch's numbers exactly."""
     check_finish(finish_case(), interpreted["finish"])
+
+
+@needs_triton
+def test_fused_flip_transpose_under_interpreter(interpreted) -> None:
+    """The audio view's flip and transposed, channel-broadcast write in one kernel on the CPU."""
+    check_transpose(transpose_case(), interpreted["transpose"])
+
+
+def test_flip_transpose_torch_path_matches_the_reference(selection) -> None:
+    case = transpose_case()
+    groups, shape = case
+    out = torch.full(shape, float("nan"))
+    for rows, x, flip in groups:
+        K.flip_transpose_into(out, rows, x.clone(), flip)
+    assert torch.equal(out, transpose_reference(case))
+    whole = torch.empty(2, 3, 24, 40)
+    x = torch.randn(2, 1, 40, 24)
+    K.flip_transpose_into(whole, None, x.clone(), torch.tensor([True, False]))
+    assert torch.equal(whole[0], x[0].flip(-1).transpose(1, 2).expand(3, -1, -1))
+    assert torch.equal(whole[1], x[1].transpose(1, 2).expand(3, -1, -1))
+    with pytest.raises(ValueError, match="indices"):
+        K.flip_transpose_into(whole, torch.tensor([0, 2]), x, torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="all of out"):
+        K.flip_transpose_into(whole, None, x[:1], torch.tensor([True]))
+    with pytest.raises(ValueError, match="contiguous"):
+        K.flip_transpose_into(whole.transpose(2, 3), None, x, torch.tensor([True, False]))
 
 
 def test_fbank_geometry_torch_path_matches_the_reference() -> None:
@@ -429,6 +503,14 @@ _VARIANTS = (
             {"BLOCK_H": 16, "BLOCK_W": 64},
         ),
     }
+    | {
+        f"flip-transpose-{channels}ch": (
+            "_flip_transpose_kernel",
+            {**_F32, "frames": "i32", "bins": "i32"},
+            {"CHANNELS": channels, "BLOCK_F": 32, "BLOCK_T": 64},
+        )
+        for channels in (1, 3)
+    }
 )
 
 
@@ -450,6 +532,8 @@ def test_fused_kernels_compile_for_hopper_with_torch_rounding(variant):
     assert "div.full" not in ptx and "div.approx" not in ptx
     if name == "_jitter_kernel":
         assert re.search(r"div\.rn(\.ftz)?\.f32", ptx)
+    if name == "_flip_transpose_kernel":
+        return  # moves data only: no arithmetic on the values to round
     # The check can fail: the same kernel with fusion allowed has multiply-adds.
     options["enable_fp_fusion"] = True
     assert "fma." in J.triton.compile(source, target=target, options=options).asm["ptx"]
@@ -477,4 +561,9 @@ def test_fused_kernels_on_cuda():
     assert error <= BLUR_TOL_TORCH
     check_geometry(geometry_case(), run_geometry(geometry_case(), "cuda"))
     check_finish(finish_case(), run_finish(finish_case(), "cuda"))
+    transpose = {
+        "out": run_transpose(transpose_case(), "cuda"),
+        "swapped": run_transpose(transpose_case(), "cuda", flips_swapped=True),
+    }
+    check_transpose(transpose_case(), transpose)
     assert J.fused_path(torch.zeros(1, device="cuda"))  # so the pipeline takes the kernels
