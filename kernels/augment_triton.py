@@ -66,6 +66,23 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _require_backend(name: str, x: torch.Tensor) -> None:
+    """Raise unless ``name``'s kernel can run on x: triton importable, x on CUDA (or a CPU
+    tensor under the interpreter)."""
+    if triton is None:
+        raise RuntimeError(f"{name} needs triton, which is not importable")
+    if not x.is_cuda and not _interpreting():
+        raise ValueError(f"{name} needs a CUDA tensor (or TRITON_INTERPRET=1), got {x.device}")
+
+
+def _launch(kernel, grid: tuple[int, ...], x: torch.Tensor, *args, **meta) -> None:
+    """``kernel[grid](*args, **meta)`` on x's device, compiled without fused multiply-adds
+    (every op rounds as torch's separate kernels do)."""
+    guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with guard:
+        kernel[grid](*args, **meta, num_warps=_NUM_WARPS, enable_fp_fusion=False)
+
+
 if triton is not None:
 
     @triton.jit
@@ -154,6 +171,18 @@ if triton is not None:
         return r, g, b
 
     @triton.jit
+    def _load_rgb(image, idx, stride_c, inside, CHANNELS: tl.constexpr):
+        """A block of pixels' (r, g, b); a one-channel (grey) image gives its values thrice."""
+        r = tl.load(image + idx, mask=inside, other=0.0)
+        if CHANNELS == 3:
+            g = tl.load(image + stride_c + idx, mask=inside, other=0.0)
+            b = tl.load(image + 2 * stride_c + idx, mask=inside, other=0.0)
+        else:
+            g = r
+            b = r
+        return r, g, b
+
+    @triton.jit
     def _jitter_kernel(
         x_ptr,
         out_ptr,
@@ -189,13 +218,7 @@ if triton is not None:
             for start in range(0, pixels, BLOCK):
                 idx = start + offs
                 inside = idx < pixels
-                r = tl.load(x_img + idx, mask=inside, other=0.0)
-                if CHANNELS == 3:
-                    g = tl.load(x_img + stride_c + idx, mask=inside, other=0.0)
-                    b = tl.load(x_img + 2 * stride_c + idx, mask=inside, other=0.0)
-                else:
-                    g = r
-                    b = r
+                r, g, b = _load_rgb(x_img, idx, stride_c, inside, CHANNELS)
                 if contrast_at > 0:
                     r, g, b = _adjust(r, g, b, ops0, f0, 0.0, CHANNELS)
                 if contrast_at > 1:
@@ -209,13 +232,7 @@ if triton is not None:
             for start in range(0, pixels, BLOCK):
                 idx = start + offs
                 inside = idx < pixels
-                r = tl.load(x_img + idx, mask=inside, other=0.0)
-                if CHANNELS == 3:
-                    g = tl.load(x_img + stride_c + idx, mask=inside, other=0.0)
-                    b = tl.load(x_img + 2 * stride_c + idx, mask=inside, other=0.0)
-                else:
-                    g = r
-                    b = r
+                r, g, b = _load_rgb(x_img, idx, stride_c, inside, CHANNELS)
                 r, g, b = _adjust(r, g, b, ops0, f0, mean, CHANNELS)
                 r, g, b = _adjust(r, g, b, ops1, f1, mean, CHANNELS)
                 r, g, b = _adjust(r, g, b, ops2, f2, mean, CHANNELS)
@@ -248,12 +265,7 @@ def color_jitter_triton(
     may be overwritten. ``block``: pixels per step (a power of two; default 1024 on a GPU,
     8192 under the interpreter, whose cost is per step).
     """
-    if triton is None:
-        raise RuntimeError("color_jitter_triton needs triton, which is not importable")
-    if not x.is_cuda and not _interpreting():
-        raise ValueError(
-            f"color_jitter_triton needs a CUDA tensor (or TRITON_INTERPRET=1), got {x.device}"
-        )
+    _require_backend("color_jitter_triton", x)
     batch, channels, height, width = x.shape
     if channels not in (1, 3):
         raise ValueError(f"color_jitter_triton needs 1 or 3 channels, got {channels}")
@@ -267,22 +279,21 @@ def color_jitter_triton(
     out = source if in_place else torch.empty_like(source)
     if batch == 0 or height * width == 0:
         return out
-    device_guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-    with device_guard:
-        _jitter_kernel[(batch,)](
-            source,
-            out,
-            to_device(torch.from_numpy(params), x.device),
-            height * width,
-            source.stride(0),
-            source.stride(1),
-            CHANNELS=channels,
-            BLOCK=block or (8192 if _interpreting() else _BLOCK),
-            COPY_INACTIVE=not in_place,
-            PARAMS=_PARAMS,
-            num_warps=_NUM_WARPS,
-            enable_fp_fusion=False,
-        )
+    _launch(
+        _jitter_kernel,
+        (batch,),
+        x,
+        source,
+        out,
+        to_device(torch.from_numpy(params), x.device),
+        height * width,
+        source.stride(0),
+        source.stride(1),
+        CHANNELS=channels,
+        BLOCK=block or (8192 if _interpreting() else _BLOCK),
+        COPY_INACTIVE=not in_place,
+        PARAMS=_PARAMS,
+    )
     return out
 
 
@@ -356,12 +367,7 @@ def gaussian_blur_triton(
     (rows, columns) per program, powers of two (default (16, 64) on a GPU, (256, 256) under the
     interpreter).
     """
-    if triton is None:
-        raise RuntimeError("gaussian_blur_triton needs triton, which is not importable")
-    if not x.is_cuda and not _interpreting():
-        raise ValueError(
-            f"gaussian_blur_triton needs a CUDA tensor (or TRITON_INTERPRET=1), got {x.device}"
-        )
+    _require_backend("gaussian_blur_triton", x)
     batch, channels, height, width = x.shape
     kmax = weights.shape[1]
     params = torch.empty(batch, kmax + 2)
@@ -377,35 +383,37 @@ def gaussian_blur_triton(
     grid = (batch * channels, triton.cdiv(height, block_h), triton.cdiv(width, block_w))
     params = to_device(params, x.device)
     middle = torch.empty_like(source)
-    device_guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
     # The largest kernel size is a runtime argument: as a constexpr every new size in a batch
     # would compile two more kernel variants (visual sizes 3..13) in the middle of training.
-    common = dict(BLOCK_H=block_h, BLOCK_W=block_w, num_warps=_NUM_WARPS)
     shape = (channels, height, width, source.stride(0), source.stride(1), kmax)
-    with device_guard:
-        # Vertical pass into a scratch batch (inactive planes left unwritten), then horizontal.
-        _blur_kernel[grid](
-            source,
-            middle,
-            source,
-            params,
-            *shape,
-            VERTICAL=True,
-            COPY_INACTIVE=False,
-            **common,
-            enable_fp_fusion=False,
-        )
-        _blur_kernel[grid](
-            middle,
-            out,
-            source,
-            params,
-            *shape,
-            VERTICAL=False,
-            COPY_INACTIVE=not in_place,
-            **common,
-            enable_fp_fusion=False,
-        )
+    tiles = dict(BLOCK_H=block_h, BLOCK_W=block_w)
+    # Vertical pass into a scratch batch (inactive planes left unwritten), then horizontal.
+    _launch(
+        _blur_kernel,
+        grid,
+        x,
+        source,
+        middle,
+        source,
+        params,
+        *shape,
+        VERTICAL=True,
+        COPY_INACTIVE=False,
+        **tiles,
+    )
+    _launch(
+        _blur_kernel,
+        grid,
+        x,
+        middle,
+        out,
+        source,
+        params,
+        *shape,
+        VERTICAL=False,
+        COPY_INACTIVE=not in_place,
+        **tiles,
+    )
     return out
 
 
@@ -488,12 +496,7 @@ def fbank_geometry_triton(
     ``kernels.augment.fbank_geometry`` (call that, not this). ``tile``: (rows, columns) per
     program (default (32, 64) on a GPU, (256, 128) under the interpreter).
     """
-    if triton is None:
-        raise RuntimeError("fbank_geometry_triton needs triton, which is not importable")
-    if not x.is_cuda and not _interpreting():
-        raise ValueError(
-            f"fbank_geometry_triton needs a CUDA tensor (or TRITON_INTERPRET=1), got {x.device}"
-        )
+    _require_backend("fbank_geometry_triton", x)
     batch, _, frames, bins = x.shape
     source = x.contiguous()
     out = torch.empty_like(source)
@@ -502,20 +505,19 @@ def fbank_geometry_triton(
     block_h, block_w = tile or ((256, 128) if _interpreting() else (32, 64))
     grid = (batch, triton.cdiv(frames, block_h), triton.cdiv(bins, block_w))
     params = to_device(params.to(torch.float32).contiguous(), x.device)
-    device_guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-    with device_guard:
-        _geometry_kernel[grid](
-            source,
-            out,
-            params,
-            frames,
-            bins,
-            PARAMS=params.shape[1],
-            BLOCK_H=block_h,
-            BLOCK_W=block_w,
-            num_warps=_NUM_WARPS,
-            enable_fp_fusion=False,
-        )
+    _launch(
+        _geometry_kernel,
+        grid,
+        x,
+        source,
+        out,
+        params,
+        frames,
+        bins,
+        PARAMS=params.shape[1],
+        BLOCK_H=block_h,
+        BLOCK_W=block_w,
+    )
     return out
 
 
@@ -574,12 +576,7 @@ def finish_visual_triton(
     ``gray`` (B,) are set, then (x - mean[c]) / std[c]. Checked by
     ``kernels.augment.finish_visual`` (call that, not this). ``tile``: (rows, columns) per
     program (default (16, 64) on a GPU, (256, 256) under the interpreter)."""
-    if triton is None:
-        raise RuntimeError("finish_visual_triton needs triton, which is not importable")
-    if not x.is_cuda and not _interpreting():
-        raise ValueError(
-            f"finish_visual_triton needs a CUDA tensor (or TRITON_INTERPRET=1), got {x.device}"
-        )
+    _require_backend("finish_visual_triton", x)
     batch, _, height, width = x.shape
     source = x.contiguous()
     out = torch.empty_like(source)  # a flip reads other columns: never in place
@@ -588,21 +585,20 @@ def finish_visual_triton(
     params = torch.from_numpy(np.stack([flip, gray], axis=1).astype(np.float32))
     block_h, block_w = tile or ((256, 256) if _interpreting() else (16, 64))
     grid = (batch, triton.cdiv(height, block_h), triton.cdiv(width, block_w))
-    device_guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-    with device_guard:
-        _finish_kernel[grid](
-            source,
-            out,
-            to_device(params, x.device),
-            height,
-            width,
-            *(float(np.float32(m)) for m in mean),
-            *(float(np.float32(s)) for s in std),
-            BLOCK_H=block_h,
-            BLOCK_W=block_w,
-            num_warps=_NUM_WARPS,
-            enable_fp_fusion=False,
-        )
+    _launch(
+        _finish_kernel,
+        grid,
+        x,
+        source,
+        out,
+        to_device(params, x.device),
+        height,
+        width,
+        *(float(np.float32(m)) for m in mean),
+        *(float(np.float32(s)) for s in std),
+        BLOCK_H=block_h,
+        BLOCK_W=block_w,
+    )
     return out
 
 
@@ -648,12 +644,7 @@ def flip_transpose_triton(
     over out's three channels: out (B, 3, F, T) contiguous, x (n, 1 or 3, T, F). Checked by
     ``kernels.augment.flip_transpose_into`` (call that, not this). ``tile``: (F, T) per program
     (default (32, 64) on a GPU, (128, 256) under the interpreter)."""
-    if triton is None:
-        raise RuntimeError("flip_transpose_triton needs triton, which is not importable")
-    if not x.is_cuda and not _interpreting():
-        raise ValueError(
-            f"flip_transpose_triton needs a CUDA tensor (or TRITON_INTERPRET=1), got {x.device}"
-        )
+    _require_backend("flip_transpose_triton", x)
     n, channels, frames, bins = x.shape
     if n == 0 or x.numel() == 0:
         return
@@ -661,16 +652,16 @@ def flip_transpose_triton(
     params = torch.from_numpy(np.stack([rows, flip], axis=1).astype(np.float32))
     block_f, block_t = tile or ((128, 256) if _interpreting() else (32, 64))
     grid = (n, triton.cdiv(bins, block_f), triton.cdiv(frames, block_t))
-    device_guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-    with device_guard:
-        _flip_transpose_kernel[grid](
-            source,
-            out,
-            to_device(params, x.device),
-            frames,
-            bins,
-            CHANNELS=channels,
-            BLOCK_F=block_f,
-            BLOCK_T=block_t,
-            num_warps=_NUM_WARPS,
-        )
+    _launch(
+        _flip_transpose_kernel,
+        grid,
+        x,
+        source,
+        out,
+        to_device(params, x.device),
+        frames,
+        bins,
+        CHANNELS=channels,
+        BLOCK_F=block_f,
+        BLOCK_T=block_t,
+    )
