@@ -699,6 +699,21 @@ def _gaussian_kernels(
     return pdf / pdf.sum(1, keepdim=True)
 
 
+def gaussian_kernels_host(
+    sigma: np.ndarray, sizes: np.ndarray, active: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``_gaussian_kernels`` in float32 numpy on the host, for the fused blur: ((n, K) weights,
+    each active sample's own odd size zero-padded to the largest K, and (n,) sizes, 1 for
+    inactive samples). numpy's exp may round a weight one ulp apart from torch's."""
+    own = np.where(active, sizes, 1).astype(np.int64)
+    sigma = np.where(active, sigma, 1.0).astype(np.float32)
+    half = int(own.max()) // 2
+    offsets = np.arange(-half, half + 1).astype(np.float32)
+    pdf = np.exp(np.float32(-0.5) * np.square(offsets / sigma[:, None]))
+    pdf = np.where(np.abs(offsets) <= (own // 2)[:, None], pdf, np.float32(0.0))
+    return (pdf / pdf.sum(1, keepdims=True)).astype(np.float32), own
+
+
 def _blur(
     x: torch.Tensor, sigma: torch.Tensor, own: torch.Tensor | None = None, *, size: int
 ) -> torch.Tensor:
@@ -747,10 +762,8 @@ def gaussian_blur(
         # A GPU: two fused passes, each sample with its own kernel (was ~40 ops per call).
         if not on.any():
             return x if owned else x.clone()
-        own = torch.from_numpy(np.where(on, siz, 1))  # inactive: a 1-tap kernel, never applied
-        sigma_on = torch.from_numpy(np.where(on, sig, np.float32(1.0)))
-        weights = _gaussian_kernels(sigma_on, int(own.max()), own)
-        return fused.gaussian_blur_triton(x, weights, own, torch.from_numpy(on), owned=owned)
+        weights, own = gaussian_kernels_host(sig, siz, on)
+        return fused.gaussian_blur_triton(x, weights, own, on, owned=owned)
     out = x
     if whole_batch_ops(x):
         # One whole-batch pass for every size (each sample's kernel zero-padded to the largest),

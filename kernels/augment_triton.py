@@ -351,29 +351,29 @@ if triton is not None:
 
 def gaussian_blur_triton(
     x: torch.Tensor,
-    weights: torch.Tensor,
-    sizes: torch.Tensor,
-    active: torch.Tensor,
+    weights: np.ndarray,
+    sizes: np.ndarray,
+    active: np.ndarray,
     *,
     owned: bool = False,
     tile: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Separable Gaussian blur of a (B, C, H, W) float32 batch, each sample with its own kernel.
 
-    weights (B, K) host float32: each sample's normalised 1-D kernel of its own odd size
+    Host arrays: weights (B, K) float32, each sample's normalised 1-D kernel of its own odd size
     ``sizes`` (B,), zero-padded on both sides to the largest size K; active (B,) bool. Reflect
     padding needs size // 2 < H and W. ``kernels.augment.gaussian_blur`` checks the parameters
-    and makes the weights (call that, not this). ``owned``: x may be overwritten. ``tile``:
-    (rows, columns) per program, powers of two (default (16, 64) on a GPU, (256, 256) under the
-    interpreter).
+    and makes the weights (``gaussian_kernels_host``; call that, not this). ``owned``: x may be
+    overwritten. ``tile``: (rows, columns) per program, powers of two (default (16, 64) on a
+    GPU, (256, 256) under the interpreter).
     """
     _require_backend("gaussian_blur_triton", x)
     batch, channels, height, width = x.shape
     kmax = weights.shape[1]
-    params = torch.empty(batch, kmax + 2)
-    params[:, 0] = torch.as_tensor(active).cpu()
-    params[:, 1] = torch.as_tensor(sizes).cpu()
-    params[:, 2:] = weights.cpu()
+    params = np.empty((batch, kmax + 2), np.float32)
+    params[:, 0] = active
+    params[:, 1] = sizes
+    params[:, 2:] = weights
     source = x.contiguous()
     in_place = owned or source is not x
     out = source if in_place else torch.empty_like(source)
@@ -381,7 +381,7 @@ def gaussian_blur_triton(
         return out
     block_h, block_w = tile or ((256, 256) if _interpreting() else (16, 64))
     grid = (batch * channels, triton.cdiv(height, block_h), triton.cdiv(width, block_w))
-    params = to_device(params, x.device)
+    params = to_device(torch.from_numpy(params), x.device)
     middle = torch.empty_like(source)
     # The largest kernel size is a runtime argument: as a constexpr every new size in a batch
     # would compile two more kernel variants (visual sizes 3..13) in the middle of training.

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
@@ -153,9 +154,26 @@ def blur_cases() -> dict[str, tuple[torch.Tensor, ...]]:
 
 
 def _blur_weights(sigma, sizes, active):
-    own = torch.where(active, sizes, 1)
-    weights = K._gaussian_kernels(torch.where(active, sigma, 1.0), int(own.max()), own)
-    return weights, own
+    return K.gaussian_kernels_host(sigma.numpy(), sizes.numpy(), active.numpy())
+
+
+def test_host_blur_weights_match_the_torch_kernels() -> None:
+    """The fused blur's numpy weights are the torch path's Gaussians (to an ulp), zero-padded
+    around each sample's own size; inactive samples get a one-tap kernel."""
+    sigma = torch.tensor([0.1, 0.4, 0.0, 1.2, 2.0])
+    sizes = K.visual_blur_kernel_size(torch.where(sigma > 0, sigma, 1.0))
+    active = torch.tensor([True, True, False, True, True])
+    weights, own = _blur_weights(sigma, sizes, active)
+    assert own.tolist() == [3, 5, 1, 9, 13] and weights.shape == (5, 13)
+    for b in range(5):
+        half = own[b] // 2
+        taps = weights[b, 6 - half : 7 + half]
+        assert (np.delete(weights[b], range(6 - half, 7 + half)) == 0).all()
+        if active[b]:
+            ref = K._gaussian_kernels(sigma[b : b + 1], int(own[b]))[0].numpy()
+            np.testing.assert_allclose(taps, ref, rtol=2e-7, atol=1e-12)
+        else:
+            assert taps.tolist() == [1.0]
 
 
 def run_blur(cases: dict, device: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -166,13 +184,13 @@ def run_blur(cases: dict, device: str) -> dict[str, dict[str, torch.Tensor]]:
         x = x.to(device)
         before = x.clone()
         weights, own = _blur_weights(sigma, sizes, active)
-        out = J.gaussian_blur_triton(x, weights, own, active)
+        out = J.gaussian_blur_triton(x, weights, own, active.numpy())
         mine = x.clone()
-        owned = J.gaussian_blur_triton(mine, weights, own, active, owned=True)
+        owned = J.gaussian_blur_triton(mine, weights, own, active.numpy(), owned=True)
         wrong, _ = _blur_weights(sigma.roll(1), sizes, active)
         results[name] = {
             "out": out.cpu(),
-            "wrong_sigma": J.gaussian_blur_triton(x, wrong, own, active).cpu(),
+            "wrong_sigma": J.gaussian_blur_triton(x, wrong, own, active.numpy()).cpu(),
             "owned": owned.cpu(),
             "owned_in_place": torch.tensor(owned.data_ptr() == mine.data_ptr()),
             "input_untouched": torch.tensor(torch.equal(x, before)),
