@@ -298,12 +298,17 @@ def apply_audio(
     shift = params[:, 5] if time_shift_applied else torch.zeros_like(params[:, 5])
     x = K.fbank_geometry(x[:, :1], t[:, 1:5].long(), spec, shift, params[:, 1:5])
     frames, bins = x.shape[2], x.shape[3]
-    # The channels stay equal through jitter, blur and flip unless hue comes first in the jitter
-    # (it clamps two channels of three): only those samples are processed with three channels.
-    three = (t[:, 12] > 0) & (t[:, 13] == 3)
     # Written once, into the model's (B, 3, F, T) layout: the result is that buffer's transpose,
     # so the consumer's transpose back is contiguous without another copy of the batch.
     out = torch.empty(x.shape[0], 3, bins, frames, device=x.device)
+    # The channels stay equal through jitter, blur and flip unless hue comes first in the jitter
+    # (it clamps two channels of three). On a CPU only those samples are processed with three
+    # channels (arithmetic is the cost there). On a GPU every sample is: one launch per op
+    # instead of one per channel group, and shapes that no longer depend on the draws; the
+    # other samples' three channels stay equal, so their values are the same either way.
+    three = (t[:, 12] > 0) & (t[:, 13] == 3)
+    if K.whole_batch_ops(x):
+        three = torch.ones_like(three)
     for rows, channels in ((~three).nonzero().flatten(), 1), (three.nonzero().flatten(), 3):
         if len(rows) == x.shape[0]:
             whole = x.expand(-1, channels, -1, -1).contiguous()  # written into: no overlap
