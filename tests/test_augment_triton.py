@@ -486,6 +486,74 @@ def test_fbank_geometry_checks_its_parameters(fused) -> None:
             K.fbank_geometry(x.expand(-1, 3, -1, -1), masks, spec, shift, crop)
 
 
+_STAGE_SCRIPT = """
+import dataclasses, sys
+from unittest import mock
+import torch
+from dali_pipelines.loader import DaliLoader, LoaderConfig
+from equiav.config import AugmentConfig
+from equiav.data.index import read_dataset, read_label_csv
+import kernels.augment as K
+import kernels.augment_triton as J
+
+root, labels, out = sys.argv[1:4]
+aug = dataclasses.replace(
+    AugmentConfig(), specaug_p=1.0, jitter_p=1.0, blur_p=1.0, flip_p=0.5, gray_p=0.5
+)
+cfg = LoaderConfig(batch_size=4, mode="pretrain", seed=3, frames_per_clip=4, eval_frame=2,
+                   augment=aug, cen_num=2)
+loader = DaliLoader(read_dataset(root + "/train.json"), read_label_csv(labels), cfg)
+raw = {{k: v.clone() for k, v in next(iter(loader.iterator))[0].items()}}
+torch_stage = loader._device_stage(raw)
+with mock.patch.object(K, "whole_batch_ops", lambda x: True), mock.patch.object(
+    J, "fused_path", lambda x: True
+):
+    fused_stage = loader._device_stage(raw)
+torch.save({{"torch": torch_stage, "fused": fused_stage, "t_a": raw["t_a"]}}, out)
+"""
+
+
+@needs_triton
+def test_the_loader_stage_through_the_fused_kernels_equals_the_cpu_stage(synth_small, tmp_path):
+    """The pretraining device stage of one real batch (DALI-decoded, every augmentation on) as a
+    GPU runs it (whole-batch policy, every fused kernel, under the interpreter) equals the CPU
+    stage: the wiring of the fused paths (one three-channel audio batch, finish_visual, ...),
+    not only each kernel. Tolerance: 1e-4 in normalised units, as the truthfulness test."""
+    out = tmp_path / "stage.pt"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _STAGE_SCRIPT.format(),
+            str(synth_small.root),
+            str(synth_small.label_csv),
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    got = torch.load(out)
+    ref, fused = got["torch"], got["fused"]
+    assert ref.keys() == fused.keys()
+    hue_first = (got["t_a"][:, 12] > 0) & (got["t_a"][:, 13] == 3)
+    for key in ref:
+        if key in ("audio_aug", "visual_aug"):
+            assert fused[key].is_contiguous(), key
+            error = (fused[key] - ref[key]).abs().max().item()
+            assert error <= 1e-4, f"{key}: the fused stage differs by {error}"
+        else:
+            assert torch.equal(fused[key], ref[key]), key
+    assert ref["audio_aug"].shape == (4, 3, 128, ref["audio_aug"].shape[3])
+    # Samples without hue first kept equal channels through the three-channel path.
+    for b in (~hue_first).nonzero().flatten().tolist():
+        assert torch.equal(fused["audio_aug"][b, 1], fused["audio_aug"][b, 0])
+
+
 _F32 = {"x_ptr": "*fp32", "out_ptr": "*fp32", "params_ptr": "*fp32"}
 _I32 = ("pixels", "stride_b", "stride_c")
 _BLUR_PTRS = ("src_ptr", "dst_ptr", "orig_ptr", "params_ptr")
