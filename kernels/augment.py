@@ -173,6 +173,17 @@ def whole_batch_ops(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
+def _bands_inside(start, end, length: int):
+    """0 <= start <= end <= length, elementwise (torch tensors or numpy arrays)."""
+    return (start >= 0) & (start <= end) & (end <= length)
+
+
+def _crops_inside(top, left, height, width, h_in: int, w_in: int):
+    """Non-empty crops inside an h_in x w_in image, elementwise (torch tensors or numpy)."""
+    ok = (top >= 0) & (left >= 0) & (height >= 1) & (width >= 1)
+    return ok & (top + height <= h_in) & (left + width <= w_in)
+
+
 def _column(p: torch.Tensor) -> torch.Tensor:
     """(n,) -> (n, 1, 1, 1), to broadcast one value per sample over (n, C, H, W)."""
     return p.view(-1, 1, 1, 1)
@@ -209,14 +220,16 @@ def resized_crop(
         for p, n in zip((top, left, height, width), names, strict=True)
     ]
     boxes = torch.stack([p.cpu() for p in params], 1)
+    bad = (~_crops_inside(*boxes.T, h_in, w_in)).nonzero().flatten().tolist()
+    if bad:
+        t, le, h, w = boxes[bad[0]].tolist()
+        raise ValueError(
+            f"resized_crop: sample {bad[0]} crop (top={t}, left={le}, height={h}, width={w}) "
+            f"is not inside the {h_in}x{w_in} image"
+        )
     out = x.new_empty(batch, channels, oh, ow)
     # One interpolation per sample: crops differ in size, and this is torchvision's own call.
     for b, (t, le, h, w) in enumerate(boxes.tolist()):
-        if t < 0 or le < 0 or h < 1 or w < 1 or t + h > h_in or le + w > w_in:
-            raise ValueError(
-                f"resized_crop: sample {b} crop (top={t}, left={le}, height={h}, width={w}) "
-                f"is not inside the {h_in}x{w_in} image"
-            )
         crop = x[b : b + 1, :, t : t + h, le : le + w]
         if (h, w) == (oh, ow):  # torchvision returns a same-size crop as it is
             out[b] = crop[0]
@@ -254,7 +267,7 @@ def mask_rows(
     start = _param(start, batch, "start", torch.long)
     end = _param(end, batch, "end", torch.long)
     mask = _active(active, batch).to(start.device)
-    ok = (start >= 0) & (start <= end) & (end <= length)
+    ok = _bands_inside(start, end, length)
     _require(ok | ~mask, f"mask_rows: need 0 <= start <= end <= {length} on axis {axis}")
     if not whole_batch_ops(x):
         # Zero each sample's band as a slice (a CPU: no pass over the whole batch).
@@ -324,11 +337,9 @@ def fbank_geometry(
     # The checks of the four kernels, in numpy on the host (no device op, no sync).
     m, c, on = masks.cpu().long().numpy(), crop.cpu().long().numpy(), spec.cpu().numpy()
     for (a, b), length, name in (((0, 1), frames, "time"), ((2, 3), bins, "frequency")):
-        ok = (m[:, a] >= 0) & (m[:, a] <= m[:, b]) & (m[:, b] <= length)
+        ok = _bands_inside(m[:, a], m[:, b], length)
         _require(ok | ~on, f"fbank_geometry: {name} masks need 0 <= start <= end <= {length}")
-    top, left, height, width = c.T
-    ok = (top >= 0) & (left >= 0) & (height >= 1) & (width >= 1)
-    ok &= (top + height <= frames) & (left + width <= bins)
+    ok = _crops_inside(*c.T, frames, bins)
     _require(ok, lambda: f"fbank_geometry: crops must lie inside the image, got {c.tolist()}")
     params = np.zeros((batch, 10), np.float32)
     params[:, 0] = on
