@@ -369,7 +369,7 @@ def cycle():  # (bytes mapped by a 64 MiB tensor, bytes given back when it is fr
     del x
     return peak - before, peak - rss()
 
-print((cycle(), keep_freed_memory(), [cycle() for _ in range(6)]))
+print((cycle(), keep_freed_memory(), [cycle() for _ in range(20)]))
 """
 
 
@@ -377,7 +377,12 @@ print((cycle(), keep_freed_memory(), [cycle() for _ in range(6)]))
 def test_keep_freed_memory_reuses_freed_blocks():
     """By default glibc unmaps a freed 64 MiB block (the next one faults its pages in again);
     after ``keep_freed_memory`` freed blocks stay and later allocations reuse them. Run in a
-    subprocess: the setting is process-wide."""
+    subprocess: the setting is process-wide.
+
+    Reuse is not immediate: a small allocation placed just above a freed block can leave a hole
+    a hair too small for the next aligned 64 MiB request, so the first few cycles may map a new
+    block (seen: 1 to 6 of 16 on the 2-core VM, 4 of 6 once in CI). Then the kept holes serve
+    every request: the test asserts that steady state, not a count of early misses."""
     run = subprocess.run(
         [sys.executable, "-c", KEEP_FREED_PROBE],
         capture_output=True,
@@ -390,8 +395,11 @@ def test_keep_freed_memory_reuses_freed_blocks():
     assert default[0] > 60 * mib and default[1] > 60 * mib  # mapped, then given back
     assert applied is True
     assert all(back < 4 * mib for _, back in kept)  # kept after every free
-    # ...and reused: six 64 MiB tensors in a row map far less than six fresh blocks would.
-    assert sum(grown for grown, _ in kept) < 3 * 64 * mib
+    grown = [g for g, _ in kept]
+    # ...and reused: twenty 64 MiB tensors in a row map at most half as many fresh blocks, and
+    # the last eight map none (without reuse each would map a block: 20 in all).
+    assert sum(grown) < 10 * 64 * mib, [g // mib for g in grown]
+    assert all(g < 4 * mib for g in grown[-8:]), [g // mib for g in grown]
 
 
 def test_pretraining_on_video_files_decodes_the_drawn_frames(synth_small):
