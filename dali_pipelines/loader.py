@@ -140,6 +140,9 @@ class DaliLoader:
             image_size=cfg.image_size,
             cen_num=cfg.cen_num if cfg.mode == "pretrain" else 0,
             ft_specaug=cfg.ft_specaug,
+            # Only for DALI's CPU decoder: the GPU decoder seeks with its frame index already,
+            # and has not been tried on IVF input.
+            video_excerpt=self.device.type == "cpu",
         )
         self.source = SampleSource(self.spec)
         if start_offset and len(self.source) == 0:

@@ -216,6 +216,9 @@ class SourceSpec:
     image_size: int = 224
     cen_num: int = 0  # sampled-but-not-applied vectors per modality (pretrain, cen_mean)
     ft_specaug: bool = True  # finetune SpecAugment (paper_exact: off)
+    # Send video views as IVF excerpts that start at keyframes (video.video_excerpt): for DALI's
+    # CPU decoder, which otherwise decodes every file from its start.
+    video_excerpt: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -344,10 +347,14 @@ class SampleSource:
             ks = [s.eval_frame] * self.views
         else:
             ks = frame_draws(s.seed, epoch, gpos, self.views, s.frames_per_clip)
-        for view, k in enumerate(ks):
-            out.update(
-                self._read_frame(partner if view == 1 and s.mode == "finetune" else entry, k, view)
-            )
+        sources = [partner if v == 1 and s.mode == "finetune" else entry for v in range(len(ks))]
+        if entry.is_video_file:
+            out.update(self._read_video(sources, ks))
+        else:
+            for view, (e, k) in enumerate(zip(sources, ks, strict=True)):
+                path = e.frame_path(k)
+                out[f"frame{view}"] = data = read_bytes(path)
+                validate_jpeg(path, data)
         out.setdefault("labels", self.multi_hot[index])
         out["index"] = np.array(index, np.int64)
         out["valid"] = np.array(ok, np.int32)
@@ -360,19 +367,23 @@ class SampleSource:
         """Whether a video view is decoded from view 0's bytes (pretraining: the same clip)."""
         return view > 0 and self.spec.mode == "pretrain"
 
-    def _read_frame(self, entry: Entry, k: int, view: int) -> dict[str, np.ndarray]:
-        if entry.is_video_file:
-            from dali_pipelines.video import frame_index_at
+    def _read_video(self, entries: list[Entry], ks: list[int]) -> dict[str, np.ndarray]:
+        """Each view's video bytes (``frame{v}``; pretraining sends its one clip once) and the
+        index of the frame to decode in them (``frame{v}_index``)."""
+        from dali_pipelines.video import frames_at_seconds, video_excerpt
 
-            index = frame_index_at(entry.video_path, k + 0.5)
-            out = {f"frame{view}_index": np.array(index, np.int32)}
-            if not self._same_file(view):
-                out[f"frame{view}"] = read_bytes(entry.video_path)
-            return out
-        path = entry.frame_path(k)
-        data = read_bytes(path)
-        validate_jpeg(path, data)
-        return {f"frame{view}": data}
+        groups = [[0, 1]] if self._same_file(1) else [[v] for v in range(len(ks))]
+        out = {}
+        for group in groups:
+            path = entries[group[0]].video_path
+            data = read_bytes(path)
+            index = frames_at_seconds(path, [ks[v] + 0.5 for v in group])
+            if self.spec.video_excerpt:
+                data, index = video_excerpt(path, data, index)
+            out[f"frame{group[0]}"] = data
+            for v, i in zip(group, index, strict=True):
+                out[f"frame{v}_index"] = np.array(i, np.int32)
+        return out
 
     @staticmethod
     def _frame_size(entry: Entry, k: int, out: dict) -> tuple[int, int]:

@@ -36,6 +36,7 @@ from dali_pipelines.video import (
     frame_index_at,
     frames_at_seconds,
     video_codec,
+    video_excerpt,
     video_frame_times,
 )
 from equiav.data import synth
@@ -238,6 +239,57 @@ def test_several_frames_in_one_call_equal_one_call_each(clip):
     for (i, j), first, second in zip(pairs, firsts, seconds, strict=True):
         assert np.array_equal(first, single[i]) and np.array_equal(second, single[j]), (i, j)
     assert not np.array_equal(single[12], single[237])
+
+
+def keyframe_runs(path: str, frames: list[int]) -> int:
+    """Packets from each frame's last keyframe through the frame, overlapping runs counted
+    once (PyAV's keyframe flags, in presentation order)."""
+    with av.open(path) as container:
+        keys = [p.is_keyframe for p in container.demux(video=0) if p.size]
+    needed = set()
+    for f in frames:
+        start = max(i for i in range(f + 1) if keys[i])
+        needed.update(range(start, f + 1))
+    return len(needed)
+
+
+@pytest.mark.parametrize("which", ["clip", "vfr"])
+def test_video_excerpt_decodes_the_same_frames(which, clip, vfr_webm):
+    """An excerpt (IVF of the packets from each frame's keyframe on) decodes, at the positions
+    it returns, the frames the whole file decodes at the original indices, bit for bit; it holds
+    only the needed packets; a position one off decodes another frame."""
+    path = clip["webm"] if which == "clip" else vfr_webm
+    data = read_bytes(path)
+    n = len(video_frame_times(path))
+    pairs = [(0, 0), (49, 50), (50, 49), (237, 12), (100, 149), (n - 1, 3), (12, 13), (140, 77)]
+    pairs = [(min(a, n - 1), min(b, n - 1)) for a, b in pairs]
+    excerpts = [video_excerpt(path, data, list(pair)) for pair in pairs]
+    whole = run_dali(
+        lambda b, ks: decode_video_frames(b, ks, 2, "cpu"),
+        [[data] * len(pairs), [np.array(p, np.int32) for p in pairs]],
+    )
+    cut = run_dali(
+        lambda b, ks: decode_video_frames(b, ks, 2, "cpu"),
+        [[e for e, _ in excerpts], [np.array(pos, np.int32) for _, pos in excerpts]],
+    )
+    for row, (pair, (excerpt, pos)) in enumerate(zip(pairs, excerpts, strict=True)):
+        assert bytes(excerpt[:4]) == b"DKIF" and len(excerpt) < len(data)
+        assert int.from_bytes(bytes(excerpt[24:28]), "little") == keyframe_runs(path, list(pair))
+        for view in range(2):
+            assert np.array_equal(cut[view][row], whole[view][row]), (pair, pos)
+    # Control: the neighbouring position of the excerpt is another frame.
+    excerpt, pos = excerpts[3]
+    (other,) = run_dali(
+        lambda b, k: (decode_video_frame(b, k, "cpu"),), [[excerpt], [np.int32(pos[0] - 1)]]
+    )
+    assert not np.array_equal(other[0], whole[0][3])
+
+
+def test_video_excerpt_leaves_other_codecs_whole(clip):
+    """H.264 (B-frames reorder packets) is not excerpted: the bytes and indices come back."""
+    data = read_bytes(clip["mp4"])
+    out, pos = video_excerpt(clip["mp4"], data, [200, 12])
+    assert out is data and pos == [200, 12]
 
 
 # ----------------------------------------------------------------------------------------------
