@@ -26,7 +26,9 @@ list is regenerated larger when it holds fewer than the measured batches):
 plus the baseline's per-sample cost on one core (``baseline_ms_per_sample_core``), a sanity check
 against MEASURED.md's 42.8 ms (the benchmark says whether it is within 30 %), and the Python
 source callback's CPU time per sample (``source_ms_per_sample_core``, with the cores it would
-take at the GPU target of 1200 samples/s). Writes
+take at the GPU target of 1200 samples/s; with ``webm`` among the layouts also on video files,
+with the probe cache warm and ``_unprobed``: each file probed again, as in a list of more than
+4096 files per process). Writes
 ``bench/results/loader-<host>.json`` and prints the ratios. Samples/s count samples delivered as
 tensors on the target device after ``--warmup`` batches.
 """
@@ -143,22 +145,34 @@ def _dali_rows(
     return rows
 
 
-def _source_ms_per_sample(cfg, data_dir: Path, shard_dirs: dict[str, Path], samples: int) -> float:
-    """One core's milliseconds per sample of the pretraining source callback on the frames
-    layout (file reads, every draw), called inline: what the Python source asks of the CPU
-    at a given loader speed, apart from DALI's decoding and the device stage."""
+def _source_ms_per_sample(
+    cfg,
+    data_dir: Path,
+    shard_dirs: dict[str, Path],
+    samples: int,
+    layout: str = "frames",
+    fresh_probe: bool = False,
+) -> float:
+    """One core's milliseconds per sample of the pretraining source callback on ``layout``
+    (file reads, every draw; video files: the frame lookup and, on the CPU, the excerpt), called
+    inline: what the Python source asks of the CPU at a given loader speed, apart from DALI's
+    decoding and the device stage. ``fresh_probe``: every video is probed again, as when a list
+    outgrows the per-process probe cache (4096 files)."""
     from types import SimpleNamespace
 
+    from dali_pipelines import video
     from dali_pipelines.loader import build_loader
 
-    cfg.data.train_json = str(_list_path(data_dir, "frames", shard_dirs))
+    cfg.data.train_json = str(_list_path(data_dir, layout, shard_dirs))
     cfg.data.py_workers = 0
     source = build_loader(cfg, "train", "pretrain", device="cpu").source
     calls = [SimpleNamespace(epoch_idx=0, idx_in_epoch=i % len(source)) for i in range(samples)]
-    for info in calls[:4]:  # page cache, imports
+    for info in calls[: min(samples, len(source))]:  # page cache, imports, the probe cache
         source(info)
     start = time.process_time()
     for info in calls:
+        if fresh_probe:
+            video._probe_cached.cache_clear()
         source(info)
     return (time.process_time() - start) / samples * 1000
 
@@ -324,7 +338,14 @@ def main(argv: list[str] | None = None) -> int:
         cen_num=cfg.model.cen_num,
     )
     per_core = per_sample_cost(probe, 4 if args.smoke else 30)
-    source_ms = _source_ms_per_sample(cfg, data_dir, shard_dirs, 8 if args.smoke else 200)
+    source_calls = 8 if args.smoke else 200
+    source_ms = _source_ms_per_sample(cfg, data_dir, shard_dirs, source_calls)
+    source_video = {}
+    if "webm" in layouts:
+        for fresh in (False, True):
+            key = "source_ms_per_sample_core_webm" + ("_unprobed" if fresh else "")
+            ms = _source_ms_per_sample(cfg, data_dir, shard_dirs, source_calls, "webm", fresh)
+            source_video[key] = round(ms, 3)
 
     def speed(rows: list[dict], layout: str, workers: int | None = None) -> float | None:
         """The layout's samples/s: of `workers` source processes, or the best of them."""
@@ -368,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         # The Python source's share: cores it needs at the GPU target (2x the paper step).
         "source_ms_per_sample_core": round(source_ms, 3),
         "source_cores_at_1200_per_s": round(source_ms * 1.2, 2),
+        **source_video,
     }
     payload = {
         "benchmark": "loader",

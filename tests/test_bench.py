@@ -343,6 +343,8 @@ def test_loader_benchmark_smoke_writes_a_valid_result(synth_small, tmp_path):
     assert result["summary"]["baseline_ms_per_sample_core"] > 0
     source = result["summary"]["source_ms_per_sample_core"]
     assert 0 < source < 100 and result["summary"]["source_cores_at_1200_per_s"] > 0
+    assert 0 < result["summary"]["source_ms_per_sample_core_webm"] < 100
+    assert 0 < result["summary"]["source_ms_per_sample_core_webm_unprobed"] < 100
 
 
 @pytest.mark.parametrize("what", ["step", "stage", "e2e"])
