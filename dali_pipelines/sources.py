@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 # Seed streams: one integer per purpose, so that the order and the frame draws never share draws.
 _ORDER_STREAM = 0x5EED0
-_FRAME_STREAM = 0xF4A3E
 
 
 @dataclass(frozen=True)
@@ -95,12 +94,17 @@ def frame_draws(seed: int, epoch: int, position: int, views: int, frames: int) -
 
     The frame decides which file (frames layout) or which part of a video is read, so it is drawn
     here, before reading, from a counter-based generator rather than by ``fn.random`` inside the
-    pipeline: this keeps it seeded and exactly resumable without reading all ten frames. One
-    generator for all views (making one costs ~50 us, a twentieth of the source's time per
-    sample).
+    pipeline: this keeps it seeded and exactly resumable without reading all ten frames.
     """
-    rng = np.random.default_rng([_FRAME_STREAM, seed, epoch, position])
-    return rng.integers(frames, size=views).tolist()
+    return frame_draws_block(seed, epoch, [position], views, frames)[0].tolist()
+
+
+def frame_draws_block(seed: int, epoch: int, positions, views: int, frames: int) -> np.ndarray:
+    """:func:`frame_draws` of several positions at once: (len(positions), views) int64."""
+    from dali_pipelines.augment import SampleRNG
+
+    rng = SampleRNG(seed, epoch, positions, "frames")
+    return rng.integers(frames, size=(len(positions), views))
 
 
 def read_bytes(path: str) -> np.ndarray:
@@ -248,6 +252,7 @@ class SampleSource:
         self.multi_hot = np.stack([spec.labels.multi_hot(e.labels) for e in spec.entries])
         self.skipped: dict[str, str] = {}
         self._positions: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._blocks: dict[tuple, object] = {}  # see _block
 
     def epoch_positions(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(entry positions, valid flags) this rank reads in ``epoch`` (DALI's epoch counter)."""
@@ -307,7 +312,7 @@ class SampleSource:
         failed = -1  # the entry this position should have read, if it broke
         for attempt in range(len(self.spec.entries)):
             try:
-                out = self._read(index, ok, epoch, self._global_position(epoch, i))
+                out = self._read(index, ok, epoch, i)
                 out["skipped"] = np.array(failed, np.int64)
                 return tuple(out[name] for name in self.output_names)
             except (OSError, CorruptMediaError) as e:
@@ -335,8 +340,26 @@ class SampleSource:
         offset = s.start_offset if epoch == s.start_epoch else 0
         return offset + i * s.shard.world_size + s.shard.rank
 
-    def _read(self, index: int, ok: int, epoch: int, gpos: int) -> dict[str, np.ndarray]:
+    def _block(self, kind: str, epoch: int, i: int, draw, *key):
+        """``draw(positions)``'s result for the batch-sized block of local positions around
+        ``i``, computed once per block and ``key``, and ``i``'s place in it.
+
+        The draws are vectorised over a block (``augment.SampleRNG``: a sample's numbers do not
+        depend on the block), so the per-sample callback pays one block's numpy calls per batch
+        instead of one sample's per sample."""
+        size = self.spec.batch_size
+        start = i - i % size
+        cache_key = (kind, epoch, start, *key)
+        if cache_key not in self._blocks:
+            if len(self._blocks) > 16:  # a few kinds and sizes of the current block are enough
+                self._blocks.clear()
+            positions = [self._global_position(epoch, j) for j in range(start, start + size)]
+            self._blocks[cache_key] = draw(positions)
+        return self._blocks[cache_key], i - start
+
+    def _read(self, index: int, ok: int, epoch: int, i: int) -> dict[str, np.ndarray]:
         s = self.spec
+        gpos = self._global_position(epoch, i)
         entry = s.entries[index]
         out: dict[str, np.ndarray] = {"wav": read_wav(entry.wav)}
         partner = entry
@@ -346,7 +369,13 @@ class SampleSource:
         if s.mode == "eval":
             ks = [s.eval_frame] * self.views
         else:
-            ks = frame_draws(s.seed, epoch, gpos, self.views, s.frames_per_clip)
+            ks, b = self._block(
+                "frames",
+                epoch,
+                i,
+                lambda p: frame_draws_block(s.seed, epoch, p, self.views, s.frames_per_clip),
+            )
+            ks = ks[b].tolist()
         sources = [partner if v == 1 and s.mode == "finetune" else entry for v in range(len(ks))]
         if entry.is_video_file:
             out.update(self._read_video(sources, ks))
@@ -360,7 +389,7 @@ class SampleSource:
         out["valid"] = np.array(ok, np.int32)
         out["frame_k"] = np.array(ks, np.int32)
         if s.mode == "pretrain":
-            out.update(self._pretrain_draws(epoch, gpos, self._frame_size(entry, ks[1], out)))
+            out.update(self._pretrain_draws(epoch, i, self._frame_size(entry, ks[1], out)))
         return out
 
     def _same_file(self, view: int) -> bool:
@@ -394,28 +423,33 @@ class SampleSource:
             return frame_size(entry.video_path)
         return jpeg_size(entry.frame_path(k), out["frame1"])
 
-    def _pretrain_draws(
-        self, epoch: int, gpos: int, size: tuple[int, int]
-    ) -> dict[str, np.ndarray]:
+    def _pretrain_draws(self, epoch: int, i: int, size: tuple[int, int]) -> dict[str, np.ndarray]:
         """The augmented views' draws (t-vectors and what applies them) and the clean roll."""
         from dali_pipelines import augment
 
         s, aug = self.spec, self.spec.augment
-        d = augment.draw_pretrain(
-            s.seed,
+        block, b = self._block(
+            "pretrain",
             epoch,
-            gpos,
-            aug,
-            s.frames,
-            s.bins,
-            aug.time_mask,
-            aug.freq_mask,
+            i,
+            lambda positions: augment.draw_pretrain_block(
+                s.seed,
+                epoch,
+                positions,
+                aug,
+                s.frames,
+                s.bins,
+                aug.time_mask,
+                aug.freq_mask,
+                size,
+                s.image_size,
+                s.cen_num,
+            ),
             size,
-            s.image_size,
-            s.cen_num,
         )
+        d = block.sample(b)
         a, v = d.audio, d.visual
-        roll = d.roll if aug.noise else 0
+        roll = int(d.roll[0]) if aug.noise else 0
         draws = {
             "vcrop": v.crop[0].astype(np.int32),
             "t_a": a.t[0],

@@ -285,7 +285,7 @@ def test_pretrain_draws_cen_rows_on_the_image_square_and_reproducible():
     assert np.array_equal(again.visual.t, draws[7].visual.t)
     other = augment.draw_pretrain(0, 1, 7, *args, cen_num=16)  # the next epoch
     assert not np.array_equal(other.audio.t, draws[7].audio.t)
-    rolls = np.array([d.roll for d in draws])
+    rolls = np.concatenate([d.roll for d in draws])
     assert rolls.min() >= -1024 and rolls.max() < 1024 and len(set(rolls.tolist())) > 250
 
 
@@ -451,3 +451,108 @@ def test_rrc_fallback_is_torchvisions_centre_crop():
     want = RandomResizedCrop.get_params(img, [0.9, 1.0], [0.75, 4 / 3])
     got = augment.rrc_params(np.random.default_rng(0), 4, 400, (0.9, 1.0), (0.75, 4 / 3), n=3)
     assert [tuple(row) for row in got.tolist()] == [tuple(want)] * 3
+
+
+def test_sample_rng_is_uniform_and_a_pure_function_of_the_position():
+    """SampleRNG: uniform doubles in [0, 1) and integers in [low, high) with the right moments;
+    a sample's numbers are the same in any block and at any place in it; other seeds, epochs,
+    purposes, calls, rows and elements give other numbers; a size that does not hold the
+    block's rows is refused."""
+    rng = augment.SampleRNG(3, 1, range(1000), "pretrain")
+    u = rng.uniform(size=(2000, 50)).reshape(1000, 2, 50)  # samples x 2 rows x 50 elements
+    assert u.min() >= 0 and u.max() < 1
+    assert abs(u.mean() - 0.5) < 0.005 and abs(u.var() - 1 / 12) < 0.002
+
+    # Neighbours (50,000-100,000 pairs each: a correlation's spread is ~0.004) are unrelated.
+    def corr(a, b):
+        return abs(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+    assert corr(u[:, 0], u[:, 1]) < 0.015  # rows
+    assert corr(u[:, :, :-1], u[:, :, 1:]) < 0.015  # elements
+    assert corr(u[:-1], u[1:]) < 0.015  # positions
+    k = rng.integers(-5, 7, size=1000 * 3)
+    counts = np.bincount(k + 5, minlength=12)
+    assert k.min() == -5 and k.max() == 6 and counts.min() > 180 and counts.max() < 330
+    # The same sample drawn alone, or in another block at another place: the same numbers.
+    alone = augment.SampleRNG(3, 1, [417], "pretrain")
+    assert np.array_equal(alone.uniform(size=(2, 50)), u[417])
+    mixed = augment.SampleRNG(3, 1, [9, 417, 5], "pretrain")
+    assert np.array_equal(mixed.uniform(size=(6, 50)).reshape(3, 2, 50)[1], u[417])
+    assert np.array_equal(alone.integers(-5, 7, size=3), k[417 * 3 : 418 * 3])  # the next call
+    for other in [(4, 1, "pretrain"), (3, 2, "pretrain"), (3, 1, "frames")]:
+        assert not np.array_equal(
+            augment.SampleRNG(*other[:2], [417], other[2]).uniform(size=(2, 50)), u[417]
+        )
+    # The layout is part of the counter: one row of 100 elements is not two rows of 50.
+    flat = augment.SampleRNG(3, 1, [417], "pretrain").uniform(size=(1, 100))
+    assert not np.array_equal(flat, u[417].reshape(1, 100))
+    with pytest.raises(ValueError, match="first axis"):
+        rng.uniform(size=(999, 2))
+
+
+def test_pretrain_block_draws_equal_the_samples_drawn_one_by_one():
+    """The source draws a batch-sized block at once: each sample's draws (every row, crop,
+    shift and roll) equal draw_pretrain's of its position alone."""
+    aug = AugmentConfig()
+    args = (aug, 1024, 128, 192, 48, (240, 320), 224, 3)
+    positions = [7, 300, 2, 41]
+    block = augment.draw_pretrain_block(5, 2, positions, *args)
+    for b, p in enumerate(positions):
+        one, mine = augment.draw_pretrain(5, 2, p, *args), block.sample(b)
+        for x, y in [
+            (one.audio.t, mine.audio.t),
+            (one.audio.crop, mine.audio.crop),
+            (one.audio.shift, mine.audio.shift),
+            (one.visual.t, mine.visual.t),
+            (one.visual.crop, mine.visual.crop),
+            (one.roll, mine.roll),
+        ]:
+            assert x.shape[0] in (1, 4) and np.array_equal(x, y), (b, p)
+    assert not np.array_equal(block.sample(0).audio.t, block.sample(1).audio.t)
+
+
+@pytest.mark.parametrize("rank, offset", [(0, 0), (1, 2)])
+def test_source_sends_each_position_its_own_draws(synth_small, rank, offset):
+    """The source draws per batch-sized block; every sample it sends carries the draws of its
+    own global position (frames, t-vectors, crops, roll), as drawn for that position alone,
+    also for a rank of two, an epoch's start offset and positions past a block's end."""
+    from types import SimpleNamespace
+
+    from dali_pipelines.sources import SampleSource, Shard, SourceSpec, frame_draws
+
+    entries = read_dataset(synth_small.root / "train.json")
+    aug = AugmentConfig()
+    spec = SourceSpec(
+        entries,
+        read_label_csv(synth_small.label_csv),
+        batch_size=2,
+        shard=Shard(rank, 2),
+        mode="pretrain",
+        seed=4,
+        augment=aug,
+        frames=512,
+        frames_per_clip=4,
+        start_epoch=2,
+        start_offset=offset,
+        cen_num=2,
+    )
+    source = SampleSource(spec)
+    names = source.output_names
+    assert len(source) == (4 if offset == 0 else 2)  # 8 entries, 2 ranks, batches of 2
+    # Out of order and again, as DALI's parallel workers may ask.
+    for i in [3, 0, 1, 2, 0, 3] if offset == 0 else [1, 0, 1]:
+        out = dict(zip(names, source(SimpleNamespace(epoch_idx=0, idx_in_epoch=i)), strict=True))
+        gpos = offset + 2 * i + rank
+        assert out["frame_k"].tolist() == frame_draws(4, 2, gpos, 2, 4)
+        size = Image.open(entries[int(out["index"])].frame_path(int(out["frame_k"][1]))).size
+        want = augment.draw_pretrain(
+            4, 2, gpos, aug, 512, 128, aug.time_mask, aug.freq_mask, size[::-1], 224, 2
+        )
+        assert np.array_equal(out["t_a"], want.audio.t[0])
+        assert np.array_equal(out["t_v_cen"], want.visual.t[1:])
+        assert out["vcrop"].tolist() == want.visual.crop[0].tolist()
+        assert out["a_params"].tolist() == [
+            int(want.roll[0]),
+            *want.audio.crop[0],
+            want.audio.shift[0],
+        ]
