@@ -4,7 +4,8 @@
 # does not stop the next; every stage's output goes to $OUT/gpu.log and the result JSONs to
 # $OUT/results (the tool brings both back). Usage, from the repository root on that machine:
 #   bash bench/gpu_session.sh env cuda-tests loader step e2e
-# Stages: env, cuda-tests, tests (the whole suite), loader, loader-quick, loader-workers, step, step-compile,
+# Stages: env, cuda-tests, tests (the whole suite), loader, loader-quick, loader-nvdec,
+# loader-workers, step, step-compile,
 # step-grid, step-modes, step-sdpa, e2e, e2e-eager, e2e-fast, e2e-fast-pretrain, e2e-graphs,
 # e2e-thread,
 # profile-stage, profile-e2e, profile-step, scaling, demo,
@@ -43,6 +44,10 @@ for s in "$@"; do
     loader-quick)  # one round, file layouts only: for a session with 15 minutes of device time
         stage loader-quick 300 python3 -m bench.loader --data "$DATA" --cores "$CORES" \
             --device cuda --layouts frames,webm --repeats 1 --results-dir "$RESULTS" ;;
+    loader-nvdec)  # video files through NVDEC (data.video_decoder=gpu), the earlier default
+        stage loader-nvdec 240 python3 -m bench.loader --data "$DATA" --cores "$CORES" \
+            --device cuda --layouts webm --repeats 1 --video-decoder gpu \
+            --results-dir "$RESULTS/nvdec" ;;
     loader-workers)
         stage loader-workers 420 python3 -m bench.loader --data "$DATA" --cores "$CORES" \
             --device cuda --layouts frames,webm --py-workers 0,2 --repeats 1 \

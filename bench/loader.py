@@ -241,6 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stage-threads", type=int, default=1, help="torch threads of the DALI side's stage"
     )
+    parser.add_argument(
+        "--video-decoder",
+        choices=("auto", "cpu", "gpu"),
+        default="auto",
+        help="data.video_decoder on a GPU: auto (CPU on excerpts for VP9), cpu, gpu (NVDEC)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny run for tests")
     parser.add_argument("--results-dir", default=None)
     args = parser.parse_args(argv)
@@ -281,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                 "data.frames_per_clip": frames,
                 "data.eval_frame": frames // 2,
                 "train.batch_size": args.batch_size,
+                "data.video_decoder": args.video_decoder,
             },
         )
     )
@@ -406,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             "warmup": args.warmup,
             "repeats": args.repeats,
             "stage_threads": args.stage_threads,
+            "video_decoder": args.video_decoder,
             # Process-wide once the first DALI loader is built: the baseline's workers, forked
             # later, inherit it too.
             "keep_freed_memory": cfg.data.keep_freed_memory,

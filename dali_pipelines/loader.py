@@ -72,6 +72,9 @@ class LoaderConfig:
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     keep_freed_memory: bool = True  # CPU: see keep_freed_memory()
+    # With a CUDA device, where video files are decoded: "gpu" (NVDEC) or "cpu" (DALI's CPU
+    # decoder on keyframe excerpts, frames copied to the GPU); see video_decoder_for.
+    video_decoder: str = "gpu"
 
 
 # glibc's mallopt parameters (malloc.h).
@@ -118,6 +121,9 @@ class DaliLoader:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
+        if cfg.video_decoder not in ("cpu", "gpu"):
+            raise ValueError(f"video_decoder must be 'cpu' or 'gpu', got {cfg.video_decoder!r}")
+        self._video_on_cpu = self.device.type == "cpu" or cfg.video_decoder == "cpu"
         if self.device.type == "cpu" and cfg.keep_freed_memory and keep_freed_memory():
             log.debug("glibc malloc keeps freed memory (data.keep_freed_memory)")
         self.epoch, start_offset = 0, 0
@@ -142,7 +148,7 @@ class DaliLoader:
             ft_specaug=cfg.ft_specaug,
             # Only for DALI's CPU decoder: the GPU decoder seeks with its frame index already,
             # and has not been tried on IVF input.
-            video_excerpt=self.device.type == "cpu",
+            video_excerpt=self._video_on_cpu,
         )
         self.source = SampleSource(self.spec)
         if start_offset and len(self.source) == 0:
@@ -165,6 +171,7 @@ class DaliLoader:
             target_frames=cfg.target_frames,
             image_size=cfg.image_size,
             py_workers=cfg.py_workers,
+            video_device="cpu" if self._video_on_cpu else "gpu",
         )
         self.pipe = build_pipeline(self.source, self.opts)
         self.iterator = DALIGenericIterator(
@@ -301,14 +308,16 @@ def checked_entries(
     frames_per_clip: int,
     weights_csv: str | None = None,
     gpu: bool = False,
+    video_decoder: str = "auto",
     progress: bool = True,
-) -> tuple[list[Entry], np.ndarray | None]:
-    """The usable entries of a dataset file (and their weights), after the cached dataset check.
+) -> tuple[list[Entry], np.ndarray | None, str]:
+    """The usable entries of a dataset file, their weights, and where their videos are decoded
+    ("cpu" or "gpu", see :func:`video_decoder_for`), after the cached dataset check.
 
     Entries with errors are skipped, each logged with its file, then counted; warnings are what
-    the pipeline repairs (resample, downmix, pad). Without a GPU, a video codec that DALI's CPU
-    decoder cannot handle is an error for that entry. Under ``torch.distributed`` rank 0 checks
-    first and the others read its cache.
+    the pipeline repairs (resample, downmix, pad). Where videos are decoded on the CPU (always
+    without a GPU), a video codec that DALI's CPU decoder cannot handle is an error for that
+    entry. Under ``torch.distributed`` rank 0 checks first and the others read its cache.
     """
     from equiav.data.check import check_dataset
 
@@ -326,7 +335,9 @@ def checked_entries(
     report = check_dataset(json_path, progress=progress and rank == 0, **kwargs)
     if dist and rank == 0:
         torch.distributed.barrier()
-    if not gpu:
+    codecs = {report.video_codec[i] for i in report.usable} - {None}
+    decoder = video_decoder_for(video_decoder, codecs, gpu)
+    if decoder == "cpu":
         report = report.promote("cpu_undecodable")
     errors = report.errors()
     if rank == 0:
@@ -345,7 +356,28 @@ def checked_entries(
     if not entries:
         raise ValueError(f"{json_path}: no usable entries ({report.summary()})")
     weights = report.clean_weights() if weights_csv is not None else None
-    return entries, weights
+    return entries, weights, decoder
+
+
+def video_decoder_for(setting: str, codecs: set[str], gpu: bool) -> str:
+    """Where a loader decodes video files: "cpu" (DALI's CPU decoder, fed keyframe excerpts;
+    on a GPU the frames are then copied to it) or "gpu" (NVDEC).
+
+    ``setting`` is ``data.video_decoder``: "cpu", "gpu" (only with a GPU), or "auto": the CPU
+    when every codec in ``codecs`` decodes there (VP8, VP9, MJPEG), else NVDEC. Why the CPU by
+    default: on the H100, NVDEC fed 15-21 samples/s of the synthetic VP9 clips (a decoder call
+    per 10 s clip and view: its setup, not the decoding, costs; ``bench/GPU-SESSIONS.md``), less
+    than the paper-style loader; the CPU decodes only a GOP per view from an excerpt.
+    """
+    from dali_pipelines.video import CPU_VIDEO_CODECS
+
+    if setting not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"data.video_decoder must be auto, cpu or gpu, got {setting!r}")
+    if not gpu or setting == "cpu":
+        return "cpu"
+    if setting == "gpu":
+        return "gpu"
+    return "cpu" if codecs <= CPU_VIDEO_CODECS else "gpu"
 
 
 def holdout_indices(n: int, fraction: float, held_out: bool) -> np.ndarray:
@@ -389,7 +421,7 @@ def build_loader(
     if balanced and data.weights_csv is None:
         raise ValueError("class-balanced sampling needs data.weights_csv")
     device = torch.device(device)
-    entries, weights = checked_entries(
+    entries, weights, decoder = checked_entries(
         json_path,
         data.label_csv,
         seconds=data.clip_seconds,
@@ -397,6 +429,7 @@ def build_loader(
         frames_per_clip=data.frames_per_clip,
         weights_csv=data.weights_csv if balanced else None,
         gpu=device.type == "cuda",
+        video_decoder=data.video_decoder,
     )
     if holdout:
         keep = holdout_indices(len(entries), data.val_fraction, split == "val")
@@ -425,6 +458,7 @@ def build_loader(
         image_mean=data.image_mean,
         image_std=data.image_std,
         keep_freed_memory=data.keep_freed_memory,
+        video_decoder=decoder,
     )
     loader = DaliLoader(entries, read_label_csv(data.label_csv), lcfg, shard, device, state)
     if data.thread_prefetch > 0:

@@ -53,6 +53,7 @@ class PipelineOptions:
     target_frames: int = audio.TARGET_FRAMES
     image_size: int = 224
     py_workers: int = 0  # >0: read files in that many Python worker processes
+    video_device: str = "gpu"  # with a device id: decode video files there ("cpu" or "gpu")
 
 
 def output_names(source: SampleSource) -> tuple[str, ...]:
@@ -66,11 +67,13 @@ def output_names(source: SampleSource) -> tuple[str, ...]:
     return names
 
 
-def _decode(src: dict, view: int, video_files: bool, device: str):
-    """Decode one view's frame: JPEG bytes, or video bytes and a frame number."""
+def _decode(src: dict, view: int, video_files: bool, device: str, video_device: str):
+    """Decode one view's frame on ``device``: JPEG bytes, or video bytes and a frame number
+    (decoded on ``video_device``, then moved to ``device``)."""
     if video_files:  # a view without its own bytes is a frame of view 0's file (pretraining)
         data = src.get(f"frame{view}", src["frame0"])
-        return video.decode_video_frame(data, src[f"frame{view}_index"], device)
+        frame = video.decode_video_frame(data, src[f"frame{view}_index"], video_device)
+        return frame.gpu() if video_device != device else frame
     return video.decode_jpeg(src[f"frame{view}"], device)
 
 
@@ -107,6 +110,7 @@ def _augmented_crop(frame, crop, image_size: int, device: str):
 @pipeline_def
 def _pipeline(source: SampleSource, opts: PipelineOptions):
     device = "cpu" if opts.device_id is None else "gpu"
+    vdev = "cpu" if device == "cpu" else opts.video_device
     mode = source.spec.mode
     names = source.output_names
     nodes = fn.external_source(
@@ -122,18 +126,20 @@ def _pipeline(source: SampleSource, opts: PipelineOptions):
     if device == "gpu":
         wave = wave.gpu()
     aug_frame = None  # pretraining's augmented view, from its own frame draw
-    if mode == "pretrain" and source.video_files and device == "cpu":
+    if mode == "pretrain" and source.video_files and vdev == "cpu":
         # The two views are frames of the same file: decode it once.
         indices = fn.stack(src["frame0_index"], src["frame1_index"])
-        frame, aug_frame = video.decode_video_frames(src["frame0"], indices, 2, device)
+        frame, aug_frame = video.decode_video_frames(src["frame0"], indices, 2, vdev)
+        if device == "gpu":
+            frame, aug_frame = frame.gpu(), aug_frame.gpu()
     else:
-        frame = _decode(src, 0, source.video_files, device)
+        frame = _decode(src, 0, source.video_files, device, vdev)
         if mode == "pretrain":
-            aug_frame = _decode(src, 1, source.video_files, device)
+            aug_frame = _decode(src, 1, source.video_files, device, vdev)
     visual = video.clean_view(frame, device, opts.image_size)
     if mode == "finetune":  # frames mixed after normalisation, as the original does
         partner = video.clean_view(
-            _decode(src, 1, source.video_files, device), device, opts.image_size
+            _decode(src, 1, source.video_files, device, vdev), device, opts.image_size
         )
         lam = src["lam"].gpu() if device == "gpu" else src["lam"]
         visual = visual * lam + partner * (1.0 - lam)

@@ -92,6 +92,10 @@ class DataConfig:
     # CPU loaders: glibc keeps freed memory for reuse instead of returning it to the system, so
     # batch-sized tensors stop paying page faults every batch (dali_pipelines.loader).
     keep_freed_memory: bool = True
+    # Where video files are decoded on a GPU machine: "auto" (DALI's CPU decoder on keyframe
+    # excerpts when every codec of the list decodes there: VP8, VP9, MJPEG; else NVDEC), "cpu"
+    # or "gpu" (dali_pipelines.loader.video_decoder_for). Without a GPU always the CPU.
+    video_decoder: Literal["auto", "cpu", "gpu"] = "auto"
 
     def resolved_n_classes(self) -> int:
         """Label count: `n_classes` if set, else the dataset's (synthetic: rows of `label_csv`)."""
@@ -663,6 +667,7 @@ def validate(cfg: Config) -> Config:
     ):
         need(getattr(d, name) >= 1, f"data.{name} must be >= 1")
     need(d.py_workers >= 0, "data.py_workers must be >= 0")
+    need(d.video_decoder in ("auto", "cpu", "gpu"), "data.video_decoder must be auto, cpu or gpu")
     need(d.thread_prefetch >= 0, "data.thread_prefetch must be >= 0")
     need(d.clip_seconds > 0, "data.clip_seconds must be > 0")
     need(0 <= d.eval_frame < d.frames_per_clip, "data.eval_frame must be in [0, frames_per_clip)")

@@ -279,15 +279,61 @@ def test_build_loader_refuses_h264_without_a_gpu(tmp_path):
         build_loader(cfg, "train", "train")
 
 
+def test_video_decoder_choice_follows_the_codecs():
+    """auto: the CPU (keyframe excerpts) when every codec decodes there, else NVDEC; without a
+    GPU always the CPU; a bad setting is refused."""
+    from dali_pipelines.loader import video_decoder_for
+
+    assert video_decoder_for("auto", {"vp9"}, gpu=True) == "cpu"
+    assert video_decoder_for("auto", set(), gpu=True) == "cpu"  # frames layout: no videos
+    assert video_decoder_for("auto", {"vp9", "h264"}, gpu=True) == "gpu"
+    assert video_decoder_for("gpu", {"vp9"}, gpu=True) == "gpu"
+    assert video_decoder_for("cpu", {"h264"}, gpu=True) == "cpu"
+    assert video_decoder_for("gpu", {"h264"}, gpu=False) == "cpu"
+    with pytest.raises(ValueError, match="video_decoder"):
+        video_decoder_for("nvdec", {"vp9"}, gpu=True)
+
+
+def test_checked_entries_skip_what_the_chosen_decoder_cannot_read(tmp_path):
+    """On a GPU machine (the check needs none) H.264 files go to NVDEC under auto; with the CPU
+    decoder forced they are errors, skipped by name, and nothing usable is left."""
+    from dali_pipelines.loader import checked_entries
+    from equiav.data.synth import generate
+
+    info = generate(
+        tmp_path,
+        clips=3,
+        classes=2,
+        seed=1,
+        video_format="mp4,webm",
+        seconds=2.0,
+        test_fraction=0.0,
+        workers=1,
+    )
+    args = dict(seconds=2.0, sample_rate=16000, frames_per_clip=2, progress=False)
+    csv = str(info.label_csv)
+    mp4 = str(info.root / "train_mp4.json")
+    entries, _, decoder = checked_entries(mp4, csv, gpu=True, **args)
+    assert decoder == "gpu" and len(entries) == 3
+    webm = str(info.root / "train_webm.json")
+    assert checked_entries(webm, csv, gpu=True, **args)[2] == "cpu"
+    with pytest.raises(ValueError, match="no usable entries"):
+        checked_entries(mp4, csv, gpu=True, video_decoder="cpu", **args)
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("name", ["test.json", "test_webm.json"])
-def test_gpu_loader_matches_the_cpu_loader(synth_small, name):
-    """The same pipeline code with the GPU operators (nvJPEG/NVDEC, Triton fbank)."""
+@pytest.mark.parametrize(
+    "name, decoder", [("test.json", "gpu"), ("test_webm.json", "gpu"), ("test_webm.json", "cpu")]
+)
+def test_gpu_loader_matches_the_cpu_loader(synth_small, name, decoder):
+    """The same pipeline code with the GPU operators (nvJPEG/NVDEC or DALI's CPU video decoder
+    on excerpts with the frames copied to the GPU, Triton fbank)."""
     entries = read_dataset(synth_small.root / name)
     labels = read_label_csv(synth_small.label_csv)
     cfg = LoaderConfig(batch_size=2, mode="eval", frames_per_clip=4, eval_frame=2)
+    gpu_cfg = dataclasses.replace(cfg, video_decoder=decoder)
     cpu = collect(DaliLoader(entries, labels, cfg, None, "cpu"))
-    gpu = collect(DaliLoader(entries, labels, cfg, None, "cuda"))
+    gpu = collect(DaliLoader(entries, labels, gpu_cfg, None, "cuda"))
     for c, g in zip(cpu, gpu, strict=True):
         assert g["audio"].device.type == "cuda" and g["visual"].device.type == "cuda"
         assert torch.equal(c["index"], g["index"].cpu())
@@ -297,14 +343,17 @@ def test_gpu_loader_matches_the_cpu_loader(synth_small, name):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["pretrain", "finetune"])
-def test_gpu_augmenting_loader_matches_the_cpu_loader(synth_small, mode):
+@pytest.mark.parametrize("name", ["train.json", "train_webm.json"])
+def test_gpu_augmenting_loader_matches_the_cpu_loader(synth_small, mode, name):
     """The augmenting modes on the GPU: the same draws (host-side, so the t-vectors are equal bit
-    for bit) applied by the same kernels to nvJPEG-decoded frames and the Triton fbank."""
-    entries = read_dataset(synth_small.root / "train.json")
+    for bit) applied by the same kernels to nvJPEG-decoded frames (or VP9 frames decoded on the
+    CPU from excerpts, the GPU machine's default) and the Triton fbank."""
+    entries = read_dataset(synth_small.root / name)
     labels = read_label_csv(synth_small.label_csv)
     cfg = small_config(mode)
     cpu = collect(DaliLoader(entries, labels, cfg, None, "cpu"))
-    gpu = collect(DaliLoader(entries, labels, cfg, None, "cuda"))
+    gpu_cfg = dataclasses.replace(cfg, video_decoder="cpu")
+    gpu = collect(DaliLoader(entries, labels, gpu_cfg, None, "cuda"))
     for c, g in zip(cpu, gpu, strict=True):
         assert c.keys() == g.keys()
         for key in ("index", "labels", "t_a", "t_v"):

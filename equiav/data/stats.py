@@ -155,13 +155,14 @@ def dataset_stats(
         # checked in full for a few thousand clips. Absolute paths: the list lives elsewhere.
         sample_json = Path(tmp) / f"{Path(json_path).stem}-sample.json"
         write_dataset(sample_json, picked, relative=False)
-        clean, _ = checked_entries(
+        clean, _, _ = checked_entries(
             str(sample_json),
             str(label_csv),
             seconds=seconds,
             sample_rate=sample_rate,
             frames_per_clip=frames_per_clip,
             gpu=torch.device(device).type == "cuda",
+            video_decoder="gpu",  # fbank_stats' loader keeps its default (NVDEC on a GPU)
             progress=progress,
         )
     return fbank_stats(
