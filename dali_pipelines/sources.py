@@ -406,9 +406,15 @@ class SampleSource:
         for group in groups:
             path = entries[group[0]].video_path
             data = read_bytes(path)
-            index = frames_at_seconds(path, [ks[v] + 0.5 for v in group])
-            if self.spec.video_excerpt:
-                data, index = video_excerpt(path, data, index)
+            seconds = [ks[v] + 0.5 for v in group]
+            try:
+                index = frames_at_seconds(path, seconds, strict=True)
+                if self.spec.video_excerpt:
+                    data, index = video_excerpt(path, data, index)
+            except CorruptMediaError:
+                raise
+            except ValueError as err:  # the probe: not a readable container (any more)
+                raise CorruptMediaError(str(err)) from err
             out[f"frame{group[0]}"] = data
             for v, i in zip(group, index, strict=True):
                 out[f"frame{v}_index"] = np.array(i, np.int32)

@@ -25,7 +25,7 @@ from nvidia.dali import math as dmath
 from nvidia.dali.pipeline import DataNode
 
 from equiav.data import matroska
-from equiav.data.media import store
+from equiav.data.media import CorruptMediaError, store
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -329,9 +329,23 @@ def frame_index_at(path: str | os.PathLike, second: float) -> int:
     return _index_at(video_frame_times(path), second)
 
 
-def frames_at_seconds(path: str | os.PathLike, seconds: Sequence[float]) -> list[int]:
-    """:func:`frame_index_at` for several seconds with one probe of the file."""
+# How far past a video's last frame a requested second may lie (strict lookups): a clip a little
+# shorter than its list says keeps its last frame; a file cut short mid-run is an error.
+END_SLACK_S = 1.0
+
+
+def frames_at_seconds(
+    path: str | os.PathLike, seconds: Sequence[float], strict: bool = False
+) -> list[int]:
+    """:func:`frame_index_at` for several seconds with one probe of the file. ``strict``: a
+    second more than ``END_SLACK_S`` past the last frame raises ``CorruptMediaError`` (naming
+    the file) instead of giving the last frame."""
     times = video_frame_times(path)
+    if strict and max(seconds) > times[-1] + END_SLACK_S:
+        raise CorruptMediaError(
+            f"{os.fspath(path)}: video ends at {times[-1]:.2f} s, before the frame at "
+            f"{max(seconds):.2f} s (truncated?)"
+        )
     return [_index_at(times, s) for s in seconds]
 
 

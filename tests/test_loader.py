@@ -202,6 +202,30 @@ def test_files_broken_mid_run_are_skipped_by_name(synth_small, broken_copy, capl
     assert sum(len(b["index"]) for b in collect(train)) == 8
 
 
+def test_video_files_broken_mid_run_are_skipped_by_name(synth_small, tmp_path, caplog):
+    """A video file overwritten with garbage, and one cut to 40 % of its bytes (its frames end
+    before the drawn second), after the loader was built: both skipped and logged by name, the
+    other clips decoded (the excerpt path, CPU)."""
+    shutil.copytree(synth_small.root / "video", tmp_path / "video")
+    entries = [
+        dataclasses.replace(e, video_path=str(tmp_path / "video" / Path(e.video_path).name))
+        for e in read_dataset(synth_small.root / "train_webm.json")
+    ]
+    labels = read_label_csv(synth_small.label_csv)
+    cfg = LoaderConfig(batch_size=2, mode="eval", frames_per_clip=4, eval_frame=3)
+    loader = DaliLoader(entries, labels, cfg)
+    open(entries[2].video_path, "wb").write(b"not a video" * 100)
+    data = open(entries[6].video_path, "rb").read()
+    open(entries[6].video_path, "wb").write(data[: len(data) * 4 // 10])
+    with caplog.at_level(logging.WARNING):
+        batches = collect(loader)
+    seen = torch.cat([b["index"] for b in batches]).tolist()
+    assert sorted(seen) == [0, 1, 3, 4, 5, 7]
+    assert set(loader.skipped) == {entries[2].video_id, entries[6].video_id}
+    assert f"{entries[2].video_path}: cannot open as a video container" in caplog.text
+    assert f"{entries[6].video_path}: video ends at" in caplog.text
+
+
 def test_parallel_source_gives_the_same_batches_and_counts_skips(broken_copy):
     """py_workers runs the source in DALI's worker processes: the same batches bit for bit, and
     a broken file is still counted (through the batches' `skipped` output), in eval and pretrain."""
