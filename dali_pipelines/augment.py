@@ -114,6 +114,37 @@ class SampleRNG:
         out = low + (high - low) * u
         return float(out[0]) if size is None else out
 
+    def gamma(self, shape: float, size: int) -> np.ndarray:
+        """``size`` Gamma(shape, 1) draws, one per row (Marsaglia and Tsang's method).
+
+        Vectorised with a fixed number of tries per draw (16, from one call's uniforms): each
+        is accepted with probability >= 0.95, so all 16 fail with probability < 1e-20, and then
+        the last try is kept. ``shape`` < 1 via Gamma(shape + 1) * U ** (1 / shape)."""
+        tries = 16
+        u = self._unit((size, 3 * tries + 1))
+        boost = shape < 1
+        d = (shape + 1 if boost else shape) - 1.0 / 3.0
+        c = 1.0 / math.sqrt(9.0 * d)
+        # Box-Muller normals (1 - u lies in (0, 1]: no log of zero).
+        z = np.sqrt(-2.0 * np.log1p(-u[:, :tries])) * np.cos(
+            2.0 * math.pi * u[:, tries : 2 * tries]
+        )
+        v = (1.0 + c * z) ** 3
+        with np.errstate(invalid="ignore", divide="ignore"):
+            accept = (v > 0) & (
+                np.log1p(-u[:, 2 * tries : 3 * tries]) < 0.5 * z * z + d - d * v + d * np.log(v)
+            )
+        pick = np.where(accept.any(axis=1), accept.argmax(axis=1), tries - 1)
+        x = d * np.maximum(v[np.arange(size), pick], np.finfo(np.float64).tiny)
+        if boost:
+            x = x * (1.0 - u[:, -1]) ** (1.0 / shape)
+        return x
+
+    def beta(self, a: float, b: float, size: int) -> np.ndarray:
+        """``size`` Beta(a, b) draws, one per row: X / (X + Y) of Gamma(a) and Gamma(b)."""
+        x, y = self.gamma(a, size), self.gamma(b, size)
+        return x / (x + y)
+
     def integers(self, low, high=None, size=None) -> np.ndarray | int:
         """Integers uniform in [low, high) (or [0, low)); ``size`` None: one int (one sample)."""
         if high is None:
@@ -384,6 +415,51 @@ def draw_pretrain(
         frame_size,
         image_size,
         cen_num,
+    )
+
+
+@dataclass(frozen=True)
+class FinetuneDraw:
+    """Finetuning samples' draws: mixup (whether, the partner's entry, lambda), SpecAugment's
+    masks [t0, t1, f0, f1] (torchaudio-style: width uniform up to the maximum) and the clean
+    fbank's time roll, one row per sample."""
+
+    mix: np.ndarray  # (samples,) bool
+    partner: np.ndarray  # (samples,) int: an entry of the whole list
+    lam: np.ndarray  # (samples,) float
+    masks: np.ndarray  # (samples, 4) int
+    roll: np.ndarray  # (samples,) int, in [-frames, frames)
+
+
+def draw_finetune_block(
+    seed: int,
+    epoch: int,
+    positions,
+    aug,
+    entries: int,
+    frames: int,
+    bins: int,
+) -> FinetuneDraw:
+    """The finetuning draws of the samples at ``positions`` in one vectorised pass (see
+    ``SampleRNG``): mixup with probability ``aug.mixup``, the partner uniform over the
+    ``entries`` of the list, lambda ~ Beta(mixup_alpha, mixup_alpha); time and frequency masks
+    up to ``aug.ft_timem`` / ``aug.ft_freqm`` wide on the (frames, bins) image; the roll."""
+    rng = SampleRNG(seed, epoch, positions, "mixup")
+    samples = len(rng._keys)
+    u = rng.uniform(size=(samples, 7))  # mix, partner, two widths and starts, roll
+    lam = rng.beta(aug.mixup_alpha, aug.mixup_alpha, samples)
+    masks = np.empty((samples, 4), np.int64)
+    for col, (width, size) in enumerate(((aug.ft_timem, frames), (aug.ft_freqm, bins))):
+        value = u[:, 2 + 2 * col] * width
+        start = u[:, 3 + 2 * col] * (size - value)
+        masks[:, 2 * col] = start  # truncated towards zero, as int() of these positive values
+        masks[:, 2 * col + 1] = start + value
+    return FinetuneDraw(
+        mix=u[:, 0] < aug.mixup,
+        partner=np.floor(u[:, 1] * entries).astype(np.int64),
+        lam=lam,
+        masks=masks,
+        roll=np.floor(u[:, 6] * (2 * frames)).astype(np.int64) - frames,
     )
 
 

@@ -359,12 +359,11 @@ class SampleSource:
 
     def _read(self, index: int, ok: int, epoch: int, i: int) -> dict[str, np.ndarray]:
         s = self.spec
-        gpos = self._global_position(epoch, i)
         entry = s.entries[index]
         out: dict[str, np.ndarray] = {"wav": read_wav(entry.wav)}
         partner = entry
         if s.mode == "finetune":
-            out.update(self._mixup(index, epoch, gpos))
+            out.update(self._mixup(index, epoch, i))
             partner = s.entries[int(out.pop("partner"))]
         if s.mode == "eval":
             ks = [s.eval_frame] * self.views
@@ -376,11 +375,11 @@ class SampleSource:
                 lambda p: frame_draws_block(s.seed, epoch, p, self.views, s.frames_per_clip),
             )
             ks = ks[b].tolist()
-        sources = [partner if v == 1 and s.mode == "finetune" else entry for v in range(len(ks))]
+        clips = [partner if v == 1 and s.mode == "finetune" else entry for v in range(len(ks))]
         if entry.is_video_file:
-            out.update(self._read_video(sources, ks))
+            out.update(self._read_video(clips, ks))
         else:
-            for view, (e, k) in enumerate(zip(sources, ks, strict=True)):
+            for view, (e, k) in enumerate(zip(clips, ks, strict=True)):
                 path = e.frame_path(k)
                 out[f"frame{view}"] = data = read_bytes(path)
                 validate_jpeg(path, data)
@@ -466,30 +465,24 @@ class SampleSource:
             draws["t_a_cen"], draws["t_v_cen"] = a.t[1:], v.t[1:]
         return draws
 
-    def _clean_roll(self, epoch: int, gpos: int) -> int:
-        """Time roll of the clean fbank in training (``augment.noise``), in [-T, T)."""
-        from dali_pipelines import augment
-
-        s = self.spec
-        rng = augment.rng_for(s.seed, epoch, gpos, "roll")
-        shift = int(rng.integers(-s.frames, s.frames))
-        return shift if s.augment.noise else 0
-
-    def _mixup(self, index: int, epoch: int, gpos: int) -> dict[str, np.ndarray]:
+    def _mixup(self, index: int, epoch: int, i: int) -> dict[str, np.ndarray]:
         """Finetuning: the mixup partner (uniform over the dataset), lambda, mixed labels, the
-        clean roll and SpecAugment's masks (torchaudio-style: width uniform up to the maximum)."""
+        clean roll (``augment.noise``) and SpecAugment's masks (``augment.draw_finetune_block``,
+        drawn per block)."""
         from dali_pipelines import augment
 
         s, aug = self.spec, self.spec.augment
-        rng = augment.rng_for(s.seed, epoch, gpos, "mixup")
-        mix = rng.uniform() < aug.mixup
-        partner = int(rng.integers(len(s.entries)))
-        lam = float(rng.beta(aug.mixup_alpha, aug.mixup_alpha))
-        masks = []
-        for width, size in ((aug.ft_timem, s.frames), (aug.ft_freqm, s.bins)):
-            value = rng.uniform() * width
-            start = rng.uniform() * (size - value)
-            masks += [int(start), int(start + value)]
+        block, b = self._block(
+            "finetune",
+            epoch,
+            i,
+            lambda p: augment.draw_finetune_block(
+                s.seed, epoch, p, aug, len(s.entries), s.frames, s.bins
+            ),
+        )
+        mix, partner, lam = bool(block.mix[b]), int(block.partner[b]), float(block.lam[b])
+        masks = block.masks[b].tolist()
+        roll = int(block.roll[b]) if aug.noise else 0
         if not mix:
             partner, lam = index, 1.0
         if not s.ft_specaug:
@@ -500,5 +493,5 @@ class SampleSource:
             "wav_partner": read_wav(s.entries[partner].wav),
             "lam": np.array(lam, np.float32),
             "labels": labels.astype(np.float32),
-            "ft_params": np.array([self._clean_roll(epoch, gpos), *masks], np.int32),
+            "ft_params": np.array([roll, *masks], np.int32),
         }
