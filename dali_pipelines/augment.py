@@ -389,35 +389,6 @@ def draw_pretrain_block(
     return PretrainDraw(audio, visual, roll, rows)
 
 
-def draw_pretrain(
-    seed: int,
-    epoch: int,
-    position: int,
-    aug,
-    frames: int,
-    bins: int,
-    time_mask: int,
-    freq_mask: int,
-    frame_size: tuple[int, int],
-    image_size: int,
-    cen_num: int,
-) -> PretrainDraw:
-    """One pretraining sample's draws (:func:`draw_pretrain_block` of one position)."""
-    return draw_pretrain_block(
-        seed,
-        epoch,
-        [position],
-        aug,
-        frames,
-        bins,
-        time_mask,
-        freq_mask,
-        frame_size,
-        image_size,
-        cen_num,
-    )
-
-
 @dataclass(frozen=True)
 class FinetuneDraw:
     """Finetuning samples' draws: mixup (whether, the partner's entry, lambda), SpecAugment's

@@ -354,7 +354,8 @@ def checked_entries(
             )
     entries = report.clean_entries()
     if not entries:
-        raise ValueError(f"{json_path}: no usable entries ({report.summary()})")
+        first = f"; the first: {errors[0].format()}" if errors else ""
+        raise ValueError(f"{json_path}: no usable entries ({report.summary()}){first}")
     weights = report.clean_weights() if weights_csv is not None else None
     return entries, weights, decoder
 

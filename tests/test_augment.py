@@ -25,6 +25,11 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 ADJUST = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 
 
+def draw_one(seed, epoch, position, *args, **kwargs):
+    """One pretraining sample's draws: a block of one position."""
+    return augment.draw_pretrain_block(seed, epoch, [position], *args, **kwargs)
+
+
 def reference_audio(clean: torch.Tensor, t: torch.Tensor, shift_applied: bool = True):
     """The augmented (3, T, F) view from the clean one and t_a, with torchvision."""
     x = clean.clone()
@@ -197,18 +202,18 @@ def test_resume_mid_epoch_through_the_augmenting_pipeline(synth_small):
 
 
 def _draws(n=4000, frames=1024, bins=128):
-    """Half of the draws as the source makes them (``draw_pretrain``: per sample the applied
+    """Half of the draws as the source makes them (``draw_pretrain_block``: per sample the applied
     rows and, for audio, three cen rows), half in one vectorised call: both must follow the
     spec."""
     aug = AugmentConfig()
     half = n // 2
     args = (aug, frames, bins, 192, 48, (240, 320), 224)
-    with_cen = [augment.draw_pretrain(0, 0, p, *args, cen_num=3) for p in range(half // 4)]
+    with_cen = [draw_one(0, 0, p, *args, cen_num=3) for p in range(half // 4)]
     batch = augment.draw_audio(np.random.default_rng(1), aug, frames, bins, 192, 48, n=half)
     ta = np.concatenate([d.audio.t for d in with_cen] + [batch.t])
     a_crops = np.concatenate([d.audio.crop for d in with_cen] + [batch.crop])
     # The applied visual rows (on the 240 x 320 frame; the cen rows use the 224 square).
-    applied = [augment.draw_pretrain(1, 0, p, *args, cen_num=0).visual for p in range(half)]
+    applied = [draw_one(1, 0, p, *args, cen_num=0).visual for p in range(half)]
     vbatch = augment.draw_visual(np.random.default_rng(2), aug, 240, 320, n=half)
     tv = np.concatenate([v.t for v in applied] + [vbatch.t])
     v_crops = np.concatenate([v.crop for v in applied] + [vbatch.crop])
@@ -262,11 +267,11 @@ def test_visual_draws_follow_the_spec():
 
 
 def test_pretrain_draws_cen_rows_on_the_image_square_and_reproducible():
-    """draw_pretrain's visual cen rows are crops of the image_size square, scaled by it, with
+    """The pretraining draws' visual cen rows are crops of the image_size square, scaled by it, with
     the spec's distributions; its draws are a pure function of (seed, epoch, position)."""
     aug = AugmentConfig()
     args = (aug, 1024, 128, 192, 48, (240, 320), 224)
-    draws = [augment.draw_pretrain(0, 0, p, *args, cen_num=16) for p in range(300)]
+    draws = [draw_one(0, 0, p, *args, cen_num=16) for p in range(300)]
     tv = np.concatenate([d.visual.t[1:] for d in draws])
     crops = np.concatenate([d.visual.crop[1:] for d in draws])
     i, j, h, w = crops.T
@@ -280,10 +285,10 @@ def test_pretrain_draws_cen_rows_on_the_image_square_and_reproducible():
     first = np.stack([d.visual.crop[0] for d in draws])
     assert (first[:, 0] + first[:, 2] <= 240).all() and (first[:, 1] + first[:, 3] <= 320).all()
     assert (first[:, 1] + first[:, 3] > 224).any()  # row 0 is drawn on the 240 x 320 frame
-    again = augment.draw_pretrain(0, 0, 7, *args, cen_num=16)
+    again = draw_one(0, 0, 7, *args, cen_num=16)
     assert np.array_equal(again.audio.t, draws[7].audio.t) and again.roll == draws[7].roll
     assert np.array_equal(again.visual.t, draws[7].visual.t)
-    other = augment.draw_pretrain(0, 1, 7, *args, cen_num=16)  # the next epoch
+    other = draw_one(0, 1, 7, *args, cen_num=16)  # the next epoch
     assert not np.array_equal(other.audio.t, draws[7].audio.t)
     rolls = np.concatenate([d.roll for d in draws])
     assert rolls.min() >= -1024 and rolls.max() < 1024 and len(set(rolls.tolist())) > 250
@@ -491,13 +496,13 @@ def test_sample_rng_is_uniform_and_a_pure_function_of_the_position():
 
 def test_pretrain_block_draws_equal_the_samples_drawn_one_by_one():
     """The source draws a batch-sized block at once: each sample's draws (every row, crop,
-    shift and roll) equal draw_pretrain's of its position alone."""
+    shift and roll) equal those of its position drawn alone."""
     aug = AugmentConfig()
     args = (aug, 1024, 128, 192, 48, (240, 320), 224, 3)
     positions = [7, 300, 2, 41]
     block = augment.draw_pretrain_block(5, 2, positions, *args)
     for b, p in enumerate(positions):
-        one, mine = augment.draw_pretrain(5, 2, p, *args), block.sample(b)
+        one, mine = draw_one(5, 2, p, *args), block.sample(b)
         for x, y in [
             (one.audio.t, mine.audio.t),
             (one.audio.crop, mine.audio.crop),
@@ -544,9 +549,7 @@ def test_source_sends_each_position_its_own_draws(synth_small, rank, offset):
         gpos = offset + 2 * i + rank
         assert out["frame_k"].tolist() == frame_draws(4, 2, gpos, 2, 4)
         size = Image.open(entries[int(out["index"])].frame_path(int(out["frame_k"][1]))).size
-        want = augment.draw_pretrain(
-            4, 2, gpos, aug, 512, 128, aug.time_mask, aug.freq_mask, size[::-1], 224, 2
-        )
+        want = draw_one(4, 2, gpos, aug, 512, 128, aug.time_mask, aug.freq_mask, size[::-1], 224, 2)
         assert np.array_equal(out["t_a"], want.audio.t[0])
         assert np.array_equal(out["t_v_cen"], want.visual.t[1:])
         assert out["vcrop"].tolist() == want.visual.crop[0].tolist()

@@ -284,22 +284,28 @@ def test_build_loader_skips_entries_with_errors_by_name(broken_copy, caplog):
     assert sorted(seen) == sorted(e.video_id for i, e in enumerate(entries) if i not in (1, 6))
 
 
-def test_build_loader_refuses_h264_without_a_gpu(tmp_path):
-    from dali_pipelines.loader import build_loader
+@pytest.fixture(scope="module")
+def small_videos(tmp_path_factory):
+    """Three 2 s clips as H.264 mp4 and VP9 webm files (``train_mp4.json``, ``train_webm.json``)."""
     from equiav.data.synth import generate
 
-    info = generate(
-        tmp_path,
+    return generate(
+        tmp_path_factory.mktemp("videos"),
         clips=3,
         classes=2,
         seed=1,
-        video_format="mp4",
+        video_format="mp4,webm",
         seconds=2.0,
         test_fraction=0.0,
         workers=1,
     )
-    cfg = _config(info.root, "train_mp4.json")
-    with pytest.raises(ValueError, match="h264"):
+
+
+def test_build_loader_refuses_h264_without_a_gpu(small_videos):
+    from dali_pipelines.loader import build_loader
+
+    cfg = _config(small_videos.root, "train_mp4.json")
+    with pytest.raises(ValueError, match=r"(?s)no usable entries .*syn1_000000\.mp4: codec h264"):
         build_loader(cfg, "train", "train")
 
 
@@ -318,22 +324,12 @@ def test_video_decoder_choice_follows_the_codecs():
         video_decoder_for("nvdec", {"vp9"}, gpu=True)
 
 
-def test_checked_entries_skip_what_the_chosen_decoder_cannot_read(tmp_path):
+def test_checked_entries_skip_what_the_chosen_decoder_cannot_read(small_videos):
     """On a GPU machine (the check needs none) H.264 files go to NVDEC under auto; with the CPU
     decoder forced they are errors, skipped by name, and nothing usable is left."""
     from dali_pipelines.loader import checked_entries
-    from equiav.data.synth import generate
 
-    info = generate(
-        tmp_path,
-        clips=3,
-        classes=2,
-        seed=1,
-        video_format="mp4,webm",
-        seconds=2.0,
-        test_fraction=0.0,
-        workers=1,
-    )
+    info = small_videos
     args = dict(seconds=2.0, sample_rate=16000, frames_per_clip=2, progress=False)
     csv = str(info.label_csv)
     mp4 = str(info.root / "train_mp4.json")
