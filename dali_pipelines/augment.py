@@ -86,6 +86,7 @@ class SampleRNG:
             key = _mix64(key ^ np.uint64(value & _MASK64))
         positions = np.asarray(positions, np.int64).astype(np.uint64).reshape(-1)
         self._keys = _mix64((key ^ positions) * _GOLDEN)
+        self.samples = len(positions)  # the block's samples: each size's first axis holds rows
         self._calls = 0
         self._layouts: dict[tuple[int, ...], np.ndarray] = {}
 
@@ -94,10 +95,11 @@ class SampleRNG:
         number (call, row, element) of the sample's key."""
         size = (size,) if np.isscalar(size) else tuple(size)
         if size not in self._layouts:
-            samples = len(self._keys)
-            rows, rest = divmod(size[0], samples)
+            rows, rest = divmod(size[0], self.samples)
             if rest or not rows:
-                raise ValueError(f"size {size}: the first axis must hold {samples} samples' rows")
+                raise ValueError(
+                    f"size {size}: the first axis must hold {self.samples} samples' rows"
+                )
             row = np.arange(size[0], dtype=np.uint64)[:, None]
             col = np.arange(math.prod(size[1:]), dtype=np.uint64)[None, :]
             counter = ((row % np.uint64(rows)) << np.uint64(20)) | col
@@ -380,7 +382,7 @@ def draw_pretrain_block(
     ``frame_size`` (H, W), the cen crops on an ``image_size`` square, as the original does;
     ``frame_size`` is one size for the block (a sample of another size draws its own block)."""
     rng = SampleRNG(seed, epoch, positions, "pretrain")
-    samples, rows = len(rng._keys), 1 + cen_num
+    samples, rows = rng.samples, 1 + cen_num
     audio = draw_audio(rng, aug, frames, bins, time_mask, freq_mask, n=samples * rows)
     heights = np.full((samples, rows), image_size, np.int64)
     widths = heights.copy()
@@ -417,7 +419,7 @@ def draw_finetune_block(
     ``entries`` of the list, lambda ~ Beta(mixup_alpha, mixup_alpha); time and frequency masks
     up to ``aug.ft_timem`` / ``aug.ft_freqm`` wide on the (frames, bins) image; the roll."""
     rng = SampleRNG(seed, epoch, positions, "mixup")
-    samples = len(rng._keys)
+    samples = rng.samples
     u = rng.uniform(size=(samples, 7))  # mix, partner, two widths and starts, roll
     lam = rng.beta(aug.mixup_alpha, aug.mixup_alpha, samples)
     masks = np.empty((samples, 4), np.int64)
