@@ -4,9 +4,9 @@
 # does not stop the next; every stage's output goes to $OUT/gpu.log and the result JSONs to
 # $OUT/results (the tool brings both back). Usage, from the repository root on that machine:
 #   bash bench/gpu_session.sh env cuda-tests loader step e2e
-# Stages: env, cuda-tests, tests (the whole suite), loader, loader-quick, loader-nvdec,
+# Stages: env, cuda-tests, cuda-tests-quick, bench-data, wait-data, tests (the whole suite), loader, loader-quick, loader-nvdec,
 # loader-workers, step, step-compile,
-# step-grid, step-modes, step-sdpa, e2e, e2e-eager, e2e-fast, e2e-fast-pretrain, e2e-graphs,
+# step-grid, step-modes, step-sdpa, e2e, e2e-eager, e2e-fast, e2e-fast-pretrain, e2e-graphs, e2e-quick,
 # e2e-thread,
 # profile-stage, profile-e2e, profile-step, scaling, demo,
 # pack (last: archives $OUT/results into $OUT/results.tgz, as the tool returns at most 8 files).
@@ -35,6 +35,22 @@ for s in "$@"; do
             print(json.dumps(c.machine_info(), indent=1))"; python3 -c "import nvidia.dali as d; \
             print(\"dali\", d.__version__)"; nproc' ;;
     cuda-tests) stage cuda-tests 420 python3 -m pytest -q -m cuda tests -rs ;;
+    bench-data)  # the loader benchmark's synthetic data, rendered in the background (all cores)
+        # while the next stages run; `wait-data` waits for it. Same arguments as bench.loader's
+        # own generation (268 clips: every measured batch inside one epoch), so it finds them.
+        echo "=== bench-data start $(date +%T)" | tee -a "$LOG"
+        python3 -c "from equiav.data.synth import generate; generate('$DATA', clips=268, \
+            classes=10, seed=0, video_format=('webm', 'frames'), seconds=10.0, \
+            test_fraction=0.1, progress=False)" >"$OUT/bench-data.log" 2>&1 &
+        DATA_PID=$! ;;
+    wait-data)
+        stage wait-data 240 bash -c "while kill -0 ${DATA_PID:-0} 2>/dev/null; do sleep 1; done; \
+            tail -3 $OUT/bench-data.log; ls $DATA" ;;
+    cuda-tests-quick) stage cuda-tests 200 python3 -m pytest -q -m cuda tests -rs -x ;;
+    e2e-quick)  # full pretrain, eager, source in 2 workers, batches made in a background thread
+        stage e2e-quick 200 python3 -m bench.end_to_end --mode pretrain --size full \
+            --data "$DATA" --cores "$CORES" --py-workers 2 --thread-prefetch 2 \
+            --results-dir "$RESULTS/thread" ;;
     tests) stage tests 540 python3 -m pytest -q -x -n 8 tests ;;
     loader)
         # Two alternating rounds (medians): the data generation (>= 268 clips, so that no

@@ -144,6 +144,7 @@ def gpu_policy_counts(fn: Callable[[], None]) -> dict[str, Any]:
 
     launches: Counter = Counter()
     stubs = {
+        (fused, "_jitter_mean_kernel"): _LaunchCounter("color_jitter_mean", launches),
         (fused, "_jitter_kernel"): _LaunchCounter("color_jitter", launches),
         (fused, "_blur_kernel"): _LaunchCounter("gaussian_blur", launches),
         (fused, "_geometry_kernel"): _LaunchCounter("fbank_geometry", launches),

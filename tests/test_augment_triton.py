@@ -86,14 +86,18 @@ def run_jitter(cases: dict, device: str) -> dict[str, dict[str, torch.Tensor]]:
         x = x.to(device)
         before = x.clone()
         args = (order.numpy(), factors.float().numpy(), active.numpy())
-        out = J.color_jitter_triton(x, *args)
+        # The colour case in tiles of 1024 pixels (5 per image, the last one partial), as on a
+        # GPU; the others in the interpreter's default (the filterbank's: 4 tiles of 8192).
+        block = 1024 if name == "rgb" else None
+        out = J.color_jitter_triton(x, *args, block=block)
         mine = x.clone()
-        owned = J.color_jitter_triton(mine, *args, owned=True)
+        owned = J.color_jitter_triton(mine, *args, owned=True, block=block)
         neutral = factors.float().clone()
         neutral[:, 1] = 1.0  # contrast's mean drops out: the rest must round as torch does
+        contrast_1 = J.color_jitter_triton(x, args[0], neutral.numpy(), args[2], block=block)
         results[name] = {
             "out": out.cpu(),
-            "contrast_1": J.color_jitter_triton(x, args[0], neutral.numpy(), args[2]).cpu(),
+            "contrast_1": contrast_1.cpu(),
             "owned": owned.cpu(),
             "owned_in_place": torch.tensor(owned.data_ptr() == mine.data_ptr()),
             "input_untouched": torch.tensor(torch.equal(x, before)),
@@ -555,7 +559,7 @@ def test_the_loader_stage_through_the_fused_kernels_equals_the_cpu_stage(synth_s
 
 
 _F32 = {"x_ptr": "*fp32", "out_ptr": "*fp32", "params_ptr": "*fp32"}
-_I32 = ("pixels", "stride_b", "stride_c")
+_I32 = ("pixels", "stride_b", "stride_c", "tiles")
 _BLUR_PTRS = ("src_ptr", "dst_ptr", "orig_ptr", "params_ptr")
 _BLUR_INTS = ("channels", "height", "width", "stride_b", "stride_c", "kmax")
 _NORM = ("m0", "m1", "m2", "s0", "s1", "s2")
@@ -564,8 +568,27 @@ _VARIANTS = (
     {
         f"jitter-{channels}ch": (
             "_jitter_kernel",
-            {**_F32, **dict.fromkeys(_I32, "i32")},
-            {"CHANNELS": channels, "BLOCK": 1024, "COPY_INACTIVE": True, "PARAMS": J._PARAMS},
+            {**_F32, "partial_ptr": "*fp32", **dict.fromkeys(_I32, "i32")},
+            {
+                "CHANNELS": channels,
+                "BLOCK": 1024,
+                "TILES": 64,
+                "COPY_INACTIVE": True,
+                "PARAMS": J._PARAMS,
+            },
+        )
+        for channels in (1, 3)
+    }
+    | {
+        f"jitter-mean-{channels}ch": (
+            "_jitter_mean_kernel",
+            {
+                "x_ptr": "*fp32",
+                "partial_ptr": "*fp32",
+                "params_ptr": "*fp32",
+                **dict.fromkeys(_I32, "i32"),
+            },
+            {"CHANNELS": channels, "BLOCK": 1024, "PARAMS": J._PARAMS},
         )
         for channels in (1, 3)
     }
@@ -616,7 +639,8 @@ def test_fused_kernels_compile_for_hopper_with_torch_rounding(variant):
     ptx = J.triton.compile(source, target=target, options=options).asm["ptx"]
     assert "fma." not in ptx
     assert "div.full" not in ptx and "div.approx" not in ptx
-    if name == "_jitter_kernel":
+    if name == "_jitter_kernel" or variant == "jitter-mean-3ch":  # the mean pass of a grey
+        # image has no hue, so no division at all
         assert re.search(r"div\.rn(\.ftz)?\.f32", ptx)
     if name == "_flip_transpose_kernel":
         return  # moves data only: no arithmetic on the values to round
