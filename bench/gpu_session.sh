@@ -4,11 +4,11 @@
 # does not stop the next; every stage's output goes to $OUT/gpu.log and the result JSONs to
 # $OUT/results (the tool brings both back). Usage, from the repository root on that machine:
 #   bash bench/gpu_session.sh env cuda-tests loader step e2e
-# Stages: env, cuda-tests, cuda-tests-quick, bench-data, wait-data, tests (the whole suite), loader, loader-quick, loader-nvdec,
-# loader-workers, step, step-compile,
-# step-grid, step-modes, step-sdpa, e2e, e2e-eager, e2e-fast, e2e-fast-pretrain, e2e-graphs, e2e-quick,
-# e2e-thread,
-# profile-stage, profile-e2e, profile-step, scaling, demo,
+# Stages: env, bench-data + wait-data (the loader's data rendered in the background),
+# cuda-tests, cuda-tests-quick, tests (the whole suite), loader, loader-quick, loader-nvdec,
+# loader-workers, step, step-compile, step-grid, step-modes, step-sdpa, e2e, e2e-eager, e2e-fast,
+# e2e-fast-pretrain, e2e-graphs, e2e-thread, e2e-quick, e2e-ft-quick, e2e-graphs-quick,
+# profile-stage, profile-e2e, profile-e2e-ft, profile-step, scaling, demo,
 # pack (last: archives $OUT/results into $OUT/results.tgz, as the tool returns at most 8 files).
 set -u
 OUT=${OUT:-runs/gpu-session}
@@ -57,9 +57,9 @@ for s in "$@"; do
         # measured batch crosses an epoch) and three rounds might not fit the stage's limit.
         stage loader 420 python3 -m bench.loader --data "$DATA" --cores "$CORES" --device cuda \
             --repeats 2 --results-dir "$RESULTS" ;;
-    loader-quick)  # one round, file layouts only: for a session with 15 minutes of device time
+    loader-quick)  # file layouts only, 3 rounds (one took 38 s on an H200 with the data made)
         stage loader-quick 300 python3 -m bench.loader --data "$DATA" --cores "$CORES" \
-            --device cuda --layouts frames,webm --repeats 1 --results-dir "$RESULTS" ;;
+            --device cuda --layouts frames,webm --repeats 3 --results-dir "$RESULTS" ;;
     loader-nvdec)  # video files through NVDEC (data.video_decoder=gpu), the earlier default
         stage loader-nvdec 240 python3 -m bench.loader --data "$DATA" --cores "$CORES" \
             --device cuda --layouts webm --repeats 1 --video-decoder gpu \
@@ -88,6 +88,18 @@ for s in "$@"; do
         stage profile-e2e 360 python3 -m bench.profile --what e2e --compile --py-workers 2 \
             --data "$DATA" --cores "$CORES" --steps 10 --name profile-e2e-compiled \
             --results-dir "$RESULTS" ;;
+    profile-e2e-ft)  # DALI-fed eager finetuning with thread prefetch: 69 % of step-only, why?
+        stage profile-e2e-ft 240 python3 -m bench.profile --what e2e --mode finetune \
+            --py-workers 2 --thread-prefetch 2 --data "$DATA" --cores "$CORES" --steps 10 \
+            --name profile-e2e-finetune-thread --results-dir "$RESULTS" ;;
+    e2e-ft-quick)  # finetuning, eager, as e2e-quick
+        stage e2e-ft-quick 150 python3 -m bench.end_to_end --mode finetune --size full \
+            --data "$DATA" --cores "$CORES" --py-workers 2 --thread-prefetch 2 \
+            --results-dir "$RESULTS/thread-ft" ;;
+    e2e-graphs-quick)  # pretraining, CUDA graphs, as e2e-quick (170 s on an H200)
+        stage e2e-graphs-quick 220 python3 -m bench.end_to_end --mode pretrain --size full \
+            --data "$DATA" --cores "$CORES" --py-workers 2 --thread-prefetch 2 --compile \
+            --compile-mode reduce-overhead --results-dir "$RESULTS/thread-graphs" ;;
     profile-step)  # the compiled step at batch 128: which kernels hold the MFU down
         stage profile-step 360 python3 -m bench.profile --what step --compile --batch-size 128 \
             --data "$DATA" --steps 5 --name profile-step-compiled-b128 --results-dir "$RESULTS" ;;

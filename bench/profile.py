@@ -221,7 +221,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         prof, wall = profiled(lambda: step(batch), a.steps, a.warmup, device)
     elif a.what == "stage":
         loader = build_loader(cfg, "train", a.mode, device=device)
-        stage = loader._device_stage
+
+        stage = loader._device_stage  # from the raw outputs: their unpacking included
         wanted = range(a.steps + a.warmup)
         outputs = [
             {k: v.clone() for k, v in out[0].items()}

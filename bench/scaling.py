@@ -254,7 +254,7 @@ def pipeline_rate(loader, batches: int, warmup: int = 1) -> float:
     samples = 0
     start = time.perf_counter()
     for _ in range(batches):
-        samples += int(next(source)["index"].shape[0])
+        samples += int(next(source)["wave"].shape[0])
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return samples / (time.perf_counter() - start)

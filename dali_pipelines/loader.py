@@ -227,16 +227,28 @@ class DaliLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for outputs in self.iterator:
             self.steps_done += 1
-            skipped = outputs[0]["skipped"].reshape(-1)  # on the host: no device sync
+            out = self.unpacked(outputs[0])
+            skipped = out["skipped"].reshape(-1)
             for i in skipped[skipped >= 0].tolist():
                 self._skipped_ids.add(self.entries[i].video_id)
-            yield self._device_stage(outputs[0])
+            yield self._device_stage(out)
         self.iterator.reset()
         self.epoch += 1
         self.steps_done = 0
 
+    def unpacked(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The pipeline's outputs with ``meta`` split into the source's named host tensors
+        (``SampleSource.unpack``; they stay on the host: no device sync)."""
+        out = dict(outputs)
+        meta = out.pop("meta").numpy()
+        out.update((k, torch.from_numpy(v)) for k, v in self.source.unpack(meta).items())
+        return out
+
     def _device_stage(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The filterbank and the filterbank/image augmentations, on the training device."""
+        """The filterbank and the filterbank/image augmentations, on the training device, of the
+        pipeline's outputs (``unpacked`` or not)."""
+        if "meta" in out:
+            out = self.unpacked(out)
         dev, cfg, mode = self.device, self.cfg, self.cfg.mode
         # Nothing here waits for the device (no blocking copy, no read of a device value), so
         # this stage's launches overlap the previous training step still running on the GPU.

@@ -14,9 +14,11 @@ Modes (the source's, see ``sources.SourceSpec``):
 
 Outputs by name (``output_names(source)``): ``wave`` (B, N) float32 and ``wave_len`` (B,) (the
 audio stage before the filterbank, see ``audio``), ``visual`` (B, 3, S, S) float32 normalised,
-``labels``, ``index``, ``valid``, ``frame_k``, and the mode's extras: ``visual_aug`` (B, 3, S, S)
-in [0, 1] and the draws ``t_a``, ``t_v``, ``a_params`` (+ ``t_a_cen``, ``t_v_cen``) for pretraining;
-``ft_params`` for finetuning.
+``meta`` (B, M) float64: the source's small outputs packed (``labels``, ``index``, ``valid``,
+``frame_k``, ``skipped`` and the mode's draws: ``t_a``, ``t_v``, ``a_params`` (+ ``t_a_cen``,
+``t_v_cen``) for pretraining, ``ft_params`` for finetuning), which
+``SampleSource.unpack`` splits on the host; and for pretraining ``visual_aug`` (B, 3, S, S) in
+[0, 1].
 
 The device follows the pipeline: ``device_id=None`` runs DALI's CPU-only mode, a device id makes
 the image/video decoders "mixed" (nvJPEG, NVDEC) and the rest "gpu".
@@ -31,14 +33,6 @@ from nvidia.dali.pipeline import Pipeline
 
 from dali_pipelines import audio, video
 from dali_pipelines.sources import SampleSource
-
-# Source outputs passed through to the iterator unchanged, per mode.
-_PASS = {
-    "eval": ("labels", "index", "valid", "frame_k", "skipped"),
-    "train": ("labels", "index", "valid", "frame_k", "skipped"),
-    "pretrain": ("labels", "index", "valid", "frame_k", "skipped", "t_a", "t_v", "a_params"),
-    "finetune": ("labels", "index", "valid", "frame_k", "skipped", "ft_params"),
-}
 
 
 @dataclass(frozen=True)
@@ -58,13 +52,8 @@ class PipelineOptions:
 
 def output_names(source: SampleSource) -> tuple[str, ...]:
     """Names of the pipeline's outputs, in order, for the source's mode."""
-    mode = source.spec.mode
-    names = ("wave", "wave_len", "visual") + _PASS[mode]
-    if mode == "pretrain":
-        names += ("visual_aug",)
-        if source.spec.cen_num > 0:
-            names += ("t_a_cen", "t_v_cen")
-    return names
+    names = ("wave", "wave_len", "visual", "meta")
+    return names + ("visual_aug",) if source.spec.mode == "pretrain" else names
 
 
 def _decode(src: dict, view: int, video_files: bool, device: str, video_device: str):
@@ -112,11 +101,17 @@ def _pipeline(source: SampleSource, opts: PipelineOptions):
     device = "cpu" if opts.device_id is None else "gpu"
     vdev = "cpu" if device == "cpu" else opts.video_device
     mode = source.spec.mode
-    names = source.output_names
+    names = source.feed_names
     nodes = fn.external_source(
         source=source, num_outputs=len(names), batch=False, parallel=opts.py_workers > 0
     )
     src = dict(zip(names, nodes, strict=True))
+    # The packed numbers the graph itself reads, as their own per-sample tensors.
+    for name in ("frame0_index", "frame1_index", "vcrop", "lam"):
+        if name in source.meta_layout:
+            offset, shape, dtype = source.meta_layout[name]
+            field = src["meta"][offset] if shape == () else src["meta"][offset : offset + shape[0]]
+            src[name] = fn.cast(field, dtype=types.to_dali_type(dtype))
     if mode == "finetune":
         wave, wave_len = audio.mixed_waveform(
             src["wav"], src["wav_partner"], src["lam"], opts.target_frames
@@ -143,11 +138,9 @@ def _pipeline(source: SampleSource, opts: PipelineOptions):
         )
         lam = src["lam"].gpu() if device == "gpu" else src["lam"]
         visual = visual * lam + partner * (1.0 - lam)
-    outputs = [wave, wave_len, visual] + [src[name] for name in _PASS[mode]]
+    outputs = [wave, wave_len, visual, src["meta"]]
     if mode == "pretrain":
         outputs.append(_augmented_crop(aug_frame, src["vcrop"], opts.image_size, device))
-        if source.spec.cen_num > 0:
-            outputs += [src["t_a_cen"], src["t_v_cen"]]
     return tuple(outputs)
 
 

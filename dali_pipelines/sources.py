@@ -14,7 +14,12 @@ global permutation without talking to the others, and a resumed run can recomput
   loader drops, so that padding never reaches the metrics and every rank runs the same steps.
 
 The source is a per-sample ``fn.external_source`` callback (a function of ``SampleInfo`` only),
-which DALI's pipeline checkpointing resumes at the saved epoch and iteration.
+which DALI's pipeline checkpointing resumes at the saved epoch and iteration. It hands DALI few
+outputs: the media (a waveform, JPEG or video bytes) one each, and every small fixed-size number
+(labels, bookkeeping, draws) packed into one float64 vector, ``meta`` (``SampleSource.meta_layout``;
+float64 holds every float32 and every integer below 2**53 exactly). Why: DALI's main-process cost
+of feeding a batch grows with outputs times samples (0.24 ms per batch of 16 per output on the
+2-core VM), and on a GPU that cost is host time taken from the training step.
 
 Bytes come from ``equiav.data.media``: a file, or a member of a WebDataset shard read at its
 indexed offset (``equiav.data.shard``), so every mode reads both layouts, in the same order.
@@ -22,6 +27,7 @@ indexed offset (``equiav.data.shard``), so every mode reads both layouts, in the
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 from collections.abc import Sequence
@@ -36,6 +42,9 @@ log = logging.getLogger(__name__)
 
 # Seed streams: one integer per purpose, so that the order and the frame draws never share draws.
 _ORDER_STREAM = 0x5EED0
+# Draw sizes of the packed outputs (see SampleSource.meta_layout).
+_A_PARAMS = 6  # pretraining audio: roll, crop (i, j, h, w), time shift
+_FT_PARAMS = 5  # finetuning: roll, time mask [t0, t1), frequency mask [f0, f1)
 
 
 @dataclass(frozen=True)
@@ -285,6 +294,7 @@ class SampleSource:
 
     @property
     def output_names(self) -> tuple[str, ...]:
+        """The logical outputs of a sample (``sample``'s keys), in order."""
         names = ["wav"]
         for v in range(self.views):
             if not self.video_files:
@@ -302,7 +312,77 @@ class SampleSource:
             names += ["wav_partner", "lam", "ft_params"]
         return tuple(names)
 
+    @functools.cached_property
+    def feed_names(self) -> tuple[str, ...]:
+        """What the callback hands DALI, in order: the media outputs, then ``meta``."""
+        media = [n for n in self.output_names if n not in self.meta_layout]
+        return (*media, "meta")
+
+    @functools.cached_property
+    def meta_layout(self) -> dict[str, tuple[int, tuple[int, ...], type]]:
+        """name -> (offset, per-sample shape, dtype) of each output packed into ``meta``. The
+        ones DALI's graph reads (frame indices, the crop, lambda) come first."""
+        from dali_pipelines.augment import T_A, T_V
+
+        s = self.spec
+        fields: list[tuple[str, tuple[int, ...], type]] = []
+        if self.video_files:
+            fields += [(f"frame{v}_index", (), np.int32) for v in range(self.views)]
+        if s.mode == "pretrain":
+            fields.append(("vcrop", (4,), np.int32))
+        if s.mode == "finetune":
+            fields.append(("lam", (), np.float32))
+        fields += [
+            ("labels", (self.multi_hot.shape[1],), np.float32),
+            ("index", (), np.int64),
+            ("valid", (), np.int32),
+            ("frame_k", (self.views,), np.int32),
+            ("skipped", (), np.int64),
+        ]
+        if s.mode == "pretrain":
+            fields += [("t_a", (T_A,), np.float32), ("t_v", (T_V,), np.float32)]
+            fields.append(("a_params", (_A_PARAMS,), np.int32))
+            if s.cen_num > 0:
+                fields += [("t_a_cen", (s.cen_num, T_A), np.float32)]
+                fields += [("t_v_cen", (s.cen_num, T_V), np.float32)]
+        elif s.mode == "finetune":
+            fields.append(("ft_params", (_FT_PARAMS,), np.int32))
+        layout, offset = {}, 0
+        for name, shape, dtype in fields:
+            layout[name] = (offset, shape, dtype)
+            offset += int(np.prod(shape, dtype=np.int64))
+        return layout
+
+    def _pack(self, out: dict[str, np.ndarray]) -> np.ndarray:
+        """``meta``: the sample's packed outputs, checked against ``meta_layout``."""
+        layout = self.meta_layout
+        last = next(reversed(layout.values()))
+        meta = np.empty(last[0] + int(np.prod(last[1], dtype=np.int64)), np.float64)
+        for name, (offset, shape, _) in layout.items():
+            value = np.asarray(out[name])
+            if value.shape != shape:
+                raise ValueError(f"source output {name!r} has shape {value.shape}, not {shape}")
+            meta[offset : offset + value.size] = value.reshape(-1)
+        return meta
+
+    def unpack(self, meta: np.ndarray) -> dict[str, np.ndarray]:
+        """A batch's ``meta`` (B, M) -> name -> (B, *shape) arrays of their own dtypes."""
+        meta = np.asarray(meta)
+        rows = meta.shape[0]
+        out = {}
+        for name, (offset, shape, dtype) in self.meta_layout.items():
+            size = int(np.prod(shape, dtype=np.int64))
+            out[name] = meta[:, offset : offset + size].astype(dtype).reshape(rows, *shape)
+        return out
+
     def __call__(self, info) -> tuple[np.ndarray, ...]:
+        """DALI's callback: ``feed_names``' arrays of the sample at ``info``."""
+        out = self.sample(info)
+        meta = self._pack(out)
+        return (*(out[name] for name in self.feed_names[:-1]), meta)
+
+    def sample(self, info) -> dict[str, np.ndarray]:
+        """The sample at ``info`` (``epoch_idx``, ``idx_in_epoch``): ``output_names``' arrays."""
         pos, valid = self.epoch_positions(info.epoch_idx)
         i = info.idx_in_epoch
         if i >= len(pos):
@@ -314,7 +394,7 @@ class SampleSource:
             try:
                 out = self._read(index, ok, epoch, i)
                 out["skipped"] = np.array(failed, np.int64)
-                return tuple(out[name] for name in self.output_names)
+                return out
             except (OSError, CorruptMediaError) as e:
                 self._skip(self.spec.entries[index], e)
                 failed = index if failed < 0 else failed

@@ -541,11 +541,19 @@ def test_source_sends_each_position_its_own_draws(synth_small, rank, offset):
         cen_num=2,
     )
     source = SampleSource(spec)
-    names = source.output_names
     assert len(source) == (4 if offset == 0 else 2)  # 8 entries, 2 ranks, batches of 2
     # Out of order and again, as DALI's parallel workers may ask.
     for i in [3, 0, 1, 2, 0, 3] if offset == 0 else [1, 0, 1]:
-        out = dict(zip(names, source(SimpleNamespace(epoch_idx=0, idx_in_epoch=i)), strict=True))
+        info = SimpleNamespace(epoch_idx=0, idx_in_epoch=i)
+        out = source.sample(info)
+        assert set(out) >= set(source.output_names)
+        # What DALI is handed: the media, then the rest packed, which unpacks to the same.
+        fed = dict(zip(source.feed_names, source(info), strict=True))
+        unpacked = source.unpack(fed["meta"][None])
+        assert set(unpacked) | set(fed) - {"meta"} == set(source.output_names)
+        for name, value in unpacked.items():
+            assert value.dtype == np.asarray(out[name]).dtype, name
+            assert np.array_equal(value[0], out[name]), name
         gpos = offset + 2 * i + rank
         assert out["frame_k"].tolist() == frame_draws(4, 2, gpos, 2, 4)
         size = Image.open(entries[int(out["index"])].frame_path(int(out["frame_k"][1]))).size
@@ -558,6 +566,11 @@ def test_source_sends_each_position_its_own_draws(synth_small, rank, offset):
             *want.audio.crop[0],
             want.audio.shift[0],
         ]
+    # A draw of the wrong size is refused by name before DALI sees it.
+    bad = source.sample(SimpleNamespace(epoch_idx=0, idx_in_epoch=0))
+    bad["t_a"] = bad["t_a"][:-1]
+    with pytest.raises(ValueError, match="'t_a' has shape"):
+        source._pack(bad)
 
 
 @pytest.mark.parametrize("a, b", [(10.0, 10.0), (0.4, 0.4), (2.0, 5.0), (1.0, 0.7)])

@@ -507,7 +507,7 @@ aug = dataclasses.replace(
 cfg = LoaderConfig(batch_size=4, mode="pretrain", seed=3, frames_per_clip=4, eval_frame=2,
                    augment=aug, cen_num=2)
 loader = DaliLoader(read_dataset(root + "/train.json"), read_label_csv(labels), cfg)
-raw = {{k: v.clone() for k, v in next(iter(loader.iterator))[0].items()}}
+raw = loader.unpacked({{k: v.clone() for k, v in next(iter(loader.iterator))[0].items()}})
 torch_stage = loader._device_stage(raw)
 with mock.patch.object(K, "whole_batch_ops", lambda x: True), mock.patch.object(
     J, "fused_path", lambda x: True

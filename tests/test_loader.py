@@ -484,8 +484,7 @@ def test_pretraining_on_video_files_decodes_the_drawn_frames(synth_small):
     loader = DaliLoader(entries, labels, small_config("pretrain"))
     # On the CPU the source sends IVF excerpts that start at keyframes (video.video_excerpt),
     # and the views below are compared with decodes of the whole files.
-    sample = loader.source(SimpleNamespace(epoch_idx=0, idx_in_epoch=0))
-    clip = sample[loader.source.output_names.index("frame0")]
+    clip = loader.source.sample(SimpleNamespace(epoch_idx=0, idx_in_epoch=0))["frame0"]
     assert bytes(clip[:4]) == b"DKIF"
     batches = collect(loader)
     ks = torch.cat([b["frame_k"] for b in batches])
