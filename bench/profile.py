@@ -149,6 +149,7 @@ def gpu_policy_counts(fn: Callable[[], None]) -> dict[str, Any]:
         (fused, "_blur_kernel"): _LaunchCounter("gaussian_blur", launches),
         (fused, "_geometry_kernel"): _LaunchCounter("fbank_geometry", launches),
         (fused, "_finish_kernel"): _LaunchCounter("finish_visual", launches),
+        (fused, "_roll_mask_kernel"): _LaunchCounter("roll_and_mask", launches),
         (fused, "_flip_transpose_kernel"): _LaunchCounter("flip_transpose_into", launches),
         (KF, "_fbank_kernel"): _LaunchCounter("fbank", launches),
         (K, "whole_batch_ops"): lambda x: True,

@@ -282,11 +282,7 @@ class DaliLoader:
                     batch[name] = to_device(out[name], dev)
         elif mode == "finetune":
             params = out["ft_params"].long()  # on the host, as the kernels want them
-            image = K.roll(image, params[:, 0], 2, params[:, 0] != 0)
-            masked = params[:, 2] > params[:, 1]
-            image = K.mask_rows(image, params[:, 1], params[:, 2], 2, masked)
-            masked = params[:, 4] > params[:, 3]
-            image = K.mask_rows(image, params[:, 3], params[:, 4], 3, masked)
+            image = K.roll_and_mask(image, params[:, 0], params[:, 1:5])
         # The model's layout: (B, 3, F, T), three equal channels (an expanded view, no copy).
         batch["audio"] = image.transpose(2, 3).expand(-1, 3, -1, -1)
         valid = out["valid"].reshape(-1).bool()

@@ -349,6 +349,37 @@ def fbank_geometry(
     return fused.fbank_geometry_triton(x, torch.from_numpy(params))
 
 
+@_float32_kernel
+def roll_and_mask(x: torch.Tensor, shift: Param, masks: Param) -> torch.Tensor:
+    """Finetuning's augmentation of (B, 1, T, F) filterbank images: per sample the time roll by
+    shift (B,) (``roll``), then SpecAugment's time and frequency masks, (B, 4) [time start, end,
+    frequency start, end] in the rolled image (``mask_rows``; an empty band masks nothing).
+    Returns a new tensor; on a GPU one fused launch (``kernels.augment_triton``), bit for bit
+    the same (data movement only)."""
+    batch, channels, frames, bins = x.shape
+    if channels != 1:
+        raise ValueError(f"roll_and_mask needs one-channel images, got {channels} channels")
+    masks = torch.as_tensor(masks)
+    if masks.shape != (batch, 4):
+        raise ValueError(f"masks must have shape ({batch}, 4), got {tuple(masks.shape)}")
+    shift = _param(shift, batch, "shift", torch.long)
+    if not fused.fused_path(x):
+        x = roll(x, shift, 2, shift != 0)  # a new tensor: the masks may write into it
+        x = mask_rows(x, masks[:, 0], masks[:, 1], 2, masks[:, 1] > masks[:, 0], owned=True)
+        return mask_rows(x, masks[:, 2], masks[:, 3], 3, masks[:, 3] > masks[:, 2], owned=True)
+    # mask_rows' checks, in numpy on the host (no device op, no sync).
+    m = masks.cpu().long().numpy()
+    for (a, b), length, name in (((0, 1), frames, "time"), ((2, 3), bins, "frequency")):
+        on = m[:, b] > m[:, a]
+        ok = _bands_inside(m[:, a], m[:, b], length)
+        _require(ok | ~on, f"roll_and_mask: {name} masks need 0 <= start <= end <= {length}")
+        m[~on, a], m[~on, b] = 0, 0
+    params = np.zeros((batch, 5), np.int32)
+    params[:, 0] = np.remainder(shift.cpu().numpy(), frames)  # torch.roll's shift, in [0, T)
+    params[:, 1:] = m
+    return fused.roll_mask_triton(x, torch.from_numpy(params))
+
+
 def _spatial_axis(axis: int) -> int:
     """Axis 2 (H) or 3 (W) of a (B, C, H, W) batch; -2 and -1 are accepted too."""
     if axis not in (2, 3, -2, -1):

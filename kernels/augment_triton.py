@@ -22,6 +22,7 @@ Filterbank geometry: one program per (image, tile) reads, for each output pixel,
 bilinear taps of its crop position straight from the unmasked, unrolled image (mask and roll
 are index arithmetic), so SpecAugment's masks, the time roll and the resized crop are one pass.
 Visual finish: flip (a mirrored read), grayscale and normalisation in one pass per tile.
+Finetuning's roll and masks: one pass per tile, the roll a shifted read, the masks a select.
 
 Numerics: the same float32 operations in the same order as the torch path (torchvision's
 formulas), with IEEE division (``div_rn``; Triton's ``/`` is approximate on NVIDIA GPUs), NaN
@@ -544,6 +545,71 @@ def fbank_geometry_triton(
         frames,
         bins,
         PARAMS=params.shape[1],
+        BLOCK_H=block_h,
+        BLOCK_W=block_w,
+    )
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _roll_mask_kernel(
+        x_ptr,
+        out_ptr,
+        params_ptr,
+        frames,
+        bins,
+        BLOCK_H: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+    ):
+        """One program per (image, tile): out[t, f] = 0 inside the sample's time or frequency
+        band, else x[(t - shift) mod T, f] (torch.roll's map, shift already in [0, T))."""
+        row = tl.program_id(0)
+        params = params_ptr + row * 5
+        shift = tl.load(params)
+        t0 = tl.load(params + 1)
+        t1 = tl.load(params + 2)
+        f0 = tl.load(params + 3)
+        f1 = tl.load(params + 4)
+        rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        cols = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)
+        inside = (rows < frames)[:, None] & (cols < bins)[None, :]
+        source = rows - shift
+        source = tl.where(source < 0, source + frames, source)
+        base = row.to(tl.int64) * frames * bins
+        value = tl.load(x_ptr + base + source[:, None] * bins + cols[None, :], mask=inside)
+        band = ((rows >= t0) & (rows < t1))[:, None] | ((cols >= f0) & (cols < f1))[None, :]
+        value = tl.where(band, 0.0, value)
+        tl.store(out_ptr + base + rows[:, None] * bins + cols[None, :], value, mask=inside)
+
+
+def roll_mask_triton(
+    x: torch.Tensor, params: torch.Tensor, *, tile: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """(B, 1, T, F) filterbank images -> a new (B, 1, T, F): the time roll, then the time and
+    frequency masks. params (B, 5) int32 host: [shift in [0, T), time start, end, frequency
+    start, end], checked by ``kernels.augment.roll_and_mask`` (call that, not this). ``tile``:
+    (rows, columns) per program (default (32, 64) on a GPU, (256, 128) under the interpreter).
+    """
+    _require_backend("roll_mask_triton", x)
+    batch, _, frames, bins = x.shape
+    source = x.contiguous()
+    out = torch.empty_like(source)
+    if out.numel() == 0:
+        return out
+    block_h, block_w = tile or ((256, 128) if _interpreting() else (32, 64))
+    grid = (batch, triton.cdiv(frames, block_h), triton.cdiv(bins, block_w))
+    params = to_device(params.to(torch.int32).contiguous(), x.device)
+    _launch(
+        _roll_mask_kernel,
+        grid,
+        x,
+        source,
+        out,
+        params,
+        frames,
+        bins,
         BLOCK_H=block_h,
         BLOCK_W=block_w,
     )

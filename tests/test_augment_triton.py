@@ -18,6 +18,7 @@ path. Inactive samples bit for bit everywhere.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -288,6 +289,66 @@ def check_geometry(case: tuple, results: dict) -> None:
     assert (out - torch_path).abs().max().item() <= GEOMETRY_TOL
 
 
+def roll_mask_case() -> tuple[torch.Tensor, ...]:
+    """(x, shift, masks): nine filterbank images (T=300, F=128: not a multiple of a tile) with
+    shifts of both signs and beyond T, the spec's SpecAugment bands (some empty), sample 0 with
+    neither."""
+    x = _fbank_images()[:, :1, :300]
+    x = torch.cat([x, x.flip(2), -x]).contiguous()
+    n, _, frames, bins = x.shape
+    t0, t1 = _spec_mask(n, frames, 192, seed=5)
+    f0, f1 = _spec_mask(n, bins, 48, seed=6)
+    masks = torch.stack([t0, t1, f0, f1], 1)
+    shift = torch.randint(-2 * frames, 2 * frames, (n,), generator=torch.Generator().manual_seed(7))
+    masks[0], shift[0] = 0, 0
+    masks[3, 1] = masks[3, 0]  # an empty time band
+    return x, shift, masks
+
+
+def roll_mask_reference(case: tuple, b: int) -> torch.Tensor:
+    """torch only: torch.roll, then the bands zeroed by slicing."""
+    x, shift, masks = case
+    image = torch.roll(x[b], int(shift[b]), dims=1)
+    t0, t1, f0, f1 = masks[b].tolist()
+    image[:, t0:t1] = 0.0
+    image[:, :, f0:f1] = 0.0
+    return image
+
+
+def run_roll_mask(case: tuple, device: str) -> dict[str, torch.Tensor]:
+    """``kernels.augment.roll_and_mask`` through the fused kernel on ``device`` (forced on a
+    CPU) in tiles of 64 x 32 (partial ones at both edges), and with the shifts negated."""
+    x, shift, masks = case
+    x = x.to(device)
+    before = x.clone()
+    tiled = functools.partial(J.roll_mask_triton, tile=(64, 32))
+    with (
+        mock.patch.object(J, "fused_path", lambda _: True),
+        mock.patch.object(J, "roll_mask_triton", tiled),
+    ):
+        out = K.roll_and_mask(x, shift, masks)
+        negated = K.roll_and_mask(x, -shift, masks)
+    return {
+        "out": out.cpu(),
+        "negated": negated.cpu(),
+        "input_untouched": torch.tensor(torch.equal(x, before)),
+    }
+
+
+def check_roll_mask(case: tuple, results: dict) -> None:
+    x, shift, masks = case
+    out = results["out"]
+    assert bool(results["input_untouched"])
+    # Data movement only: bit for bit with torch, and with the torch path.
+    for b in range(len(x)):
+        assert torch.equal(out[b], roll_mask_reference(case, b)), b
+    assert torch.equal(out, K.roll_and_mask(x, shift, masks))
+    assert torch.equal(out[0], x[0])
+    moved = (shift % x.shape[2] != 0) & (shift % x.shape[2] != x.shape[2] // 2)
+    for b in moved.nonzero().flatten().tolist():  # a wrong roll direction is seen
+        assert not torch.equal(results["negated"][b], out[b]), b
+
+
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
@@ -379,9 +440,10 @@ def check_transpose(case: tuple, results: dict) -> None:
 _SCRIPT = """
 import torch
 from tests.test_augment_triton import (
-    blur_cases, finish_case, geometry_case, jitter_cases, run_blur, run_finish, run_geometry,
-    run_jitter, run_transpose, transpose_case,
+    blur_cases, finish_case, geometry_case, jitter_cases, roll_mask_case, run_blur, run_finish,
+    run_geometry, run_jitter, run_roll_mask, run_transpose, transpose_case,
 )
+roll_mask = run_roll_mask(roll_mask_case(), "cpu")
 jitter = run_jitter(jitter_cases(), "cpu")
 blur = run_blur(blur_cases(), "cpu")
 geometry = run_geometry(geometry_case(), "cpu")
@@ -392,7 +454,7 @@ transpose = {{
 }}
 torch.save(
     {{"jitter": jitter, "blur": blur, "geometry": geometry, "finish": finish,
-      "transpose": transpose}},
+      "transpose": transpose, "roll_mask": roll_mask}},
     {out!r},
 )
 """
@@ -431,6 +493,36 @@ def test_fused_blur_under_interpreter(interpreted) -> None:
 def test_fused_fbank_geometry_under_interpreter(interpreted) -> None:
     """Masks, roll and resized crop in one kernel on the CPU equal torch/torchvision's."""
     check_geometry(geometry_case(), interpreted["geometry"])
+
+
+@needs_triton
+def test_fused_roll_and_mask_under_interpreter(interpreted) -> None:
+    """Finetuning's roll and masks in one kernel on the CPU: torch.roll and slicing exactly."""
+    check_roll_mask(roll_mask_case(), interpreted["roll_mask"])
+
+
+def test_roll_and_mask_torch_path_matches_the_reference() -> None:
+    case = roll_mask_case()
+    out = K.roll_and_mask(*case)
+    for b in range(len(out)):
+        assert torch.equal(out[b], roll_mask_reference(case, b)), b
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_roll_and_mask_checks_its_parameters(fused) -> None:
+    """A band outside the image is refused before anything runs (fused path: by its host
+    checks, forced here); an empty band is no band."""
+    x, shift, masks = roll_mask_case()
+    with mock.patch.object(J, "fused_path", lambda _: fused):
+        for column, value in ((1, x.shape[2] + 1), (3, x.shape[3] + 1), (2, -1)):
+            bad = masks.clone()
+            bad[1, column] = value
+            with pytest.raises(ValueError, match="<="):
+                K.roll_and_mask(x, shift, bad)
+        with pytest.raises(ValueError, match="one-channel"):
+            K.roll_and_mask(x.expand(-1, 3, -1, -1), shift, masks)
+        with pytest.raises(ValueError, match="shape"):
+            K.roll_and_mask(x, shift, masks[:, :3])
 
 
 @needs_triton
@@ -613,6 +705,13 @@ _VARIANTS = (
         ),
     }
     | {
+        "roll-mask": (
+            "_roll_mask_kernel",
+            {**_F32, "params_ptr": "*i32", "frames": "i32", "bins": "i32"},
+            {"BLOCK_H": 32, "BLOCK_W": 64},
+        ),
+    }
+    | {
         f"flip-transpose-{channels}ch": (
             "_flip_transpose_kernel",
             {**_F32, "frames": "i32", "bins": "i32"},
@@ -642,7 +741,7 @@ def test_fused_kernels_compile_for_hopper_with_torch_rounding(variant):
     if name == "_jitter_kernel" or variant == "jitter-mean-3ch":  # the mean pass of a grey
         # image has no hue, so no division at all
         assert re.search(r"div\.rn(\.ftz)?\.f32", ptx)
-    if name == "_flip_transpose_kernel":
+    if name in ("_flip_transpose_kernel", "_roll_mask_kernel"):
         return  # moves data only: no arithmetic on the values to round
     # The check can fail: the same kernel with fusion allowed has multiply-adds.
     options["enable_fp_fusion"] = True
@@ -676,4 +775,5 @@ def test_fused_kernels_on_cuda():
         "swapped": run_transpose(transpose_case(), "cuda", flips_swapped=True),
     }
     check_transpose(transpose_case(), transpose)
+    check_roll_mask(roll_mask_case(), run_roll_mask(roll_mask_case(), "cuda"))
     assert J.fused_path(torch.zeros(1, device="cuda"))  # so the pipeline takes the kernels
