@@ -172,7 +172,7 @@ def _source_ms_per_sample(
     start = time.process_time()
     for info in calls:
         if fresh_probe:
-            video._probe_cached.cache_clear()
+            video.clear_probe_cache()
         source(info)
     return (time.process_time() - start) / samples * 1000
 

@@ -487,7 +487,7 @@ class SampleSource:
             data = read_bytes(path)
             seconds = [ks[v] + 0.5 for v in group]
             try:
-                index = frames_at_seconds(path, seconds, strict=True)
+                index = frames_at_seconds(path, seconds, strict=True, data=data)
                 if self.spec.video_excerpt:
                     data, index = video_excerpt(path, data, index)
             except CorruptMediaError:

@@ -11,10 +11,11 @@ that the codec can be decoded on the chosen device.
 
 from __future__ import annotations
 
-import functools
+import collections
 import io
 import os
 import struct
+import threading
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -197,10 +198,22 @@ class _VideoProbe(NamedTuple):
 _EXCERPT_CODECS = {"vp9": b"VP90"}
 
 
-@functools.lru_cache(maxsize=4096)
-def _probe_cached(path: str, mtime_ns: int, size: int) -> _VideoProbe:
-    # mtime and size are part of the key so that a rewritten file is probed again.
-    raw = store().read(path).tobytes()
+# Probes kept per process, least recently used first out; keyed by (path, mtime, size) so that
+# a rewritten file is probed again. The lock: a ThreadedLoader's thread may probe beside the
+# main thread.
+PROBE_CACHE_SIZE = 4096
+_probes: collections.OrderedDict[tuple[str, int, int], _VideoProbe] = collections.OrderedDict()
+_probes_lock = threading.Lock()
+
+
+def clear_probe_cache() -> None:
+    """Forget every cached probe (benchmarks: as when a list outgrows the cache)."""
+    with _probes_lock:
+        _probes.clear()
+
+
+def _probe_bytes(path: str, raw: bytes) -> _VideoProbe:
+    """The probe of a video file's bytes (``path`` names it in errors)."""
     # WebM files are scanned in Python (~0.5 ms per 10 s clip on the VM, PyAV ~3-5 ms): this
     # runs per sample when a list outgrows the cache. FFmpeg reads whatever the scanner leaves.
     found = matroska.scan(raw) or _demux(path, raw)
@@ -268,12 +281,27 @@ def _locate_packet(raw: bytes, packet: av.Packet) -> tuple[int, int] | None:
     return offset, len(data)
 
 
-def _probe(path: str | os.PathLike) -> _VideoProbe:
+def _probe(path: str | os.PathLike, data: np.ndarray | None = None) -> _VideoProbe:
+    """The file's probe, cached. ``data``: the file's bytes when the caller has read them
+    already (a cache miss then reads nothing again; ignored unless their size is the file's)."""
     path = os.fspath(path)
     stat = store().stat(path)  # a file, or a shard member (equiav.data.media)
     if stat is None:
         raise FileNotFoundError(f"video file not found: {path}")
-    return _probe_cached(path, stat[1], stat[0])
+    key = (path, stat[1], stat[0])
+    with _probes_lock:
+        found = _probes.get(key)
+        if found is not None:
+            _probes.move_to_end(key)
+            return found
+    if data is None or data.size != stat[0]:
+        data = store().read(path)
+    found = _probe_bytes(path, data.tobytes())
+    with _probes_lock:
+        _probes[key] = found
+        while len(_probes) > PROBE_CACHE_SIZE:
+            _probes.popitem(last=False)
+    return found
 
 
 def frame_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -307,12 +335,13 @@ def check_decodable(path: str | os.PathLike, gpu: bool) -> None:
         )
 
 
-def video_frame_times(path: str | os.PathLike) -> np.ndarray:
+def video_frame_times(path: str | os.PathLike, data: np.ndarray | None = None) -> np.ndarray:
     """Sorted presentation times (seconds, first frame at 0) of every frame; read-only, cached.
 
-    Found by demuxing packets with PyAV (no decoding); cached per (path, mtime, size).
+    Found by demuxing packets (no decoding); cached per (path, mtime, size). ``data``: the
+    file's bytes, if already read (see ``_probe``).
     """
-    return _probe(path).times
+    return _probe(path, data).times
 
 
 def _index_at(times: np.ndarray, second: float) -> int:
@@ -335,12 +364,15 @@ END_SLACK_S = 1.0
 
 
 def frames_at_seconds(
-    path: str | os.PathLike, seconds: Sequence[float], strict: bool = False
+    path: str | os.PathLike,
+    seconds: Sequence[float],
+    strict: bool = False,
+    data: np.ndarray | None = None,
 ) -> list[int]:
     """:func:`frame_index_at` for several seconds with one probe of the file. ``strict``: a
     second more than ``END_SLACK_S`` past the last frame raises ``CorruptMediaError`` (naming
-    the file) instead of giving the last frame."""
-    times = video_frame_times(path)
+    the file) instead of giving the last frame. ``data``: the file's bytes, if already read."""
+    times = video_frame_times(path, data)
     if strict and max(seconds) > times[-1] + END_SLACK_S:
         raise CorruptMediaError(
             f"{os.fspath(path)}: video ends at {times[-1]:.2f} s, before the frame at "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -93,12 +94,39 @@ def test_scan_leaves_other_files_to_ffmpeg(files):
 def test_probe_is_the_same_with_or_without_the_scanner(files, name, monkeypatch):
     """The loader's probe (frame times, size, excerpt packets) is the same whether the scanner
     or PyAV read the file; MP4 always goes to PyAV."""
-    stat = video.store().stat(files[name])
-    scanned = video._probe_cached.__wrapped__(files[name], stat[1], stat[0])
+    raw = Path(files[name]).read_bytes()
+    scanned = video._probe_bytes(files[name], raw)
     monkeypatch.setattr(matroska, "scan", lambda raw: None)
-    demuxed = video._probe_cached.__wrapped__(files[name], stat[1], stat[0])
+    demuxed = video._probe_bytes(files[name], raw)
     assert scanned.codec == demuxed.codec and scanned.size == demuxed.size
     assert np.array_equal(scanned.times, demuxed.times)
     for a, b in [(scanned.packets, demuxed.packets), (scanned.keyframes, demuxed.keyframes)]:
         assert (a is None) == (b is None) == (name == "mp4")
         assert a is None or np.array_equal(a, b)
+
+
+def test_probe_cache_uses_the_callers_bytes_and_keeps_the_most_recent(files, monkeypatch):
+    """A probe on a cache miss reads nothing when the caller hands it the file's bytes (the
+    source read them already), rereads when they are not the file's size, and the cache keeps
+    the PROBE_CACHE_SIZE most recently used files."""
+    video.clear_probe_cache()
+    reads = []
+    store = video.store()
+    original = store.read
+
+    def counting_read(path):
+        reads.append(path)
+        return original(path)
+
+    monkeypatch.setattr(store, "read", counting_read)
+    data = np.frombuffer(Path(files["webm"]).read_bytes(), np.uint8)
+    first = video._probe(files["webm"], data)
+    assert reads == [] and video._probe(files["webm"]) is first  # then served by the cache
+    video.clear_probe_cache()
+    video._probe(files["webm"], data[:-1])  # not the file's bytes: read again
+    assert reads == [files["webm"]]
+    monkeypatch.setattr(video, "PROBE_CACHE_SIZE", 2)
+    video.clear_probe_cache()
+    for name in ("webm", "av", "webm", "mp4"):  # av is the least recently used at the end
+        video._probe(files[name])
+    assert [key[0] for key in video._probes] == [files["webm"], files["mp4"]]
