@@ -526,7 +526,17 @@ def fbank_geometry_triton(
     ``kernels.augment.fbank_geometry`` (call that, not this). ``tile``: (rows, columns) per
     program (default (32, 64) on a GPU, (256, 128) under the interpreter).
     """
-    _require_backend("fbank_geometry_triton", x)
+    params = params.to(torch.float32)
+    return _fbank_tiles(
+        _geometry_kernel, "fbank_geometry_triton", x, params, tile, PARAMS=params.shape[1]
+    )
+
+
+def _fbank_tiles(kernel, name: str, x: torch.Tensor, params: torch.Tensor, tile, **meta):
+    """``kernel`` over (image, row tile, column tile) programs of (B, 1, T, F) images x, into
+    a new tensor: its arguments (x, out, params, T, F) and tile sizes, then ``meta``. params
+    (B, P) host, in the kernel's dtype; ``tile`` (rows, columns) or None for the default."""
+    _require_backend(name, x)
     batch, _, frames, bins = x.shape
     source = x.contiguous()
     out = torch.empty_like(source)
@@ -534,19 +544,9 @@ def fbank_geometry_triton(
         return out
     block_h, block_w = tile or ((256, 128) if _interpreting() else (32, 64))
     grid = (batch, triton.cdiv(frames, block_h), triton.cdiv(bins, block_w))
-    params = to_device(params.to(torch.float32).contiguous(), x.device)
+    params = to_device(params.contiguous(), x.device)
     _launch(
-        _geometry_kernel,
-        grid,
-        x,
-        source,
-        out,
-        params,
-        frames,
-        bins,
-        PARAMS=params.shape[1],
-        BLOCK_H=block_h,
-        BLOCK_W=block_w,
+        kernel, grid, x, source, out, params, frames, bins, BLOCK_H=block_h, BLOCK_W=block_w, **meta
     )
     return out
 
@@ -592,28 +592,7 @@ def roll_mask_triton(
     start, end], checked by ``kernels.augment.roll_and_mask`` (call that, not this). ``tile``:
     (rows, columns) per program (default (32, 64) on a GPU, (256, 128) under the interpreter).
     """
-    _require_backend("roll_mask_triton", x)
-    batch, _, frames, bins = x.shape
-    source = x.contiguous()
-    out = torch.empty_like(source)
-    if out.numel() == 0:
-        return out
-    block_h, block_w = tile or ((256, 128) if _interpreting() else (32, 64))
-    grid = (batch, triton.cdiv(frames, block_h), triton.cdiv(bins, block_w))
-    params = to_device(params.to(torch.int32).contiguous(), x.device)
-    _launch(
-        _roll_mask_kernel,
-        grid,
-        x,
-        source,
-        out,
-        params,
-        frames,
-        bins,
-        BLOCK_H=block_h,
-        BLOCK_W=block_w,
-    )
-    return out
+    return _fbank_tiles(_roll_mask_kernel, "roll_mask_triton", x, params.to(torch.int32), tile)
 
 
 if triton is not None:
