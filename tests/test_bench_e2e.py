@@ -236,3 +236,35 @@ def test_bench_config_carries_source_workers_and_compile(synth_small):
         synth_small.root, **common, precision="fp32", seconds=4.0, py_workers=2, compile=True
     )
     assert cfg.data.py_workers == 2 and cfg.train.compile
+
+
+def test_capacity_inputs_come_from_gpu_results(tmp_path):
+    """The capacity model's step rate is the best GPU pretraining step at the paper batch (a
+    bench.step row or an end-to-end step-only row), and its CPU cost per sample is the best GPU
+    loader row with the source inline (per DALI thread); CPU results and other rows are
+    ignored."""
+    gpu, cpu = {"device": "cuda"}, {"device": "cpu"}
+    step = {"mode": "pretrain", "status": "ok", "batch_kind": "paper"}
+    e2e = {"mode": "pretrain", "status": "ok", "model": "full", "batch_size": 16}
+    frames = {"layout": "frames", "storage": "files", "threads": 2, "py_workers": 0}
+
+    def result(name, summary, *rows):
+        write_result(name, {"config": {}, "rows": list(rows), "summary": summary}, tmp_path)
+
+    assert scaling.gpu_step_rate(tmp_path) is None and scaling.gpu_loader_rate(tmp_path) is None
+    result("step-a", gpu, {**step, "samples_per_s": 250.0}, {**step, "batch_kind": "largest",
+           "samples_per_s": 900.0})  # fmt: skip
+    result("step-cpu", cpu, {**step, "samples_per_s": 5000.0})
+    assert scaling.gpu_step_rate(tmp_path)[0] == 250.0
+    result("end_to_end-b", gpu, {**e2e, "pipeline": "step-only", "samples_per_s": 430.0},
+           {**e2e, "pipeline": "dali-frames", "samples_per_s": 600.0},
+           {**e2e, "pipeline": "step-only", "batch_size": 64, "samples_per_s": 700.0})  # fmt: skip
+    rate, source = scaling.gpu_step_rate(tmp_path)
+    assert rate == 430.0 and "end_to_end-b" in source and "step-only" in source
+    result("loader-c", gpu, {**frames, "pipeline": "dali-frames", "samples_per_s": 1800.0},
+           {**frames, "pipeline": "dali-frames-pyw2", "py_workers": 2, "samples_per_s": 3000.0},
+           {**frames, "pipeline": "dali-webm", "layout": "webm", "samples_per_s": 2500.0},
+           {"pipeline": "baseline-frames", "layout": "frames", "samples_per_s": 40.0})  # fmt: skip
+    result("loader-cpu", cpu, {**frames, "pipeline": "dali-frames", "samples_per_s": 9000.0})
+    rate, source = scaling.gpu_loader_rate(tmp_path)
+    assert rate == 900.0 and "loader-c" in source and "2 threads" in source
