@@ -18,8 +18,10 @@ which DALI's pipeline checkpointing resumes at the saved epoch and iteration. It
 outputs: the media (a waveform, JPEG or video bytes) one each, and every small fixed-size number
 (labels, bookkeeping, draws) packed into one float64 vector, ``meta`` (``SampleSource.meta_layout``;
 float64 holds every float32 and every integer below 2**53 exactly). Why: DALI's main-process cost
-of feeding a batch grows with outputs times samples (0.24 ms per batch of 16 per output on the
-2-core VM), and on a GPU that cost is host time taken from the training step.
+of feeding a batch grows with outputs times samples (~0.1-0.2 ms per output per batch of 16 on
+the 2-core VM; the pretraining source went from 14 outputs to 4: 6.4 -> 3.1 ms of main-thread
+time per batch with the source in 2 workers), and on a GPU that is host time taken from the
+training step.
 
 Bytes come from ``equiav.data.media``: a file, or a member of a WebDataset shard read at its
 indexed offset (``equiav.data.shard``), so every mode reads both layouts, in the same order.
