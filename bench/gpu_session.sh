@@ -37,9 +37,10 @@ for s in "$@"; do
     cuda-tests) stage cuda-tests 420 python3 -m pytest -q -m cuda tests -rs ;;
     bench-data)  # the loader benchmark's synthetic data, rendered in the background (all cores)
         # while the next stages run; `wait-data` waits for it. Same arguments as bench.loader's
-        # own generation (268 clips: every measured batch inside one epoch), so it finds them.
+        # own generation for `loader-quick`'s 24 batches (481 clips: every measured batch inside
+        # one epoch), so it finds them.
         echo "=== bench-data start $(date +%T)" | tee -a "$LOG"
-        python3 -c "from equiav.data.synth import generate; generate('$DATA', clips=268, \
+        python3 -c "from equiav.data.synth import generate; generate('$DATA', clips=481, \
             classes=10, seed=0, video_format=('webm', 'frames'), seconds=10.0, \
             test_fraction=0.1, progress=False)" >"$OUT/bench-data.log" 2>&1 &
         DATA_PID=$! ;;
@@ -57,9 +58,12 @@ for s in "$@"; do
         # measured batch crosses an epoch) and three rounds might not fit the stage's limit.
         stage loader 420 python3 -m bench.loader --data "$DATA" --cores "$CORES" --device cuda \
             --repeats 2 --results-dir "$RESULTS" ;;
-    loader-quick)  # file layouts only, 3 rounds (one took 38 s on an H200 with the data made)
+    loader-quick)  # file layouts only, 3 rounds of 24 batches (12 took 38 s on an H200): at
+        # ~1800 samples/s 12 batches last 0.1 s, and the 2 batches DALI prefetched during the
+        # warmup count for up to a sixth of them
         stage loader-quick 300 python3 -m bench.loader --data "$DATA" --cores "$CORES" \
-            --device cuda --layouts frames,webm --repeats 3 --results-dir "$RESULTS" ;;
+            --device cuda --layouts frames,webm --repeats 3 --batches 24 \
+            --results-dir "$RESULTS" ;;
     loader-nvdec)  # video files through NVDEC (data.video_decoder=gpu), the earlier default
         stage loader-nvdec 240 python3 -m bench.loader --data "$DATA" --cores "$CORES" \
             --device cuda --layouts webm --repeats 1 --video-decoder gpu \
