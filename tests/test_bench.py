@@ -372,3 +372,34 @@ def test_profile_smoke_writes_a_valid_result(synth_small, tmp_path, what):
     assert ("aten::addmm" in ops or "aten::mm" in ops) if what != "stage" else ops
     report = write_report(tmp_path / "results", tmp_path)
     assert "Profiles: where the time goes" in report.read_text()
+
+
+def test_report_states_the_targets_against_the_best_measurements(tmp_path):
+    """The "targets at a glance" table: the best GPU measurement at 2 cores per target, met or
+    not, "not measured" where there is none; CPU results and other core counts do not count."""
+    gpu, cpu = {"device": "cuda"}, {"device": "cpu"}
+    frames = {"pipeline": "dali-frames", "layout": "frames", "threads": 2, "status": "ok"}
+
+    def result(name, config, summary, *rows):
+        write_result(name, {"config": config, "rows": list(rows), "summary": summary}, tmp_path)
+
+    result("loader-a", {"cores": 2}, {**gpu, "ratio": {"frames": 12.5, "webm": 3.0}},
+           {**frames, "samples_per_s": 900.0})  # fmt: skip
+    result("loader-b", {"cores": 4}, {**gpu, "ratio": {"frames": 40.0}},
+           {**frames, "threads": 4, "samples_per_s": 5000.0})  # fmt: skip
+    result("loader-c", {"cores": 2}, {**cpu, "ratio": {"frames": 1.5}},
+           {**frames, "samples_per_s": 60.0})  # fmt: skip
+    text = report.write_report(tmp_path, tmp_path / "out").read_text()
+    table = {
+        line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:]
+        for line in text.splitlines()
+        if line.startswith("| ") and " | " in line
+    }
+    assert table["GPU, 2 cores: loader, DALI / paper-style, JPEG frames"][1:3] == ["12.5x", "yes"]
+    assert table["GPU, 2 cores: loader samples/s, JPEG frames"][1:3] == ["900", "no"]
+    assert table["GPU, 2 cores: loader, DALI / paper-style, video files (webm)"][1:3] == [
+        "3.00x",
+        "no",
+    ]
+    assert table["CPU (2 cores): loader, DALI / paper-style, JPEG frames"][1:3] == ["1.50x", "no"]
+    assert table["GPU: pretraining step MFU, bf16"][1:3] == ["-", "not measured"]
