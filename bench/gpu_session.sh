@@ -51,7 +51,7 @@ for s in "$@"; do
     e2e-quick)  # full pretrain, eager, source in 2 workers, batches made in a background thread
         stage e2e-quick 200 python3 -m bench.end_to_end --mode pretrain --size full \
             --data "$DATA" --cores "$CORES" --py-workers 2 --thread-prefetch 2 \
-            --results-dir "$RESULTS/thread" ;;
+            --steps 40 --results-dir "$RESULTS/thread" ;;
     tests) stage tests 540 python3 -m pytest -q -x -n 8 tests ;;
     loader)
         # Two alternating rounds (medians): the data generation (>= 268 clips, so that no
@@ -99,11 +99,11 @@ for s in "$@"; do
     e2e-ft-quick)  # finetuning, eager, as e2e-quick
         stage e2e-ft-quick 150 python3 -m bench.end_to_end --mode finetune --size full \
             --data "$DATA" --cores "$CORES" --py-workers 2 --thread-prefetch 2 \
-            --results-dir "$RESULTS/thread-ft" ;;
+            --steps 40 --results-dir "$RESULTS/thread-ft" ;;
     e2e-graphs-quick)  # pretraining, CUDA graphs, as e2e-quick (170 s on an H200)
         stage e2e-graphs-quick 220 python3 -m bench.end_to_end --mode pretrain --size full \
             --data "$DATA" --cores "$CORES" --py-workers 2 --thread-prefetch 2 --compile \
-            --compile-mode reduce-overhead --results-dir "$RESULTS/thread-graphs" ;;
+            --compile-mode reduce-overhead --steps 40 --results-dir "$RESULTS/thread-graphs" ;;
     profile-step)  # the compiled step at batch 128: which kernels hold the MFU down
         stage profile-step 360 python3 -m bench.profile --what step --compile --batch-size 128 \
             --data "$DATA" --steps 5 --name profile-step-compiled-b128 --results-dir "$RESULTS" ;;
