@@ -355,11 +355,16 @@ class SampleSource:
             offset += int(np.prod(shape, dtype=np.int64))
         return layout
 
+    @functools.cached_property
+    def meta_size(self) -> int:
+        """Length of a sample's ``meta`` vector."""
+        offset, shape, _ = next(reversed(self.meta_layout.values()))
+        return offset + int(np.prod(shape, dtype=np.int64))
+
     def _pack(self, out: dict[str, np.ndarray]) -> np.ndarray:
         """``meta``: the sample's packed outputs, checked against ``meta_layout``."""
         layout = self.meta_layout
-        last = next(reversed(layout.values()))
-        meta = np.empty(last[0] + int(np.prod(last[1], dtype=np.int64)), np.float64)
+        meta = np.empty(self.meta_size, np.float64)
         for name, (offset, shape, _) in layout.items():
             value = np.asarray(out[name])
             if value.shape != shape:
@@ -370,6 +375,8 @@ class SampleSource:
     def unpack(self, meta: np.ndarray) -> dict[str, np.ndarray]:
         """A batch's ``meta`` (B, M) -> name -> (B, *shape) arrays of their own dtypes."""
         meta = np.asarray(meta)
+        if meta.ndim != 2 or meta.shape[1] != self.meta_size:
+            raise ValueError(f"meta must have shape (B, {self.meta_size}), got {meta.shape}")
         rows = meta.shape[0]
         out = {}
         for name, (offset, shape, dtype) in self.meta_layout.items():

@@ -571,6 +571,8 @@ def test_source_sends_each_position_its_own_draws(synth_small, rank, offset):
     bad["t_a"] = bad["t_a"][:-1]
     with pytest.raises(ValueError, match="'t_a' has shape"):
         source._pack(bad)
+    with pytest.raises(ValueError, match="meta must have shape"):
+        source.unpack(np.zeros((2, source.meta_size - 1)))
 
 
 @pytest.mark.parametrize("a, b", [(10.0, 10.0), (0.4, 0.4), (2.0, 5.0), (1.0, 0.7)])
