@@ -223,7 +223,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     elif a.what == "stage":
         loader = build_loader(cfg, "train", a.mode, device=device)
 
-        stage = loader._device_stage  # from the raw outputs: their unpacking included
+        def stage(out):  # from the pipeline's outputs: the host-side unpacking included
+            return loader._device_stage(loader.unpacked(out))
+
         wanted = range(a.steps + a.warmup)
         outputs = [
             {k: v.clone() for k, v in out[0].items()}

@@ -245,10 +245,8 @@ class DaliLoader:
         return out
 
     def _device_stage(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The filterbank and the filterbank/image augmentations, on the training device, of the
-        pipeline's outputs (``unpacked`` or not)."""
-        if "meta" in out:
-            out = self.unpacked(out)
+        """The filterbank and the filterbank/image augmentations, on the training device, of a
+        batch's ``unpacked`` outputs."""
         dev, cfg, mode = self.device, self.cfg, self.cfg.mode
         # Nothing here waits for the device (no blocking copy, no read of a device value), so
         # this stage's launches overlap the previous training step still running on the GPU.

@@ -398,11 +398,11 @@ def test_gpu_device_stage_makes_no_host_synchronisation(synth_small, mode):
     loader = DaliLoader(entries, labels, small_config(mode), None, "cuda")
     outputs = [{k: v.clone() for k, v in out[0].items()} for out in loader.iterator]
     assert len(outputs) >= 2
-    loader._device_stage(outputs[0])  # fills the per-device constant caches
+    loader._device_stage(loader.unpacked(outputs[0]))  # fills the per-device constant caches
     for out in outputs[1:]:
         torch.cuda.set_sync_debug_mode("error")
         try:
-            batch = loader._device_stage(out)
+            batch = loader._device_stage(loader.unpacked(out))
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert batch["audio"].is_cuda and torch.isfinite(batch["audio"]).all()
