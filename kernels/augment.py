@@ -336,9 +336,7 @@ def fbank_geometry(
         return resized_crop(x, *crop.T, (frames, bins))
     # The checks of the four kernels, in numpy on the host (no device op, no sync).
     m, c, on = masks.cpu().long().numpy(), crop.cpu().long().numpy(), spec.cpu().numpy()
-    for (a, b), length, name in (((0, 1), frames, "time"), ((2, 3), bins, "frequency")):
-        ok = _bands_inside(m[:, a], m[:, b], length)
-        _require(ok | ~on, f"fbank_geometry: {name} masks need 0 <= start <= end <= {length}")
+    _require_bands(m, on, on, frames, bins, "fbank_geometry")
     ok = _crops_inside(*c.T, frames, bins)
     _require(ok, lambda: f"fbank_geometry: crops must lie inside the image, got {c.tolist()}")
     params = np.zeros((batch, 10), np.float32)
@@ -369,15 +367,24 @@ def roll_and_mask(x: torch.Tensor, shift: Param, masks: Param) -> torch.Tensor:
         return mask_rows(x, masks[:, 2], masks[:, 3], 3, masks[:, 3] > masks[:, 2], owned=True)
     # mask_rows' checks, in numpy on the host (no device op, no sync).
     m = masks.cpu().long().numpy()
-    for (a, b), length, name in (((0, 1), frames, "time"), ((2, 3), bins, "frequency")):
-        on = m[:, b] > m[:, a]
-        ok = _bands_inside(m[:, a], m[:, b], length)
-        _require(ok | ~on, f"roll_and_mask: {name} masks need 0 <= start <= end <= {length}")
-        m[~on, a], m[~on, b] = 0, 0
+    time_on, freq_on = m[:, 1] > m[:, 0], m[:, 3] > m[:, 2]
+    _require_bands(m, time_on, freq_on, frames, bins, "roll_and_mask")
+    m[~time_on, :2], m[~freq_on, 2:] = 0, 0
     params = np.zeros((batch, 5), np.int32)
     params[:, 0] = np.remainder(shift.cpu().numpy(), frames)  # torch.roll's shift, in [0, T)
     params[:, 1:] = m
     return fused.roll_mask_triton(x, torch.from_numpy(params))
+
+
+def _require_bands(m: np.ndarray, time_on, freq_on, frames: int, bins: int, who: str) -> None:
+    """``mask_rows``' check of SpecAugment bands m (B, 4) [time start, end, frequency start,
+    end] on a (frames, bins) image, on the host, for the samples whose band is on."""
+    for (a, b), on, length, name in (
+        ((0, 1), time_on, frames, "time"),
+        ((2, 3), freq_on, bins, "frequency"),
+    ):
+        ok = _bands_inside(m[:, a], m[:, b], length)
+        _require(ok | ~on, f"{who}: {name} masks need 0 <= start <= end <= {length}")
 
 
 def _spatial_axis(axis: int) -> int:

@@ -1,10 +1,11 @@
 """Fused Triton kernels: the GPU paths of ``kernels.augment``'s ``color_jitter``,
-``gaussian_blur``, ``fbank_geometry`` and ``finish_visual``.
+``gaussian_blur``, ``fbank_geometry``, ``roll_and_mask``, ``finish_visual`` and
+``flip_transpose_into``.
 
 Why: the torch paths apply per-sample parameters as sequences of whole-batch ops; on a GPU that
 is hundreds of small launches per pretraining batch (colour jitter ~60 per call, hue alone ~38;
 blur ~40 per call), and the loader's device stage is bound by the host's launch time. Here a
-colour jitter is one launch, a blur two and the audio view's masks, roll and crop one, whatever
+colour jitter or a blur is two launches, the audio view's masks, roll and crop one, whatever
 the samples' parameters. The kernels are
 taken for CUDA tensors when triton is importable (``fused_path``); the CPU keeps the torch paths.
 
