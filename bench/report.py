@@ -413,63 +413,77 @@ def _machine_line(result: dict[str, Any]) -> str:
 TARGET_CORES = 2
 
 
-def _best(results, kind: str, gpu: bool, keep, value) -> tuple[float, str] | None:
-    """The largest ``value(row)`` over rows that ``keep(row)`` accepts among the results of
+def _best(results, kind: str, gpu: bool, values) -> tuple[float, str] | None:
+    """The largest number that ``values(result)`` yields (None: skipped) over the results of
     ``kind`` measured on a GPU (``gpu``) or not, with the file's name; None when none."""
     best = None
     for path, result in results:
         if kind_of(result) != kind or ran_on_gpu(result) != gpu:
             continue
-        for row in _ok_rows(result):
-            if keep(row) and (v := value(row)) is not None and (best is None or v > best[0]):
+        for v in values(result):
+            if v is not None and (best is None or v > best[0]):
                 best = (float(v), path.name)
     return best
 
 
-def _loader_ratio(results, gpu: bool, layout: str) -> tuple[float, str] | None:
-    """The best ``summary.ratio[layout]`` of the loader results (DALI / paper-style)."""
-    best = None
-    for path, result in results:
-        if kind_of(result) != "loader" or ran_on_gpu(result) != gpu:
-            continue
-        if result["config"].get("cores") != TARGET_CORES:
-            continue
-        ratio = result["summary"].get("ratio", {}).get(layout)
-        if ratio is not None and (best is None or ratio > best[0]):
-            best = (float(ratio), path.name)
-    return best
+def _at_target_cores(result: dict[str, Any]) -> bool:
+    return result["config"].get("cores") == TARGET_CORES
+
+
+def _loader_ratio(layout: str):
+    """A loader result's DALI / paper-style ratio on ``layout``, at the target's cores."""
+    return lambda r: [r["summary"].get("ratio", {}).get(layout)] if _at_target_cores(r) else []
+
+
+def _loader_frames_rate(result: dict[str, Any]):
+    for row in _ok_rows(result):
+        dali = str(row.get("pipeline", "")).startswith("dali-") and row.get("layout") == "frames"
+        if dali and row.get("threads") == TARGET_CORES:
+            yield row.get("samples_per_s")
+
+
+def _e2e_vs_step_only(result: dict[str, Any]):
+    """DALI-fed full-size pretraining's share of step-only, in %."""
+    for row in _ok_rows(result):
+        dali = str(row.get("pipeline", "")).startswith("dali-")
+        pretrain = row.get("mode") == "pretrain" and row.get("model") == "full"
+        if dali and pretrain and row.get("cores") == TARGET_CORES and "vs_step_only" in row:
+            yield 100 * row["vs_step_only"]
+
+
+def _e2e_vs_baseline(result: dict[str, Any]):
+    """DALI-fed / paper-style-fed full-size pretraining."""
+    if _at_target_cores(result):
+        for c in result["summary"].get("comparisons", []):
+            if c.get("mode") == "pretrain" and c.get("model") == "full":
+                yield c.get("dali_vs_baseline")
+
+
+def _step_mfu(result: dict[str, Any]):
+    """Pretraining step MFU in bf16, in %."""
+    for row in _ok_rows(result):
+        if row.get("mode") == "pretrain" and row.get("precision") == "bf16" and row.get("mfu"):
+            yield 100 * row["mfu"]
 
 
 def target_lines(results) -> list[str]:
     """The issues' throughput targets against the best committed measurement of each (a table;
     "-" where nothing was measured yet)."""
-    pretrain_e2e = lambda r: (  # noqa: E731
-        r.get("mode") == "pretrain" and r.get("model") == "full" and r.get("cores") == TARGET_CORES
-    )
-    dali_row = lambda r: str(r.get("pipeline", "")).startswith("dali-")  # noqa: E731
-    frames = (
-        lambda r: dali_row(r) and r.get("layout") == "frames" and r.get("threads") == TARGET_CORES
-    )  # noqa: E731
     rows = [
         ("CPU (2 cores): loader, DALI / paper-style, JPEG frames", ">= 2x",
-         _loader_ratio(results, False, "frames"), "{:.2f}x", 2.0),
+         _best(results, "loader", False, _loader_ratio("frames")), "{:.2f}x", 2.0),
         ("GPU, 2 cores: loader, DALI / paper-style, JPEG frames", ">= 10x",
-         _loader_ratio(results, True, "frames"), "{:.1f}x", 10.0),
+         _best(results, "loader", True, _loader_ratio("frames")), "{:.1f}x", 10.0),
         ("GPU, 2 cores: loader samples/s, JPEG frames", ">= 1200",
-         _best(results, "loader", True, frames, lambda r: r.get("samples_per_s")), "{:.0f}",
-         1200.0),
+         _best(results, "loader", True, _loader_frames_rate), "{:.0f}", 1200.0),
         ("GPU, 2 cores: loader, DALI / paper-style, video files (webm)", ">= 10x",
-         _loader_ratio(results, True, "webm"), "{:.2f}x", 10.0),
+         _best(results, "loader", True, _loader_ratio("webm")), "{:.2f}x", 10.0),
         ("GPU: DALI-fed pretraining / step-only", ">= 95 %",
-         _best(results, "end_to_end", True, lambda r: pretrain_e2e(r) and dali_row(r),
-               lambda r: 100 * r["vs_step_only"] if "vs_step_only" in r else None),
-         "{:.1f} %", 95.0),
+         _best(results, "end_to_end", True, _e2e_vs_step_only), "{:.1f} %", 95.0),
         ("GPU: DALI-fed / paper-style-fed pretraining, end to end", ">= 10x",
-         _best_e2e_ratio(results), "{:.2f}x", 10.0),
+         _best(results, "end_to_end", True, _e2e_vs_baseline), "{:.2f}x", 10.0),
         ("GPU: pretraining step MFU, bf16", ">= 45 %",
-         _best(results, "step", True, lambda r: r.get("mode") == "pretrain"
-               and r.get("precision") == "bf16", lambda r: 100 * r["mfu"] if r.get("mfu")
-               else None), "{:.1f} %", 45.0),
+         _best(results, "step", True, _step_mfu), "{:.1f} %", 45.0),
     ]  # fmt: skip
     lines = [
         "## Targets at a glance",
@@ -488,22 +502,6 @@ def target_lines(results) -> list[str]:
         met = "yes" if value >= threshold else "no"
         lines.append(f"| {name} | {goal} | {fmt.format(value)} | {met} | `{source}` |")
     return lines + [""]
-
-
-def _best_e2e_ratio(results) -> tuple[float, str] | None:
-    """The best DALI-fed / paper-style-fed ratio of full-size pretraining on a GPU."""
-    best = None
-    for path, result in results:
-        if kind_of(result) != "end_to_end" or not ran_on_gpu(result):
-            continue
-        if result["config"].get("cores") != TARGET_CORES:
-            continue
-        for c in result["summary"].get("comparisons", []):
-            ok = c.get("mode") == "pretrain" and c.get("model") == "full"
-            ratio = c.get("dali_vs_baseline")
-            if ok and ratio is not None and (best is None or ratio > best[0]):
-                best = (float(ratio), path.name)
-    return best
 
 
 def write_report(
