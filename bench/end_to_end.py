@@ -46,6 +46,7 @@ import torch
 
 from bench.step import PAPER_BATCH, SMOKE_MODEL, StepSetup, TrainStep
 from equiav.config import COMPILE_MODES, Config, apply_overrides, default_config, resolve
+from equiav.train.optim import PRECISIONS
 
 MODES = ("pretrain", "finetune")
 SIZES = ("tiny", "full")
@@ -393,7 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3; smoke 1)")
     p.add_argument("--full-batch-size", type=int, default=None, help="default: paper; CPU 2")
     p.add_argument("--full-steps", type=int, default=None, help="default: --steps; CPU 2")
-    p.add_argument("--precision", default=None, help="default: bf16 on CUDA, fp32 on the CPU")
+    p.add_argument(
+        "--precision", default=None, choices=PRECISIONS, help="default: bf16 on CUDA, fp32 on CPU"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true", help="tiny, fast run that checks the machinery")
     p.add_argument("--results-dir", default=None)

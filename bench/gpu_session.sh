@@ -6,7 +6,8 @@
 #   bash bench/gpu_session.sh env cuda-tests loader step e2e
 # Stages: env, bench-data + wait-data (the loader's data rendered in the background),
 # cuda-tests, cuda-tests-quick, tests (the whole suite), loader, loader-quick, loader-nvdec,
-# loader-workers, step, step-compile, step-grid, step-modes, step-sdpa, e2e, e2e-eager, e2e-fast,
+# loader-workers, step, step-compile, step-grid, step-modes, step-sdpa, step-master,
+# step-master-256, e2e, e2e-eager, e2e-fast, e2e-b64,
 # e2e-fast-pretrain, e2e-graphs, e2e-thread, e2e-quick, e2e-ft-quick, e2e-graphs-quick,
 # profile-stage, profile-e2e, profile-e2e-ft, profile-step, scaling, demo,
 # pack (last: archives $OUT/results into $OUT/results.tgz, as the tool returns at most 8 files).
@@ -125,6 +126,21 @@ for s in "$@"; do
         stage step-autotune 540 python3 -m bench.step --mode pretrain --compile \
             --compile-mode max-autotune-no-cudagraphs --batch-limit 128 --name step-autotune \
             --results-dir "$RESULTS" ;;
+    step-master)  # bf16 autocast vs a bf16 model with fp32 master weights, compiled, batch 128,
+        # each compiled for its batch alone (two compilations, ~100 s each on a cold cache)
+        stage step-master 540 python3 -m bench.step --mode pretrain --precision bf16 bf16-master \
+            --compile --batch-size 128 --steps 10 --warmup 3 --name step-master \
+            --results-dir "$RESULTS" ;;
+    step-master-256)  # bf16-master at batch 256 (an H200's memory; bf16 at 128 took 62 GiB)
+        stage step-master-256 360 python3 -m bench.step --mode pretrain --precision bf16-master \
+            --compile --batch-size 256 --steps 10 --warmup 3 --name step-master-256 \
+            --results-dir "$RESULTS" ;;
+    e2e-b64)  # full pretraining at batch 64, bf16-master, compiled: the step's rate rises with
+        # the batch and the paper-style loader's does not (issue 8's 10x target)
+        stage e2e-b64 400 python3 -m bench.end_to_end --mode pretrain --size full \
+            --full-batch-size 64 --precision bf16-master --compile --data "$DATA" \
+            --cores "$CORES" --py-workers 2 --thread-prefetch 2 --steps 20 \
+            --results-dir "$RESULTS/b64" ;;
     step-sdpa)  # the attention kernel: FlashAttention-2 instead of torch's default (cuDNN)
         stage step-sdpa 420 python3 -m bench.step --mode pretrain --compile --sdpa flash \
             --batch-limit 128 --name step-sdpa-flash --results-dir "$RESULTS" ;;

@@ -26,9 +26,10 @@ other than "ok" is listed but not plotted):
 - `loader`: {"pipeline": str, "samples_per_s": float, ...} e.g. mode, batch_size, workers.
   Plot: samples/s by pipeline (and mode, when rows have one).
 - `step` (bench/step.py): {"mode", "precision", "optimizer", "compile", "batch_size",
-  "batch_kind" ("paper" | "max" | "smoke"), "status", "step_time_ms", "samples_per_s",
+  "batch_kind" ("paper" | "max" | "smoke" | "fixed"), "status", "step_time_ms", "samples_per_s",
   "peak_memory_gib", "achieved_tflops", "mfu", ...}. Plot: step time by precision at the base
-  batch (paper or smoke), one bar per optimizer/compile variant, a panel per mode.
+  batch (paper or smoke; with "fixed" rows the first batch measured), one bar per
+  optimizer/compile variant, a panel per mode.
 - `end_to_end`: {"mode": str, "pipeline": str, "samples_per_s": float (loader + step),
   "step_only_samples_per_s": float (the same step on synthetic device tensors), ...}.
   Plot: end-to-end vs step-only samples/s per mode and pipeline.
@@ -166,6 +167,8 @@ def _plot_step(plt, result: dict[str, Any], title: str):
     axes = list(axes) if len(modes) > 1 else [axes]
     for ax, mode in zip(axes, modes, strict=False):
         mode_rows = [r for r in rows if r["mode"] == mode]
+        # One batch per panel: the first measured (several with --batch-size).
+        mode_rows = [r for r in mode_rows if r["batch_size"] == mode_rows[0]["batch_size"]]
         precisions = list(dict.fromkeys(r["precision"] for r in mode_rows))
         variants = list(
             dict.fromkeys(
@@ -460,9 +463,10 @@ def _e2e_vs_baseline(result: dict[str, Any]):
 
 
 def _step_mfu(result: dict[str, Any]):
-    """Pretraining step MFU in bf16, in %."""
+    """Pretraining step MFU in bf16 (autocast or bf16-master), in %."""
     for row in _ok_rows(result):
-        if row.get("mode") == "pretrain" and row.get("precision") == "bf16" and row.get("mfu"):
+        bf16 = row.get("precision") in ("bf16", "bf16-master")
+        if row.get("mode") == "pretrain" and bf16 and row.get("mfu"):
             yield 100 * row["mfu"]
 
 

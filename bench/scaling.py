@@ -45,6 +45,8 @@ from typing import Any
 
 import torch
 
+from equiav.train.optim import PRECISIONS
+
 REPO = Path(__file__).resolve().parent.parent
 
 #: Per-GPU rate used when neither an argument nor a GPU step result gives one: MEASURED.md's
@@ -101,7 +103,8 @@ def capacity_model(
       "measured"); with `dali_samples_per_s_per_core`, the CPU cores the DALI pipeline needs per
       GPU and per node, and whether `cores_per_node` suffice;
     - gradient all-reduce: `param_count` (default: the paper-size pretraining model) x 2 bytes
-      (bf16) / 4 bytes (fp32: what DDP sends under autocast, whose parameters stay fp32) per
+      (bf16: precision "bf16-master") / 4 bytes (fp32: what DDP sends under autocast, whose
+      parameters stay fp32) per
       step; the step lasts `batch_per_gpu / per_gpu_samples_per_s` and the all-reduce can hide
       in `overlap_fraction` of it (the backward pass). A ring all-reduce of S bytes over n
       participants sends 2 (n - 1) / n x S per participant: within a node (NVLink) per GPU with
@@ -502,7 +505,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 2; smoke 1)")
     p.add_argument("--threads", type=int, default=None, help="DALI and torch threads per process")
     p.add_argument("--pipeline-batches", type=int, default=None, help="pipeline-alone batches")
-    p.add_argument("--precision", default=None, help="default: bf16 on CUDA, fp32 on the CPU")
+    p.add_argument(
+        "--precision", default=None, choices=PRECISIONS, help="default: bf16 on CUDA, fp32 on CPU"
+    )
     p.add_argument("--backend", default="auto", choices=("auto", "nccl", "gloo"))
     p.add_argument("--device", default="cuda" if cuda else "cpu", choices=("cuda", "cpu"))
     p.add_argument("--timeout", type=int, default=600, help="seconds per torchrun launch")

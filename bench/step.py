@@ -23,8 +23,9 @@ GPU too.
 Command line (default: one configuration, bf16 + fused AdamW + eager, both modes)::
 
     python -m bench.step                 # -> bench/results/step-{host}.json
-    python -m bench.step --grid          # all 12 configurations -> step-grid-{host}.json
+    python -m bench.step --grid          # all 16 configurations -> step-grid-{host}.json
     python -m bench.step --mode pretrain --precision fp16 --unfused --compile --no-search
+    python -m bench.step --mode pretrain --precision bf16 bf16-master --compile --batch-size 128
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bench.common import write_result
 from bench.flops import FlopCount, finetune_flops, pretrain_flops
 from equiav.config import COMPILE_MODES, Config, default_config
-from equiav.train.optim import PRECISIONS, autocast, build_optimizer, make_scaler
+from equiav.train.optim import PRECISIONS, autocast, build_optimizer, make_scaler, master_weights
 from equiav.train.step import optimizer_step
 from train import finetune_task, pretrain_task
 
@@ -105,7 +106,7 @@ class StepSetup:
     """One configuration of the training step."""
 
     mode: str  # "pretrain" or "finetune"
-    precision: str  # "bf16", "fp16" or "fp32"
+    precision: str  # one of equiav.train.optim.PRECISIONS
     fused: bool  # fused AdamW (CUDA) or torch's default implementation
     compile: bool  # torch.compile the model
     compile_mode: str = "default"  # torch.compile's mode (train.compile_mode)
@@ -181,7 +182,10 @@ class TrainStep:
         build = pretrain_task if setup.mode == "pretrain" else finetune_task
         self.task = build(cfg, load_weights=False)
         self.model = self.task.model.to(device)
-        self.optimizer = build_optimizer(self.model, cfg.optim, device, self.task.new_parameters)
+        self.master = master_weights(self.model, setup.precision)
+        self.optimizer = build_optimizer(
+            self.model, cfg.optim, device, self.task.new_parameters, self.master
+        )
         self.scaler = make_scaler(setup.precision, device)
         self.net = self.model
         if setup.compile:
@@ -210,7 +214,7 @@ class TrainStep:
             loss, _ = self.task.loss(self.net, batch)
         scale = self.scaler.get_scale() if self.scaler is not None else None
         self.last = optimizer_step(
-            loss, self.params, self.optimizer, self.scaler, self.cfg.optim.grad_clip
+            loss, self.params, self.optimizer, self.scaler, self.cfg.optim.grad_clip, self.master
         )
         if self.scaler is not None:
             self.skipped += int(self.scaler.get_scale() < scale)  # it lowers the scale on a skip
@@ -219,6 +223,7 @@ class TrainStep:
         """Drop gradients and cached blocks after an out-of-memory error; a fresh scaler (the old
         one may have been left between unscale_ and update)."""
         self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)  # bf16-master: the model's own gradients
         self.scaler = make_scaler(self.setup.precision, self.device)
         gc.collect()
         if self.device.type == "cuda":
@@ -366,23 +371,34 @@ def benchmark_setup(
     warmup: int,
     search: bool,
     batch_limit: int,
+    batch_sizes: Sequence[int] = (),
 ) -> list[dict[str, Any]]:
     """Rows for one configuration: at the paper's (smoke: the small) batch, and on CUDA with
-    `search` at the largest batch that fits. Failures become rows with a status, not errors."""
+    `search` at the largest batch that fits; or, with `batch_sizes`, at each of those batches
+    (kind "fixed"), each on a freshly built step, so that a compiled step is compiled for that
+    batch alone (static shapes, as in training; the search's later sizes run the graph torch
+    recompiled for dynamic shapes). Failures become rows with a status, not errors."""
     cfg = run_config(setup, smoke)
-    base = (SMOKE_BATCH if smoke else PAPER_BATCH)[setup.mode]
-    kind = "smoke" if smoke else "paper"
-    try:
-        step = TrainStep(setup, cfg, device)
-    except Exception as e:  # e.g. a precision the device lacks: record it, go on with the grid
-        return [_failed_row(setup, base, kind, "error", f"{type(e).__name__}: {e}")]
-    try:
-        return _setup_rows(step, base, kind, steps, warmup, search, batch_limit)
-    finally:
-        del step  # free this configuration's model and optimizer before the next one's
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    if batch_sizes:
+        jobs = [(size, "fixed", False) for size in batch_sizes]
+    else:
+        kind = "smoke" if smoke else "paper"
+        jobs = [((SMOKE_BATCH if smoke else PAPER_BATCH)[setup.mode], kind, search)]
+    rows = []
+    for size, kind, search_here in jobs:
+        try:
+            step = TrainStep(setup, cfg, device)
+        except Exception as e:  # e.g. a precision the device lacks: record it, go on
+            rows.append(_failed_row(setup, size, kind, "error", f"{type(e).__name__}: {e}"))
+            continue
+        try:
+            rows += _setup_rows(step, size, kind, steps, warmup, search_here, batch_limit)
+        finally:
+            del step  # free this configuration's model and optimizer before the next one's
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
 
 
 def setups(
@@ -422,6 +438,7 @@ def run(
     warmup: int | None = None,
     search: bool = True,
     batch_limit: int = 4096,
+    batch_sizes: Sequence[int] = (),
     name: str | None = None,
     results_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
@@ -429,7 +446,8 @@ def run(
     """Benchmark every combination of the arguments and write one result JSON; return its path.
 
     `device` None: CUDA when available, else the CPU. On the CPU `smoke` is forced and the
-    largest-batch search skipped. `steps` / `warmup` None: 20 / 5 (smoke: 3 / 1). `name` None:
+    largest-batch search skipped. `batch_sizes`: measure these batches instead of the paper's
+    and the search's. `steps` / `warmup` None: 20 / 5 (smoke: 3 / 1). `name` None:
     "step", or "step-grid" when more than one configuration per mode runs, with "-smoke" appended
     in smoke mode.
     """
@@ -449,6 +467,8 @@ def run(
     warmup = warmup if warmup is not None else (1 if smoke else 5)
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0, got {steps} and {warmup}")
+    if any(b < 1 for b in batch_sizes):
+        raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
     if device.type == "cuda":
         # As the trainer does with train.tf32 (default on): fp32 matmuls run as TF32.
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -458,7 +478,10 @@ def run(
     rows: list[dict[str, Any]] = []
     for setup in combos:
         log(f"bench.step: {setup} on {device}{' (smoke)' if smoke else ''}")
-        for row in benchmark_setup(setup, device, smoke, steps, warmup, search, batch_limit):
+        rows_here = benchmark_setup(
+            setup, device, smoke, steps, warmup, search, batch_limit, batch_sizes
+        )
+        for row in rows_here:
             rows.append(row)
             log("  " + _format_row(row))
 
@@ -480,8 +503,9 @@ def run(
             "device": str(device),
             "steps": steps,
             "warmup_steps": warmup,
-            "search_max_batch": search,
+            "search_max_batch": search and not batch_sizes,
             "batch_limit": batch_limit,
+            "batch_sizes": list(batch_sizes) or None,
             "base_batch": dict(SMOKE_BATCH if smoke else PAPER_BATCH),
             "tf32": device.type == "cuda",
             "model": dataclasses.asdict(any_cfg.model),
@@ -541,6 +565,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (5; smoke 1)")
     parser.add_argument("--no-search", action="store_true", help="skip the largest-batch search")
     parser.add_argument("--batch-limit", type=int, default=4096, help="largest batch to try")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        nargs="+",
+        default=[],
+        help="measure these batches instead of the paper's and the largest that fits",
+    )
     parser.add_argument("--name", default=None, help="result name (default step[-grid][-smoke])")
     parser.add_argument("--results-dir", default=None, help="default: bench/results")
     args = parser.parse_args(argv)
@@ -561,6 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup=args.warmup,
         search=not args.no_search,
         batch_limit=args.batch_limit,
+        batch_sizes=args.batch_size,
         name=args.name,
         results_dir=args.results_dir,
     )

@@ -215,7 +215,10 @@ class TrainConfig:
     """The training loop: batch, precision, checkpoints, logging. The subcommand picks the mode."""
 
     batch_size: int = 16  # per process, as in the paper (finetuning: 32)
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # "bf16": autocast, float32 weights. "bf16-master": a bfloat16 model (weights, activations,
+    # gradients) and float32 master weights in the optimiser: less memory traffic, checkpoints
+    # still float32 (equiav.train.optim). "fp16": autocast and a GradScaler. "fp32".
+    precision: Literal["bf16", "bf16-master", "fp16", "fp32"] = "bf16"
     compile: bool = False
     # torch.compile's mode: "default", "reduce-overhead" (CUDA graphs), "max-autotune" or
     # "max-autotune-no-cudagraphs" (Triton matmul templates tried per shape: long first step).

@@ -158,13 +158,24 @@ def test_find_max_batch_doubles_until_the_first_failure():
     assert step.find_max_batch(lambda b: True, 16, 256) == 256
 
 
-def test_train_step_changes_every_parameter():
-    setup = step.StepSetup("pretrain", "fp32", True, False)
+@pytest.mark.parametrize("precision", ["fp32", "bf16-master"])
+def test_train_step_changes_every_parameter(precision):
+    """bf16-master: every float32 master weight (some updates are below bfloat16's resolution,
+    so the bfloat16 model need not move everywhere after one step)."""
+    setup = step.StepSetup("pretrain", precision, True, False)
     cfg = step.run_config(setup, smoke=True)
     train_step = step.TrainStep(setup, cfg, torch.device("cpu"))
-    before = {n: p.detach().clone() for n, p in train_step.model.named_parameters()}
+    master = train_step.master
+    assert (master is not None) == (precision == "bf16-master")
+    named = (
+        list(zip(master.names, master.master, strict=True))
+        if master is not None
+        else list(train_step.model.named_parameters())
+    )
+    before = {n: p.detach().clone() for n, p in named}
     train_step(step.synthetic_batch("pretrain", cfg, 4, torch.device("cpu")))
-    unchanged = [n for n, p in train_step.model.named_parameters() if torch.equal(p, before[n])]
+    assert float(train_step.last.nonfinite) == 0.0
+    unchanged = [n for n, p in named if torch.equal(p, before[n])]
     assert unchanged == []
 
 
@@ -197,6 +208,29 @@ def test_step_smoke_writes_a_valid_result(step_result):
         assert row["flops_per_sample"] == pytest.approx(flops.train_per_sample)
         seconds = row["step_time_ms"] / 1e3
         assert row["achieved_tflops"] == pytest.approx(flops.train_total / seconds / 1e12)
+
+
+def test_step_at_fixed_batches_builds_one_step_per_batch(tmp_path):
+    path = step.run(
+        modes=("finetune",),
+        precisions=("bf16-master",),
+        device="cpu",
+        steps=1,
+        warmup=0,
+        batch_sizes=(2, 3),
+        results_dir=tmp_path,
+        log=lambda s: None,
+    )
+    result = read_result(path)
+    rows = result["rows"]
+    assert [(r["batch_size"], r["batch_kind"], r["status"]) for r in rows] == [
+        (2, "fixed", "ok"),
+        (3, "fixed", "ok"),
+    ]
+    assert all(r["precision"] == "bf16-master" for r in rows)
+    assert result["config"]["batch_sizes"] == [2, 3] and not result["config"]["search_max_batch"]
+    with pytest.raises(ValueError, match="batch sizes"):
+        step.run(device="cpu", batch_sizes=(0,), results_dir=tmp_path, log=lambda s: None)
 
 
 @pytest.mark.cuda
@@ -389,6 +423,12 @@ def test_report_states_the_targets_against_the_best_measurements(tmp_path):
            {**frames, "threads": 4, "samples_per_s": 5000.0})  # fmt: skip
     result("loader-c", {"cores": 2}, {**cpu, "ratio": {"frames": 1.5}},
            {**frames, "samples_per_s": 60.0})  # fmt: skip
+    step_row = {"mode": "pretrain", "status": "ok", "batch_kind": "fixed", "batch_size": 64,
+                "optimizer": "fused", "compile": True, "step_time_ms": 100.0}  # fmt: skip
+    result("step-a", {}, gpu, {**step_row, "precision": "bf16", "mfu": 0.30},
+           {**step_row, "precision": "bf16-master", "mfu": 0.36},
+           {**step_row, "precision": "fp32", "mfu": 0.50},
+           {**step_row, "mode": "finetune", "precision": "bf16", "mfu": 0.60})  # fmt: skip
     text = report.write_report(tmp_path, tmp_path / "out").read_text()
     table = {
         line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:]
@@ -402,4 +442,5 @@ def test_report_states_the_targets_against_the_best_measurements(tmp_path):
         "no",
     ]
     assert table["CPU (2 cores): loader, DALI / paper-style, JPEG frames"][1:3] == ["1.50x", "no"]
-    assert table["GPU: pretraining step MFU, bf16"][1:3] == ["-", "not measured"]
+    mfu = table["GPU: pretraining step MFU, bf16"]
+    assert mfu[1:3] == ["36.0 %", "no"] and mfu[3].startswith("`step-a-")

@@ -421,7 +421,7 @@ def test_set_parses_every_type(assignment, key, expected):
         ("model.depth=true", "int"),
         ("optim.lr=abc", "float"),
         ("model.cen_mean=maybe", "bool (true/false)"),
-        ("train.precision=fp8", "one of 'bf16', 'fp16', 'fp32'"),
+        ("train.precision=fp8", "one of 'bf16', 'bf16-master', 'fp16', 'fp32'"),
         ("data.dataset=AudioSet", "one of 'synthetic', 'AudioSet_2M', 'AudioSet_20K'"),
         ("augment.blur_sigma=1,2,3", "tuple of 2 float"),
         ("eval.retrieval_ks=a,b", "list of int"),

@@ -77,22 +77,58 @@ def test_one_step_changes_every_parameter_and_no_buffer(synth_small, tmp_path):
         assert torch.equal(value, buffers[name]), f"buffer {name} changed"
 
 
-def test_resume_is_bit_exact_across_an_epoch_boundary(synth_small, tmp_path):
-    """6 steps straight == 3 steps, stop, resume, 3 more (8 clips / batch 2 = 4 steps an epoch)."""
-    straight_cfg = tiny_config(synth_small, tmp_path / "straight", **{"train.max_steps": 6})
-    _, straight = run(straight_cfg)
-    first = tiny_config(synth_small, tmp_path / "split", **{"train.max_steps": 3})
+@pytest.mark.parametrize("precision", ["fp32", "bf16-master"])
+def test_resume_is_bit_exact_across_an_epoch_boundary(synth_small, tmp_path, precision):
+    """6 steps straight == 3 steps, stop, resume, 3 more (8 clips / batch 2 = 4 steps an epoch).
+    bf16-master: the model trains in bfloat16 and the checkpoints hold the float32 master
+    weights, from which a resumed run continues exactly."""
+    extra = {"train.precision": precision}
+    straight_cfg = tiny_config(
+        synth_small, tmp_path / "straight", **extra, **{"train.max_steps": 6}
+    )
+    straight_summary, straight = run(straight_cfg)
+    first = tiny_config(synth_small, tmp_path / "split", **extra, **{"train.max_steps": 3})
     summary, _ = run(first)
     assert summary["steps"] == 3 and summary["epoch"] == 0
     second = tiny_config(
-        synth_small, tmp_path / "split", **{"train.max_steps": 6, "train.resume": "auto"}
+        synth_small, tmp_path / "split", **extra, **{"train.max_steps": 6, "train.resume": "auto"}
     )
     summary, resumed = run(second)
-    assert summary["steps"] == 6
+    assert summary["steps"] == 6 and summary["loss_is_finite"]
     for (name, a), b in zip(
         straight.state_dict().items(), resumed.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
+    saved = load(straight_summary["checkpoint"])["model"]
+    resumed_saved = load(summary["checkpoint"])["model"]
+    for (name, a), b in zip(saved.items(), resumed_saved.values(), strict=True):
+        assert a.dtype == torch.float32 or not a.is_floating_point()
+        assert torch.equal(a, b), name
+    want = torch.bfloat16 if precision == "bf16-master" else torch.float32
+    assert all(p.dtype == want for p in straight.parameters())
+    for name, p in straight.named_parameters():  # the model: its master weights, rounded
+        assert torch.equal(p, saved[name].to(want)), name
+
+
+def test_a_float32_run_resumes_in_bf16_master(synth_small, tmp_path):
+    """Checkpoints are float32 whatever the precision, and the optimiser holds float32
+    parameters in the same order either way: a run may switch precision when it resumes."""
+    summary, _ = run(tiny_config(synth_small, tmp_path, **{"train.max_steps": 2}))
+    first = load(summary["checkpoint"])
+    cfg = tiny_config(
+        synth_small,
+        tmp_path,
+        **{"train.max_steps": 4, "train.resume": "auto", "train.precision": "bf16-master"},
+    )
+    summary, model = run(cfg)
+    assert summary["steps"] == 4 and summary["loss_is_finite"]
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    second = load(summary["checkpoint"])
+    moment = second["optimizer"]["state"][0]["exp_avg"]
+    assert moment.dtype == torch.float32
+    assert not torch.equal(moment, first["optimizer"]["state"][0]["exp_avg"])
+    changed = [k for k, v in second["model"].items() if not torch.equal(v, first["model"][k])]
+    assert changed and all(v.dtype == torch.float32 for v in second["model"].values())
 
 
 def test_checkpoint_holds_everything_a_resume_needs(synth_small, tmp_path):

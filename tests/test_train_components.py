@@ -40,6 +40,7 @@ from equiav.train.optim import (
     build_optimizer,
     clip_grad_norm,
     make_scaler,
+    master_weights,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -154,6 +155,45 @@ def test_optimizer_without_new_layers_and_foreign_parameter():
         build_optimizer(model, OptimConfig(), "cpu", new_parameters=[nn.Parameter(torch.ones(2))])
 
 
+def test_master_weights_cast_the_model_and_hold_float32_copies():
+    model = small_model()
+    model.register_buffer("scale", torch.full((3,), 0.1))
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    master = master_weights(model, "bf16-master")
+    assert master_weights(small_model(), "bf16") is None  # the other precisions: no copies
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model.scale.dtype == torch.bfloat16
+    # The trainable parameters only (model[1].bias is frozen), as exact float32 copies.
+    assert master.names == ["0.weight", "0.bias", "1.weight", "2.weight", "2.bias"]
+    for name, kept in zip(master.names, master.master, strict=True):
+        assert kept.dtype == torch.float32 and torch.equal(kept, weights[name])
+    assert master.master_of(model[2].bias) is master.master[4]
+    with pytest.raises(ValueError, match="not one of the model's trainable parameters"):
+        master.master_of(model[1].bias)
+
+    # The optimiser steps the copies, in the same groups as without them.
+    cfg = OptimConfig(lr=1e-4, head_lr=50.0)
+    opt = build_optimizer(model, cfg, "cpu", new_parameters=model[2].parameters(), master=master)
+    body, new = opt.param_groups
+    ids = lambda ps: {id(p) for p in ps}
+    assert ids(new["params"]) == ids(master.master[3:])
+    assert ids(body["params"]) == ids(master.master[:3])
+
+    # A checkpoint's state: float32 everywhere, the copies' exact values for trainable weights.
+    with torch.no_grad():
+        master.master[0].add_(1e-4)  # below bfloat16's resolution: only the copy holds it
+    state = master.fp32_state(model.state_dict())
+    assert list(state) == list(model.state_dict())
+    assert all(v.dtype == torch.float32 for v in state.values())
+    assert torch.equal(state["0.weight"], master.master[0])
+    assert torch.equal(state["1.bias"], weights["1.bias"].bfloat16().float())  # frozen: cast
+    assert torch.equal(state["scale"], torch.full((3,), 0.1).bfloat16().float())
+    fresh = small_model()
+    fresh.register_buffer("scale", torch.zeros(3))
+    fresh.load_state_dict(state)  # a float32 model loads it as it is
+    assert torch.equal(fresh[0].weight, master.master[0])
+
+
 def test_apex_requested_but_missing(monkeypatch):
     # A None entry in sys.modules makes `import apex...` raise ImportError, whatever is installed.
     monkeypatch.setitem(sys.modules, "apex", None)
@@ -187,9 +227,11 @@ def test_clip_grad_norm():
 def test_precision_helpers():
     assert isinstance(make_scaler("fp16", "cpu"), torch.amp.GradScaler)
     assert make_scaler("bf16", "cpu") is None and make_scaler("fp32", "cpu") is None
+    assert make_scaler("bf16-master", "cpu") is None
     x = torch.randn(4, 4)
-    with autocast("bf16", "cpu"):
-        assert (x @ x).dtype == torch.bfloat16
+    for precision in ("bf16", "bf16-master"):
+        with autocast(precision, "cpu"):
+            assert (x @ x).dtype == torch.bfloat16
     with autocast("fp32", "cpu"):
         assert (x @ x).dtype == torch.float32
     with pytest.raises(ValueError, match="precision"):

@@ -1,13 +1,15 @@
 """The training loop shared by pretraining and finetuning, in one readable function.
 
 DALI batch -> autocast forward -> loss -> backward -> gradient-norm clip -> (fused) AdamW step,
-with the warmup-cosine learning rate set per step. Around it: DDP through ``torchrun``
-(``equiav.train.dist``), checkpoints (``checkpoint``) holding everything a bit-exact resume
-needs (model, optimizer, scaler, schedule, every rank's RNG and loader position, the config),
-TensorBoard/jsonl curves and a progress bar (``metrics_log``), a guard against non-finite losses
-(``step``: the update is skipped without the host waiting for the GPU) and a clean stop on
-Ctrl-C / SIGTERM (a checkpoint is written first). Between log steps nothing here reads a device
-value, so the next batch's loading overlaps the GPU's work.
+with the warmup-cosine learning rate set per step (precision "bf16-master": on float32 master
+copies of the bfloat16 model's weights, ``optim.MasterWeights``). Around it: DDP through
+``torchrun`` (``equiav.train.dist``), checkpoints (``checkpoint``) holding everything a
+bit-exact resume needs (model, optimizer, scaler, schedule, every rank's RNG and loader position,
+the config; the weights always in float32), TensorBoard/jsonl curves and a progress bar
+(``metrics_log``), a guard against non-finite losses (``step``: the update is skipped without
+the host waiting for the GPU) and a clean stop on Ctrl-C / SIGTERM (a checkpoint is written
+first). Between log steps nothing here reads a device value, so the next batch's loading
+overlaps the GPU's work.
 
 What differs between pretraining and finetuning is a ``Task``: the model, the loader mode, the
 loss of a batch and an optional evaluation.
@@ -31,7 +33,7 @@ from equiav.config import Config, config_to_dict, save_config
 from equiav.train import checkpoint as ckpt
 from equiav.train.dist import DistInfo
 from equiav.train.metrics_log import MetricsLogger, ProgressBar, StepTimer, environment_info
-from equiav.train.optim import LRSchedule, autocast, build_optimizer, make_scaler
+from equiav.train.optim import LRSchedule, autocast, build_optimizer, make_scaler, master_weights
 from equiav.train.step import SkippedSteps, StopTraining, optimizer_step
 
 __all__ = ["StopTraining", "Task", "train"]
@@ -120,11 +122,14 @@ def train(cfg: Config, task: Task, dist: DistInfo) -> dict:
         total_steps = min(total_steps, cfg.train.max_steps)
 
     model = task.model.to(device)
-    optimizer = build_optimizer(model, cfg.optim, device, task.new_parameters)
+    if state is not None:  # before master_weights, which copies the weights it finds
+        model.load_state_dict(state["model"])
+    # "bf16-master": the model becomes bfloat16, the optimiser steps float32 copies.
+    master = master_weights(model, cfg.train.precision)
+    optimizer = build_optimizer(model, cfg.optim, device, task.new_parameters, master)
     scaler = make_scaler(cfg.train.precision, device)
     step, best = 0, None
     if state is not None:
-        model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -159,10 +164,14 @@ def train(cfg: Config, task: Task, dist: DistInfo) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     history: list[dict] = []
 
+    def model_state() -> dict[str, torch.Tensor]:
+        state = _unwrap(net).state_dict()
+        return master.fp32_state(state) if master is not None else state  # always float32
+
     def save(tag: str | None = None, metric: float | None = None) -> Path:
         payload = {
             "task": task.name,
-            "model": _unwrap(net).state_dict(),
+            "model": model_state(),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "schedule": schedule.state_dict(),
@@ -184,7 +193,9 @@ def train(cfg: Config, task: Task, dist: DistInfo) -> dict:
                     loss, metrics = task.loss(net, batch)
                 # Nothing from here to the next batch waits for the GPU, except where we log or
                 # checkpoint (see equiav.train.step): the next batch's device stage overlaps it.
-                outcome = optimizer_step(loss, params, optimizer, scaler, cfg.optim.grad_clip)
+                outcome = optimizer_step(
+                    loss, params, optimizer, scaler, cfg.optim.grad_clip, master
+                )
                 step += 1
                 skipped.add(step, outcome.nonfinite)
                 skipped.poll()  # reads the flags that have arrived; may raise StopTraining

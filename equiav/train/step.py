@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from equiav.train.optim import clip_grad_norm
+from equiav.train.optim import MasterWeights, clip_grad_norm
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,15 @@ def optimizer_step(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
     grad_clip: float,
+    master: MasterWeights | None = None,
 ) -> StepOutcome:
     """zero_grad, backward, clip ``params``' gradients to ``grad_clip`` (0: measure only) and
     step, unless the loss is non-finite on any rank: then the parameters and the optimiser state
     stay as they were. See the module doc for when this waits for the device (never with fused
     AdamW in bf16/fp32). With a fused optimiser a non-finite gradient norm skips the update too.
+    With ``master`` (precision "bf16-master") the gradients move to the float32 master weights
+    after the backward pass, the clipping and the update work on those (``params`` is not used),
+    and the model gets the updated weights back.
     """
     bad = _all_ranks_max((~torch.isfinite(loss.detach())).float())
     optimizer.zero_grad(set_to_none=True)
@@ -80,6 +84,9 @@ def optimizer_step(
         scaler.unscale_(optimizer)
     else:
         loss.backward()
+    if master is not None:
+        master.grads_to_master()
+        params = master.master
     norm = clip_grad_norm(params, grad_clip)
     if scaler is not None:
         scaler.step(optimizer)
@@ -93,6 +100,8 @@ def optimizer_step(
             optimizer.found_inf = None
     else:
         optimizer.step()
+    if master is not None:
+        master.copy_to_model()  # a skipped update leaves the copies, hence the model, as they were
     return StepOutcome(loss.detach(), norm.detach().float(), bad)
 
 
