@@ -24,6 +24,7 @@ Command line (default: one configuration, bf16 + fused AdamW + eager, both modes
 
     python -m bench.step                 # -> bench/results/step-{host}.json
     python -m bench.step --grid          # all 16 configurations -> step-grid-{host}.json
+    python -m bench.step --grid eager    # the 8 eager ones
     python -m bench.step --mode pretrain --precision fp16 --unfused --compile --no-search
     python -m bench.step --mode pretrain --precision bf16 bf16-master --compile --batch-size 128
 """
@@ -556,8 +557,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sdpa", default="default", choices=("default", *SDPA_BACKENDS))
     parser.add_argument(
         "--grid",
-        action="store_true",
-        help="every precision x fused/unfused x eager/compiled (overrides the three above)",
+        nargs="?",
+        const="full",
+        choices=("full", "eager"),
+        help="every precision x fused/unfused x eager/compiled, or only eager with 'eager' "
+        "(overrides the three above; a compilation per compiled configuration)",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny model (always on the CPU)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -576,7 +580,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results-dir", default=None, help="default: bench/results")
     args = parser.parse_args(argv)
     if args.grid:
-        precisions, fused, compiled = PRECISIONS, (True, False), (False, True)
+        compiled = (False, True) if args.grid == "full" else (False,)
+        precisions, fused = PRECISIONS, (True, False)
     else:
         precisions, fused, compiled = args.precision, (not args.unfused,), (args.compile,)
     run(

@@ -233,6 +233,19 @@ def test_step_at_fixed_batches_builds_one_step_per_batch(tmp_path):
         step.run(device="cpu", batch_sizes=(0,), results_dir=tmp_path, log=lambda s: None)
 
 
+def test_step_eager_grid_from_the_command_line(tmp_path):
+    """`--grid eager`: every precision x fused/unfused AdamW, none compiled."""
+    argv = ["--grid", "eager", "--mode", "finetune", "--device", "cpu", "--steps", "1"]
+    assert step.main([*argv, "--warmup", "0", "--results-dir", str(tmp_path)]) == 0
+    result = read_result(tmp_path / f"step-grid-smoke-{socket.gethostname()}.json")
+    combos = [(r["precision"], r["optimizer"], r["compile"]) for r in result["rows"]]
+    want = [
+        (p, o, False) for p in ("bf16", "bf16-master", "fp16", "fp32") for o in ("fused", "unfused")
+    ]
+    assert combos == want
+    assert all(r["status"] == "ok" for r in result["rows"]), result["rows"]
+
+
 @pytest.mark.cuda
 def test_step_on_cuda_measures_memory_and_searches_the_largest_batch(tmp_path):
     path = step.run(
