@@ -4,9 +4,10 @@ The DALI functions take and return DataNodes and are meant to be called inside `
 functions. ``device`` is ``"gpu"`` when the pipeline has a device id (decoders then run as
 ``"mixed"``: nvJPEG / NVDEC) and ``"cpu"`` in DALI's CPU-only mode.
 
-The host helpers (no DALI) read a video container's packet timestamps with PyAV to turn "the frame
-at second t" into the frame index that ``fn.decoders.video(start_frame=...)`` expects, and check
-that the codec can be decoded on the chosen device.
+The host helpers (no DALI) read a video container's packet timestamps (WebM and MP4 with our own
+scanners, ``equiav.data.matroska`` and ``equiav.data.mp4``, anything else with PyAV) to turn "the
+frame at second t" into the frame index that ``fn.decoders.video(start_frame=...)`` expects, and
+check that the codec can be decoded on the chosen device.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 from nvidia.dali.pipeline import DataNode
 
-from equiav.data import matroska
+from equiav.data import matroska, mp4
 from equiav.data.media import CorruptMediaError, store
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -214,9 +215,10 @@ def clear_probe_cache() -> None:
 
 def _probe_bytes(path: str, raw: bytes) -> _VideoProbe:
     """The probe of a video file's bytes (``path`` names it in errors)."""
-    # WebM files are scanned in Python (~0.5 ms per 10 s clip on the VM, PyAV ~3-5 ms): this
-    # runs per sample when a list outgrows the cache. FFmpeg reads whatever the scanner leaves.
-    found = matroska.scan(raw) or _demux(path, raw)
+    # WebM and MP4 files are scanned in Python (per 10 s clip on the VM: WebM ~0.5 ms, MP4's
+    # sample tables ~0.2 ms; PyAV 2-5 ms): this runs per sample when a list outgrows the cache.
+    # FFmpeg reads whatever the scanners leave.
+    found = matroska.scan(raw) or mp4.scan(raw) or _demux(path, raw)
     # DALI's frame index holds one entry per packet of the stream, stamped with pts (dts when
     # pts is missing), sorted by that stamp; the decoder emits frames in the same order.
     order = np.asarray(found.pts, dtype=np.int64)
