@@ -7,9 +7,9 @@
 # Stages: env, bench-data + wait-data (the loader's data rendered in the background),
 # cuda-tests, cuda-tests-quick, tests (the whole suite), loader, loader-quick, loader-nvdec,
 # loader-workers, step, step-compile, step-grid, step-modes, step-sdpa, step-master,
-# step-master-256, e2e, e2e-eager, e2e-fast, e2e-b64,
-# e2e-fast-pretrain, e2e-graphs, e2e-thread, e2e-quick, e2e-ft-quick, e2e-graphs-quick,
-# profile-stage, profile-e2e, profile-e2e-ft, profile-step, scaling, demo,
+# step-master-256, e2e, e2e-eager, e2e-fast, e2e-fast-pretrain, e2e-b64, e2e-graphs, e2e-thread,
+# e2e-quick, e2e-ft-quick, e2e-ft-nothread-quick, e2e-graphs-quick, profile-stage, profile-e2e,
+# profile-e2e-ft, profile-step, scaling, demo,
 # pack (last: archives $OUT/results into $OUT/results.tgz, as the tool returns at most 8 files).
 set -u
 OUT=${OUT:-runs/gpu-session}
@@ -101,6 +101,11 @@ for s in "$@"; do
         stage e2e-ft-quick 150 python3 -m bench.end_to_end --mode finetune --size full \
             --data "$DATA" --cores "$CORES" --py-workers 2 --thread-prefetch 2 \
             --steps 40 --results-dir "$RESULTS/thread-ft" ;;
+    e2e-ft-nothread-quick)  # finetuning without the background thread: is the thread's host
+        # work what slows the finetuning step (69 % of step-only with it on an H200)?
+        stage e2e-ft-nothread-quick 150 python3 -m bench.end_to_end --mode finetune --size full \
+            --data "$DATA" --cores "$CORES" --py-workers 2 --thread-prefetch 0 \
+            --steps 40 --results-dir "$RESULTS/nothread-ft" ;;
     e2e-graphs-quick)  # pretraining, CUDA graphs, as e2e-quick (170 s on an H200)
         stage e2e-graphs-quick 220 python3 -m bench.end_to_end --mode pretrain --size full \
             --data "$DATA" --cores "$CORES" --py-workers 2 --thread-prefetch 2 --compile \
