@@ -50,8 +50,12 @@ def run(cfg, task_fn=pretrain_task, wrap=None):
     return train(cfg, task, DIST), task.model
 
 
-def test_a_short_run_lowers_the_loss(synth_small, tmp_path):
-    summary, _ = run(tiny_config(synth_small, tmp_path, **{"train.max_steps": 12}))
+@pytest.mark.parametrize("precision", ["fp32", "bf16-master"])
+def test_a_short_run_lowers_the_loss(synth_small, tmp_path, precision):
+    cfg = tiny_config(
+        synth_small, tmp_path, **{"train.max_steps": 12, "train.precision": precision}
+    )
+    summary, _ = run(cfg)
     losses = [h["loss"] for h in summary["history"]]
     assert summary["steps"] == 12 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
