@@ -90,20 +90,25 @@ def test_scan_leaves_other_files_to_ffmpeg(files):
     assert matroska.scan(raw) is not None  # the control: the same bytes unchanged
 
 
-@pytest.mark.parametrize("name", ["webm", "av", "mp4"])
-def test_probe_is_the_same_with_or_without_the_scanner(files, name, monkeypatch):
-    """The loader's probe (frame times, size, excerpt packets) is the same whether the scanners
-    or PyAV read the file (the H.264 mp4: not excerpted; tests/test_mp4.py for more MP4s)."""
-    raw = Path(files[name]).read_bytes()
-    scanned = video._probe_bytes(files[name], raw)
+def assert_probes_agree(path: str, excerpted: bool, monkeypatch) -> None:
+    """The loader's probe of ``path`` (frame times, size, excerpt packets where ``excerpted``)
+    is the same whether the scanners or PyAV read the file."""
+    raw = Path(path).read_bytes()
+    scanned = video._probe_bytes(path, raw)
     monkeypatch.setattr(matroska, "scan", lambda raw: None)
     monkeypatch.setattr(mp4, "scan", lambda raw: None)
-    demuxed = video._probe_bytes(files[name], raw)
+    demuxed = video._probe_bytes(path, raw)
     assert scanned.codec == demuxed.codec and scanned.size == demuxed.size
     assert np.array_equal(scanned.times, demuxed.times)
     for a, b in [(scanned.packets, demuxed.packets), (scanned.keyframes, demuxed.keyframes)]:
-        assert (a is None) == (b is None) == (name == "mp4")
+        assert (a is None) == (b is None) == (not excerpted)
         assert a is None or np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["webm", "av", "mp4"])
+def test_probe_is_the_same_with_or_without_the_scanner(files, name, monkeypatch):
+    """The H.264 mp4 is not excerpted; tests/test_mp4.py has more MP4s."""
+    assert_probes_agree(files[name], name != "mp4", monkeypatch)
 
 
 def test_probe_cache_uses_the_callers_bytes_and_keeps_the_most_recent(files, monkeypatch):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from dali_pipelines import video
-from equiav.data import matroska, mp4, synth
+from equiav.data import mp4, synth
+from tests.test_matroska import assert_probes_agree
 
 
 def _write(path: Path, codec: str, container: dict, stream: dict, rng, audio=False, vfr=False):
@@ -113,18 +114,8 @@ def test_scan_leaves_other_files_to_ffmpeg(files):
 
 @pytest.mark.parametrize("name", [*SCANNED, "fragmented"])
 def test_probe_is_the_same_with_or_without_the_scanner(files, name, monkeypatch):
-    """The loader's probe (frame times, size, excerpt packets for VP9) is the same whether the
-    scanner or PyAV read the file."""
-    raw = Path(files[name]).read_bytes()
-    scanned = video._probe_bytes(files[name], raw)
-    monkeypatch.setattr(mp4, "scan", lambda raw: None)
-    monkeypatch.setattr(matroska, "scan", lambda raw: None)
-    demuxed = video._probe_bytes(files[name], raw)
-    assert scanned.codec == demuxed.codec and scanned.size == demuxed.size
-    assert np.array_equal(scanned.times, demuxed.times)
-    for a, b in [(scanned.packets, demuxed.packets), (scanned.keyframes, demuxed.keyframes)]:
-        assert (a is None) == (b is None) == (name != "vp9")
-        assert a is None or np.array_equal(a, b)
+    """Frame times, size and, for VP9, the excerpt packets."""
+    assert_probes_agree(files[name], name == "vp9", monkeypatch)
 
 
 def test_vp9_mp4_excerpt_decodes_the_same_frames(files):
