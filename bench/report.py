@@ -349,6 +349,12 @@ def _capacity_lines(c: dict[str, Any]) -> list[str]:
             f"{_pair(row['inter_node_gbit_per_s_per_nic'], precisions)} |"
         )
     lines.append("")
+    if set(precisions) == {"bf16", "fp32"}:
+        lines += [
+            "Gradients travel in bf16 with `train.precision=bf16-master` (a bfloat16 model) and "
+            "in fp32 with the default bf16 autocast (float32 parameters).",
+            "",
+        ]
     if sources:
         lines += ["Sources: " + "; ".join(f"{k}: {v}" for k, v in sources.items()) + ".", ""]
     return lines
