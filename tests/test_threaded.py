@@ -3,7 +3,13 @@ the synthetic set's real files (CPU here; the CUDA stream hand-over is checked o
 
 from __future__ import annotations
 
+import gc
 import math
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +19,8 @@ from dali_pipelines.threaded import ThreadedLoader
 from equiav.data.index import read_dataset, read_label_csv
 from tests.test_loader import collect, small_config
 from tests.test_train import run, tiny_config
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def loader_for(info, mode="pretrain", state=None, device="cpu") -> DaliLoader:
@@ -61,6 +69,69 @@ def test_state_after_an_early_stop_is_the_consumers_position(synth_small):
     assert_same_batches(resumed, expected[1:])
     with pytest.raises(RuntimeError, match="left unfinished"):
         next(iter(threaded))
+
+
+def _wait_until(condition, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def _loader_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "equiav-loader"]
+
+
+def test_the_thread_starts_the_next_epoch_before_it_is_asked_for(synth_small):
+    """After the consumer's last batch of an epoch the thread goes on into the next (depth
+    batches ahead) while the state still says "start of the next epoch"; close() then sets the
+    wrapped loader back, and a loader resumed from that state yields the next epoch's batches."""
+    plain = loader_for(synth_small)
+    first, second = collect(plain), collect(plain)
+    threaded = ThreadedLoader(loader_for(synth_small), depth=2)
+    assert_same_batches(collect(threaded), first)
+    state = threaded.state_dict()
+    assert threaded.epoch == 1 and state == loader_for(synth_small, state=state).state_dict()
+    assert state["epoch"] == 1 and state["global_position"] == 0
+    inner = threaded.loader
+    _wait_until(lambda: inner.epoch == 1 and inner.steps_done >= 2)  # made ahead, not taken
+    assert threaded.state_dict() == state
+    threaded.close()
+    assert (inner.epoch, inner.steps_done) == (1, 0) and threaded.state_dict() == state
+    assert not _loader_threads()
+    with pytest.raises(RuntimeError, match="left unfinished"):
+        next(iter(threaded))
+    assert_same_batches(collect(loader_for(synth_small, state=state)), second)
+
+
+def test_the_thread_ends_with_its_loader(synth_small):
+    """A thread running ahead into the next epoch ends when its loader is collected."""
+    threaded = ThreadedLoader(loader_for(synth_small), depth=1)
+    collect(threaded)
+    assert len(_loader_threads()) == 1
+    del threaded
+    gc.collect()
+    _wait_until(lambda: not _loader_threads(), seconds=30)
+
+
+def test_a_process_exits_cleanly_with_a_thread_running_ahead(synth_small):
+    """The interpreter's exit ends a thread blocked with batches of an epoch nobody will take
+    (no hang, no crash in DALI's teardown)."""
+    script = f"""
+import sys
+sys.path.insert(0, {str(REPO)!r})
+from pathlib import Path
+from types import SimpleNamespace
+from tests.test_threaded import ThreadedLoader, loader_for
+root, labels = Path({str(synth_small.root)!r}), {str(synth_small.label_csv)!r}
+loader = ThreadedLoader(loader_for(SimpleNamespace(root=root, label_csv=labels)), depth=2)
+print(sum(len(b["index"]) for b in loader), flush=True)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "8"
 
 
 def test_an_error_in_the_thread_is_raised_in_the_consumer(synth_small, monkeypatch):
