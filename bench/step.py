@@ -387,6 +387,10 @@ def benchmark_setup(
         jobs = [((SMOKE_BATCH if smoke else PAPER_BATCH)[setup.mode], kind, search)]
     rows = []
     for size, kind, search_here in jobs:
+        if setup.compile and batch_sizes:
+            # Dynamo remembers the sizes a function's code has seen, across compiled models:
+            # forget them, or the second batch size would be compiled for dynamic shapes.
+            torch._dynamo.reset()
         try:
             step = TrainStep(setup, cfg, device)
         except Exception as e:  # e.g. a precision the device lacks: record it, go on

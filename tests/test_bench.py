@@ -233,6 +233,32 @@ def test_step_at_fixed_batches_builds_one_step_per_batch(tmp_path):
         step.run(device="cpu", batch_sizes=(0,), results_dir=tmp_path, log=lambda s: None)
 
 
+def test_compiled_steps_at_fixed_batches_compile_static_shapes(tmp_path, monkeypatch):
+    """Each batch of `batch_sizes` compiles for its own size: the second is not the dynamic-shape
+    recompilation dynamo makes once a function's code has seen two sizes (a recording backend
+    stands in for inductor)."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(any(isinstance(x, torch.SymInt) for x in example_inputs))
+        return gm.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: compile_(model, backend=record))
+    path = step.run(
+        modes=("finetune",),
+        compiled=(True,),
+        device="cpu",
+        steps=1,
+        warmup=0,
+        batch_sizes=(2, 3),
+        results_dir=tmp_path,
+        log=lambda s: None,
+    )
+    assert [r["status"] for r in read_result(path)["rows"]] == ["ok", "ok"]
+    assert graphs and not any(graphs)
+
+
 def test_step_eager_grid_from_the_command_line(tmp_path):
     """`--grid eager`: every precision x fused/unfused AdamW, none compiled."""
     argv = ["--grid", "eager", "--mode", "finetune", "--device", "cpu", "--steps", "1"]

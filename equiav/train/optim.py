@@ -220,9 +220,10 @@ class MasterWeights:
     whole model (parameters and floating buffers) to bfloat16. Per step: the backward pass leaves
     bfloat16 gradients on the model; `grads_to_master` moves them to the copies as float32 (the
     optimiser and the gradient clipping work on the copies); after the optimiser step
-    `copy_to_model` writes the copies' bfloat16 rounding back. Why the copies: an AdamW update is
-    about lr (1e-4) relative to a weight, below bfloat16's resolution (2^-8), so updates applied to
-    bfloat16 parameters would round away; in float32 they accumulate.
+    `copy_to_model` writes the copies' bfloat16 rounding back. Why the copies: an AdamW update
+    moves a weight by about lr (1e-4), while bfloat16 resolves 2^-8 of a weight's size: for a
+    weight of 0.02 that is the update's size, for a norm's gain of 1 forty times it, so updates
+    applied to bfloat16 parameters would partly or wholly round away; in float32 they accumulate.
 
     Checkpoints stay float32 and precision-independent: `fp32_state` turns the model's state dict
     into the one a float32 model of the same weights would have. Load a checkpoint into the model
