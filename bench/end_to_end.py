@@ -237,6 +237,17 @@ def baseline_loader(cfg: Config, mode: str, workers: int, seed: int = 0):
     return make_loader(dataset, cfg.train.batch_size, workers, seed=seed)
 
 
+def epoch_starts(per_epoch: int, steps: int, warmup: int) -> int:
+    """How many epochs begin at a timed batch (0-based batches warmup .. warmup + steps - 1) of a
+    loader with `per_epoch` batches an epoch; each start restarts the loader's pipeline, which the
+    timed rate includes (a small benchmark set starts epochs far more often than training)."""
+    if per_epoch < 1:
+        raise ValueError(f"a loader with {per_epoch} batches an epoch")
+    # Multiples of per_epoch in [warmup, warmup + steps - 1] (floor division: 0 counts when
+    # warmup is 0).
+    return (warmup + steps - 1) // per_epoch - (warmup - 1) // per_epoch
+
+
 def _row(base: dict[str, Any], pipeline: str, timing: dict[str, float]) -> dict[str, Any]:
     return {**base, "pipeline": pipeline, "status": "ok", **timing}
 
@@ -256,9 +267,13 @@ def _dali_timings(
     del probe
     gc.collect()
     step_only = time_steps(step, lambda: fixed, steps, warmup, device)
-    batches = forever(build_loader(cfg, "train", mode, device=device))
+    loader = build_loader(cfg, "train", mode, device=device)
+    starts = epoch_starts(len(loader), steps, warmup)
+    batches = forever(loader)
+    del loader
     try:
-        return step_only, time_steps(step, lambda: next(batches), steps, warmup, device)
+        timing = time_steps(step, lambda: next(batches), steps, warmup, device)
+        return step_only, {**timing, "epoch_starts": starts}
     finally:
         batches.close()
 
@@ -267,9 +282,13 @@ def _baseline_timing(
     step: TrainStep, cfg: Config, mode: str, device: torch.device, steps: int, warmup: int
 ) -> dict[str, float]:
     """Timing of the steps fed by the paper-style loader (its workers end with it on return)."""
-    batches = forever(baseline_loader(cfg, mode, cfg.data.num_threads, seed=cfg.train.seed))
+    loader = baseline_loader(cfg, mode, cfg.data.num_threads, seed=cfg.train.seed)
+    starts = epoch_starts(len(loader), steps, warmup)
+    batches = forever(loader)
+    del loader
     try:
-        return time_steps(step, lambda: to_device(next(batches), device), steps, warmup, device)
+        timing = time_steps(step, lambda: to_device(next(batches), device), steps, warmup, device)
+        return {**timing, "epoch_starts": starts}
     finally:
         batches.close()
 

@@ -69,6 +69,18 @@ def test_time_steps_splits_waiting_from_computing():
         end_to_end.time_steps(lambda b: None, next_batch, 0, 1, torch.device("cpu"))
 
 
+def test_epoch_starts_inside_the_timed_steps():
+    # The GPU stages' windows on the 481-clip set (433 training clips): pretraining at batch
+    # 16 has 27 batches an epoch, finetuning at 32 has 13; 3 warmup + 40 timed steps.
+    assert end_to_end.epoch_starts(27, 40, 3) == 1  # batch 27
+    assert end_to_end.epoch_starts(13, 40, 3) == 3  # batches 13, 26, 39
+    assert end_to_end.epoch_starts(5, 10, 5) == 2  # batches 5 and 10: the window's first counts
+    assert end_to_end.epoch_starts(4, 2, 0) == 1  # no warmup: the loader's first start
+    assert end_to_end.epoch_starts(100, 40, 3) == 0
+    with pytest.raises(ValueError, match="batches an epoch"):
+        end_to_end.epoch_starts(0, 4, 1)
+
+
 def test_end_to_end_smoke_writes_a_valid_result(e2e_result):
     assert e2e_result["benchmark"] == "end_to_end-smoke"
     assert e2e_result["summary"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -84,6 +96,8 @@ def test_end_to_end_smoke_writes_a_valid_result(e2e_result):
         assert row["step_only_samples_per_s"] == step_only
         assert row["vs_step_only"] == pytest.approx(row["samples_per_s"] / step_only)
     # The step-only loop has nothing to wait for; the loaders do real work between steps.
+    # 8 training clips in batches of 2: 4 an epoch, and the 2 timed steps are batches 1 and 2.
+    assert rows["dali-frames"]["epoch_starts"] == rows["baseline-frames"]["epoch_starts"] == 0
     assert rows["step-only"]["data_wait_frac"] < 0.01
     assert rows["dali-frames"]["data_wait_ms"] > 1.0
     assert rows["baseline-frames"]["data_wait_ms"] > 0.0
