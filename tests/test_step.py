@@ -142,6 +142,22 @@ def test_master_weights_keep_the_updates_bfloat16_parameters_lose():
     assert torch.equal(layer.weight, torch.full((1, 3), 0.99).bfloat16())  # 0.9921875
 
 
+def test_master_weights_leave_a_parameter_without_gradient_alone():
+    """A parameter the loss does not use gets no gradient, so AdamW (weight decay included)
+    leaves its copy as it was, as it would leave the parameter itself."""
+    model, x, y = model_and_data()
+    model.append(nn.Linear(3, 3))  # after the loss: never used
+    unused = model[3].weight.detach().clone()
+    master = MasterWeights(model)
+    opt = torch.optim.AdamW(master.master, lr=0.05, weight_decay=0.1)
+    for _ in range(2):
+        loss = ((model[:3](x.bfloat16()) - y.bfloat16()) ** 2).mean()
+        optimizer_step(loss, [], opt, None, 0.0, master)
+    assert master.master_of(model[3].weight).grad is None
+    assert torch.equal(master.master_of(model[3].weight), unused)
+    assert not torch.equal(master.master_of(model[0].weight), model_and_data()[0][0].weight)
+
+
 def test_skipped_steps_counts_warns_and_stops(caplog):
     record = SkippedSteps(max_in_row=3)
     with caplog.at_level(logging.WARNING):

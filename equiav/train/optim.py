@@ -238,6 +238,7 @@ class MasterWeights:
         self.params = [p for _, p in named]
         self.master = [nn.Parameter(p.detach().float().clone()) for p in self.params]
         self._index = {id(p): i for i, p in enumerate(self.params)}
+        self._grads: list[torch.Tensor] | None = None  # float32 gradient buffers, made once
         model.to(torch.bfloat16)  # in place: the Parameter objects stay, their data changes
         if any(p.dtype != torch.bfloat16 for p in self.params):
             raise RuntimeError("MasterWeights: casting the model replaced its parameter objects")
@@ -254,9 +255,20 @@ class MasterWeights:
 
     @torch.no_grad()
     def grads_to_master(self) -> None:
-        """Move the model's bfloat16 gradients to the copies as float32 (the model's are freed)."""
-        for p, m in zip(self.params, self.master, strict=True):
-            m.grad = None if p.grad is None else p.grad.float()
+        """Move the model's bfloat16 gradients to the copies as float32 (the model's are freed).
+        A parameter without a gradient leaves its copy without one (AdamW skips it, as it would
+        skip the parameter)."""
+        grads = [p.grad for p in self.params]
+        if any(g is None for g in grads):
+            for g, m in zip(grads, self.master, strict=True):
+                m.grad = None if g is None else g.float()
+        else:  # one foreach copy into kept float32 buffers, not a cast per parameter
+            if self._grads is None:
+                self._grads = [torch.empty_like(m) for m in self.master]
+            torch._foreach_copy_(self._grads, grads)
+            for m, g in zip(self.master, self._grads, strict=True):
+                m.grad = g
+        for p in self.params:
             p.grad = None
 
     @torch.no_grad()
