@@ -176,7 +176,10 @@ def test_training_with_the_thread_equals_training_without(synth_small, tmp_path)
 
 @pytest.mark.cuda
 def test_threaded_gpu_batches_equal_the_plain_gpu_loaders(synth_small):
-    """On a GPU the batches are made on the thread's own stream and handed over with an event."""
-    plain = collect(loader_for(synth_small, device="cuda"))
-    threaded = collect(ThreadedLoader(loader_for(synth_small, device="cuda"), depth=2))
-    assert_same_batches(plain, threaded)
+    """On a GPU the batches are made on the thread's own stream and handed over with an event,
+    over two epochs (the second's first batches made while the first is consumed)."""
+    plain_loader = loader_for(synth_small, device="cuda")
+    threaded_loader = ThreadedLoader(loader_for(synth_small, device="cuda"), depth=2)
+    for _ in range(2):
+        assert_same_batches(collect(plain_loader), collect(threaded_loader))
+        assert threaded_loader.state_dict() == plain_loader.state_dict()
