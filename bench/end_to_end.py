@@ -321,6 +321,7 @@ def measure_model(
         "py_workers": cfg.data.py_workers,
         "thread_prefetch": cfg.data.thread_prefetch,
         "compile": cfg.train.compile,
+        "compile_mode": cfg.train.compile_mode if cfg.train.compile else None,
         "device": str(device),
     }
     step_only, dali = _dali_timings(step, cfg, mode, device, steps, warmup)

@@ -423,16 +423,28 @@ TARGET_CORES = 2
 
 
 def _best(results, kind: str, gpu: bool, values) -> tuple[float, str] | None:
-    """The largest number that ``values(result)`` yields (None: skipped) over the results of
-    ``kind`` measured on a GPU (``gpu``) or not, with the file's name; None when none."""
+    """The largest number that ``values(result)`` yields (None: skipped; a (number, note) pair:
+    the note says under what setting) over the results of ``kind`` measured on a GPU (``gpu``)
+    or not, with the file's name and the note; None when none."""
     best = None
     for path, result in results:
         if kind_of(result) != kind or ran_on_gpu(result) != gpu:
             continue
         for v in values(result):
+            v, note = v if isinstance(v, tuple) else (v, None)
             if v is not None and (best is None or v > best[0]):
-                best = (float(v), path.name)
+                best = (float(v), f"`{path.name}`" + (f" ({note})" if note else ""))
     return best
+
+
+def _setting(row: dict[str, Any], config: dict[str, Any]) -> str:
+    """A step's setting in a few words: batch, precision, compilation (from the row, else from
+    its result's config)."""
+    words = [f"batch {row.get('batch_size')}", str(row.get("precision"))]
+    if row.get("compile"):
+        mode = row.get("compile_mode") or config.get("compile_mode") or "default"
+        words.append("compiled" if mode == "default" else f"compiled, {mode}")
+    return ", ".join(words)
 
 
 def _at_target_cores(result: dict[str, Any]) -> bool:
@@ -457,15 +469,18 @@ def _e2e_vs_step_only(result: dict[str, Any]):
         dali = str(row.get("pipeline", "")).startswith("dali-")
         pretrain = row.get("mode") == "pretrain" and row.get("model") == "full"
         if dali and pretrain and row.get("cores") == TARGET_CORES and "vs_step_only" in row:
-            yield 100 * row["vs_step_only"]
+            yield 100 * row["vs_step_only"], _setting(row, result["config"])
 
 
 def _e2e_vs_baseline(result: dict[str, Any]):
     """DALI-fed / paper-style-fed full-size pretraining."""
     if _at_target_cores(result):
+        rows = [r for r in _ok_rows(result) if str(r.get("pipeline", "")).startswith("dali-")]
         for c in result["summary"].get("comparisons", []):
             if c.get("mode") == "pretrain" and c.get("model") == "full":
-                yield c.get("dali_vs_baseline")
+                dali = [r for r in rows if r.get("mode") == "pretrain" and r.get("model") == "full"]
+                note = _setting(dali[0], result["config"]) if dali else None
+                yield c.get("dali_vs_baseline"), note
 
 
 def _step_mfu(result: dict[str, Any]):
@@ -473,7 +488,7 @@ def _step_mfu(result: dict[str, Any]):
     for row in _ok_rows(result):
         bf16 = row.get("precision") in ("bf16", "bf16-master")
         if row.get("mode") == "pretrain" and bf16 and row.get("mfu"):
-            yield 100 * row["mfu"]
+            yield 100 * row["mfu"], _setting(row, result["config"])
 
 
 def target_lines(results) -> list[str]:
@@ -510,7 +525,7 @@ def target_lines(results) -> list[str]:
             continue
         value, source = found
         met = "yes" if value >= threshold else "no"
-        lines.append(f"| {name} | {goal} | {fmt.format(value)} | {met} | `{source}` |")
+        lines.append(f"| {name} | {goal} | {fmt.format(value)} | {met} | {source} |")
     return lines + [""]
 
 

@@ -483,3 +483,4 @@ def test_report_states_the_targets_against_the_best_measurements(tmp_path):
     assert table["CPU (2 cores): loader, DALI / paper-style, JPEG frames"][1:3] == ["1.50x", "no"]
     mfu = table["GPU: pretraining step MFU, bf16"]
     assert mfu[1:3] == ["36.0 %", "no"] and mfu[3].startswith("`step-a-")
+    assert mfu[3].endswith("(batch 64, bf16-master, compiled) |")
