@@ -9,7 +9,7 @@
 # loader-workers, step, step-compile, step-grid, step-modes, step-sdpa, step-master,
 # step-master-256, e2e, e2e-eager, e2e-fast, e2e-fast-pretrain, e2e-b64, e2e-graphs, e2e-thread,
 # e2e-quick, e2e-ft-quick, e2e-ft-nothread-quick, e2e-graphs-quick, profile-stage, profile-e2e,
-# profile-e2e-ft, profile-step, scaling, demo,
+# profile-e2e-ft, profile-step, scaling, demo, train-graphs,
 # pack (last: archives $OUT/results into $OUT/results.tgz, as the tool returns at most 8 files).
 set -u
 OUT=${OUT:-runs/gpu-session}
@@ -146,6 +146,23 @@ for s in "$@"; do
             --full-batch-size 64 --precision bf16-master --compile --data "$DATA" \
             --cores "$CORES" --py-workers 2 --thread-prefetch 2 --steps 20 \
             --results-dir "$RESULTS/b64" ;;
+    train-graphs)  # a real training run (train.py, full size, the synthetic set) with CUDA
+        # graphs and bf16-master, 60 steps, then resumed to 80: before either becomes a preset's
+        # default (~5 minutes: two compilations; checkpoints of ~2.5 GB stay under runs/)
+        TRAIN=(python3 train.py pretrain --config configs/pretrain_audioset.yaml
+            --set data.dataset=synthetic --set data.train_json="$DATA/train.json"
+            --set data.val_json=null --set data.test_json="$DATA/test.json"
+            --set data.retrieval_json=null --set data.label_csv="$DATA/class_labels_indices.csv"
+            --set data.audio_mean=-4.346 --set data.audio_std=4.332
+            --set model.audio_pretrained_encoder=null --set model.visual_pretrained_encoder=null
+            --set train.compile_mode=reduce-overhead --set train.precision=bf16-master
+            --set train.log_every=10 --set train.save_path=runs/train-graphs)
+        rm -rf runs/train-graphs
+        stage train-graphs 300 "${TRAIN[@]}" --set train.max_steps=60
+        stage train-graphs-resume 240 "${TRAIN[@]}" --set train.max_steps=80 \
+            --set train.resume=auto
+        mkdir -p "$RESULTS/train-graphs"
+        cp runs/train-graphs/tb/metrics.jsonl "$RESULTS/train-graphs/" ;;
     step-sdpa)  # the attention kernel: FlashAttention-2 instead of torch's default (cuDNN)
         stage step-sdpa 420 python3 -m bench.step --mode pretrain --compile --sdpa flash \
             --batch-limit 128 --name step-sdpa-flash --results-dir "$RESULTS" ;;
