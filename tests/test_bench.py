@@ -210,10 +210,22 @@ def test_step_smoke_writes_a_valid_result(step_result):
         assert row["achieved_tflops"] == pytest.approx(flops.train_total / seconds / 1e12)
 
 
-def test_step_at_fixed_batches_builds_one_step_per_batch(tmp_path):
+def test_step_at_fixed_batches_compiles_one_static_step_per_batch(tmp_path, monkeypatch):
+    """`batch_sizes`: one freshly built (and compiled) step per batch, each compiled for its own
+    size: the second is not the dynamic-shape recompilation dynamo makes once a function's code
+    has seen two sizes (a recording backend stands in for inductor)."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(any(isinstance(x, torch.SymInt) for x in example_inputs))
+        return gm.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: compile_(model, backend=record))
     path = step.run(
         modes=("finetune",),
         precisions=("bf16-master",),
+        compiled=(True,),
         device="cpu",
         steps=1,
         warmup=0,
@@ -227,36 +239,11 @@ def test_step_at_fixed_batches_builds_one_step_per_batch(tmp_path):
         (2, "fixed", "ok"),
         (3, "fixed", "ok"),
     ]
-    assert all(r["precision"] == "bf16-master" for r in rows)
+    assert all(r["precision"] == "bf16-master" and r["compile"] for r in rows)
     assert result["config"]["batch_sizes"] == [2, 3] and not result["config"]["search_max_batch"]
+    assert graphs and not any(graphs)
     with pytest.raises(ValueError, match="batch sizes"):
         step.run(device="cpu", batch_sizes=(0,), results_dir=tmp_path, log=lambda s: None)
-
-
-def test_compiled_steps_at_fixed_batches_compile_static_shapes(tmp_path, monkeypatch):
-    """Each batch of `batch_sizes` compiles for its own size: the second is not the dynamic-shape
-    recompilation dynamo makes once a function's code has seen two sizes (a recording backend
-    stands in for inductor)."""
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(any(isinstance(x, torch.SymInt) for x in example_inputs))
-        return gm.forward
-
-    compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, mode=None: compile_(model, backend=record))
-    path = step.run(
-        modes=("finetune",),
-        compiled=(True,),
-        device="cpu",
-        steps=1,
-        warmup=0,
-        batch_sizes=(2, 3),
-        results_dir=tmp_path,
-        log=lambda s: None,
-    )
-    assert [r["status"] for r in read_result(path)["rows"]] == ["ok", "ok"]
-    assert graphs and not any(graphs)
 
 
 def test_step_eager_grid_from_the_command_line(tmp_path):
