@@ -20,7 +20,8 @@ loader's: ``state_dict`` counts the batches the consumer took, not the ones made
 in the thread is raised in the consumer. A consumer that stops inside an epoch (or ``close``
 while the thread has made batches of an epoch not yet begun) ends the thread; the loader then
 cannot be iterated again (build a new one from ``state_dict()``). The thread also ends when the
-loader is garbage-collected or the interpreter exits. Off by default (``data.thread_prefetch``).
+loader is garbage-collected or the interpreter exits (waited for at most ``STOP_TIMEOUT_S``: a
+thread stuck in the loader does not hold the process). Off by default (``data.thread_prefetch``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 
@@ -36,6 +38,8 @@ import torch
 from dali_pipelines.loader import DaliLoader
 
 _END = object()  # the end of an epoch, in the hand-over queue
+# How long a collected loader's (or the exiting interpreter's) stop waits for the thread.
+STOP_TIMEOUT_S = 30.0
 
 
 class _Producer:
@@ -70,11 +74,16 @@ class _Producer:
     def get(self) -> tuple[object, torch.cuda.Event | None]:
         return self.handoff.get()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
         """End the thread: it stops after the batch it is making (taken off the queue here, so
-        that a thread waiting to hand one over is released)."""
+        that a thread waiting to hand one over is released). ``timeout``: give up after that
+        many seconds (at the interpreter's exit, where a daemon thread that is stuck must not
+        hold the process)."""
         self.stopping.set()
+        deadline = None if timeout is None else time.monotonic() + timeout
         while self.thread.is_alive():
+            if deadline is not None and time.monotonic() > deadline:
+                return
             with contextlib.suppress(queue.Empty):
                 self.handoff.get(timeout=0.05)
         self.thread.join()
@@ -126,7 +135,7 @@ class ThreadedLoader:
             self._position = (self.loader.epoch, 0)
             self._producer = _Producer(self.loader, self.depth)
             # Ends the thread when this loader is collected or the interpreter exits.
-            self._stop_producer = weakref.finalize(self, self._producer.stop)
+            self._stop_producer = weakref.finalize(self, self._producer.stop, STOP_TIMEOUT_S)
         device = self.loader.device
         finished = False
         try:
@@ -159,7 +168,8 @@ class ThreadedLoader:
         loader cannot be iterated again."""
         if self._producer is None:
             return
-        self._stop_producer()  # runs _Producer.stop once
+        self._stop_producer.detach()  # stopped here, without the time limit of the finalizer
+        self._producer.stop()
         self._producer = self._stop_producer = None
         position = (self.loader.epoch, self.loader.steps_done)
         if position != self._position:

@@ -114,6 +114,32 @@ def test_the_thread_ends_with_its_loader(synth_small):
     _wait_until(lambda: not _loader_threads(), seconds=30)
 
 
+def test_stopping_a_stuck_thread_gives_up_after_its_time_limit():
+    """At exit (or collection) the stop waits a bounded time: a thread stuck inside the loader
+    must not hold the process."""
+    from dali_pipelines.threaded import _Producer
+
+    release = threading.Event()
+
+    class Stuck:
+        device = torch.device("cpu")
+
+        def __iter__(self):
+            release.wait()
+            return iter(())
+
+    producer = _Producer(Stuck(), depth=1)
+    start = time.monotonic()
+    stopper = threading.Thread(target=producer.stop, args=(0.3,))
+    stopper.start()
+    stopper.join(5)  # a stop that ignored its limit fails here instead of hanging the suite
+    gave_up = not stopper.is_alive()
+    release.set()  # let the thread go: it sees the stop request and ends
+    assert gave_up and 0.3 <= time.monotonic() - start < 5
+    producer.stop()
+    assert not producer.thread.is_alive()
+
+
 def test_a_process_exits_cleanly_with_a_thread_running_ahead(synth_small):
     """The interpreter's exit ends a thread blocked with batches of an epoch nobody will take
     (no hang, no crash in DALI's teardown)."""
