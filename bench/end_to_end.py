@@ -71,19 +71,26 @@ def dataset_paths(data_dir: Path, layout: str) -> tuple[Path, Path]:
     return data_dir / name, data_dir / "class_labels_indices.csv"
 
 
-def ensure_dataset(data_dir: Path, clips: int, seconds: float, quiet: bool = False) -> None:
-    """Generate the synthetic dataset (frames and webm layouts, as `bench.loader` does) into
-    `data_dir` unless both training lists are already there."""
+def ensure_dataset(
+    data_dir: Path,
+    clips: int,
+    seconds: float,
+    quiet: bool = False,
+    layouts: Sequence[str] = LAYOUTS,
+) -> None:
+    """Generate the synthetic dataset in `layouts` (default frames and webm, as `bench.loader`
+    does) into `data_dir` unless their training lists are already there. One layout is much
+    quicker to render for a large set (VP9 encoding is most of the time)."""
     from equiav.data.synth import generate
 
-    if all(dataset_paths(data_dir, layout)[0].exists() for layout in LAYOUTS):
+    if all(dataset_paths(data_dir, layout)[0].exists() for layout in layouts):
         return
     generate(
         data_dir,
         clips=clips,
         classes=10,
         seed=0,
-        video_format=("webm", "frames"),
+        video_format=tuple(layouts),
         seconds=seconds,
         test_fraction=0.1,
         progress=not quiet,
@@ -436,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.cores < 1:
         raise SystemExit("bench.end_to_end: --cores must be >= 1")
     data_dir = Path(a.data)
-    ensure_dataset(data_dir, a.clips, a.seconds, quiet=a.smoke)
+    ensure_dataset(data_dir, a.clips, a.seconds, quiet=a.smoke, layouts=(a.layout,))
     torch.set_num_threads(a.cores)  # the step's own share; the loaders get --cores each
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True  # as the trainer (train.tf32)

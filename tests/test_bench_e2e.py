@@ -69,6 +69,15 @@ def test_time_steps_splits_waiting_from_computing():
         end_to_end.time_steps(lambda b: None, next_batch, 0, 1, torch.device("cpu"))
 
 
+def test_ensure_dataset_renders_only_the_layouts_asked_for(tmp_path):
+    end_to_end.ensure_dataset(tmp_path, clips=4, seconds=2.0, quiet=True, layouts=("frames",))
+    assert (tmp_path / "train.json").exists() and not (tmp_path / "train_webm.json").exists()
+    assert not list(tmp_path.rglob("*.webm")) and list(tmp_path.rglob("*.jpg"))
+    stamp = (tmp_path / "train.json").stat().st_mtime_ns
+    end_to_end.ensure_dataset(tmp_path, clips=4, seconds=2.0, quiet=True, layouts=("frames",))
+    assert (tmp_path / "train.json").stat().st_mtime_ns == stamp  # there already: kept
+
+
 def test_epoch_starts_inside_the_timed_steps():
     # The GPU stages' windows on the 481-clip set (433 training clips): pretraining at batch
     # 16 has 27 batches an epoch, finetuning at 32 has 13; 3 warmup + 40 timed steps.
