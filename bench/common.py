@@ -7,6 +7,7 @@ atomic (a temporary file renamed over the target), so a killed run never leaves 
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import json
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from equiav.train.optim import PRECISIONS
 
 #: Where results go unless a caller passes `results_dir`.
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -149,3 +152,16 @@ def ran_on_gpu(result: dict[str, Any]) -> bool:
         return device.startswith("cuda")
     machine = result.get("machine", {})
     return bool(machine.get("gpu_count")) and machine.get("gpu_name") is not None
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """The benchmarks' ``--precision``: one of the trainer's (``train.precision``); unset means
+    ``default_precision``."""
+    parser.add_argument(
+        "--precision", default=None, choices=PRECISIONS, help="default: bf16 on CUDA, fp32 on CPU"
+    )
+
+
+def default_precision(chosen: str | None, cuda: bool) -> str:
+    """``chosen``, else bf16 on CUDA and fp32 on the CPU (where bf16 autocast is slow)."""
+    return chosen or ("bf16" if cuda else "fp32")

@@ -44,9 +44,9 @@ from typing import Any
 
 import torch
 
+from bench.common import add_precision_argument, default_precision
 from bench.step import PAPER_BATCH, SMOKE_MODEL, StepSetup, TrainStep
 from equiav.config import COMPILE_MODES, Config, apply_overrides, default_config, resolve
-from equiav.train.optim import PRECISIONS
 
 MODES = ("pretrain", "finetune")
 SIZES = ("tiny", "full")
@@ -275,14 +275,7 @@ def _dali_timings(
     gc.collect()
     step_only = time_steps(step, lambda: fixed, steps, warmup, device)
     loader = build_loader(cfg, "train", mode, device=device)
-    starts = epoch_starts(len(loader), steps, warmup)
-    batches = forever(loader)
-    del loader
-    try:
-        timing = time_steps(step, lambda: next(batches), steps, warmup, device)
-        return step_only, {**timing, "epoch_starts": starts}
-    finally:
-        batches.close()
+    return step_only, _fed_timing(step, loader, lambda b: b, steps, warmup, device)
 
 
 def _baseline_timing(
@@ -290,11 +283,17 @@ def _baseline_timing(
 ) -> dict[str, float]:
     """Timing of the steps fed by the paper-style loader (its workers end with it on return)."""
     loader = baseline_loader(cfg, mode, cfg.data.num_threads, seed=cfg.train.seed)
+    return _fed_timing(step, loader, lambda b: to_device(b, device), steps, warmup, device)
+
+
+def _fed_timing(step, loader, prepare, steps: int, warmup: int, device: torch.device) -> dict:
+    """``time_steps`` of the steps fed by ``loader`` epoch after epoch (each batch through
+    ``prepare``), with how many epochs begin inside the timed steps; the loader's iteration is
+    closed on return."""
     starts = epoch_starts(len(loader), steps, warmup)
     batches = forever(loader)
-    del loader
     try:
-        timing = time_steps(step, lambda: to_device(next(batches), device), steps, warmup, device)
+        timing = time_steps(step, lambda: prepare(next(batches)), steps, warmup, device)
         return {**timing, "epoch_starts": starts}
     finally:
         batches.close()
@@ -421,9 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3; smoke 1)")
     p.add_argument("--full-batch-size", type=int, default=None, help="default: paper; CPU 2")
     p.add_argument("--full-steps", type=int, default=None, help="default: --steps; CPU 2")
-    p.add_argument(
-        "--precision", default=None, choices=PRECISIONS, help="default: bf16 on CUDA, fp32 on CPU"
-    )
+    add_precision_argument(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true", help="tiny, fast run that checks the machinery")
     p.add_argument("--results-dir", default=None)
@@ -437,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     cuda = device.type == "cuda"
-    precision = a.precision or ("bf16" if cuda else "fp32")
+    precision = default_precision(a.precision, cuda)
     steps = a.steps if a.steps is not None else (2 if a.smoke else 20)
     warmup = a.warmup if a.warmup is not None else (1 if a.smoke else 3)
     if a.cores < 1:

@@ -32,10 +32,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.common import add_precision_argument, default_precision
 from bench.end_to_end import bench_config, ensure_dataset, forever
 from bench.step import PAPER_BATCH, StepSetup, TrainStep, synthetic_batch
 from equiav.config import COMPILE_MODES
-from equiav.train.optim import PRECISIONS
 
 WHATS = ("step", "stage", "e2e")
 # CUDA runtime/driver calls that make the host wait for the device.
@@ -206,7 +206,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         smoke=a.smoke,
         batch_size=batch_size,
         threads=a.cores,
-        precision=a.precision or ("bf16" if cuda else "fp32"),
+        precision=default_precision(a.precision, cuda),
         seconds=a.seconds,
         py_workers=a.py_workers,
         compile=a.compile,
@@ -293,9 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
     p.add_argument("--py-workers", type=int, default=0)
     p.add_argument("--thread-prefetch", type=int, default=0, help="e2e: data.thread_prefetch")
-    p.add_argument(
-        "--precision", default=None, choices=PRECISIONS, help="default: bf16 on CUDA, fp32 on CPU"
-    )
+    add_precision_argument(p)
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3)

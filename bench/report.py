@@ -463,24 +463,33 @@ def _loader_frames_rate(result: dict[str, Any]):
             yield row.get("samples_per_s")
 
 
+def _dali_full_pretrain(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """An end-to-end result's rows of DALI-fed full-size pretraining."""
+    return [
+        r
+        for r in _ok_rows(result)
+        if str(r.get("pipeline", "")).startswith("dali-")
+        and r.get("mode") == "pretrain"
+        and r.get("model") == "full"
+    ]
+
+
 def _e2e_vs_step_only(result: dict[str, Any]):
     """DALI-fed full-size pretraining's share of step-only, in %."""
-    for row in _ok_rows(result):
-        dali = str(row.get("pipeline", "")).startswith("dali-")
-        pretrain = row.get("mode") == "pretrain" and row.get("model") == "full"
-        if dali and pretrain and row.get("cores") == TARGET_CORES and "vs_step_only" in row:
+    for row in _dali_full_pretrain(result):
+        if row.get("cores") == TARGET_CORES and "vs_step_only" in row:
             yield 100 * row["vs_step_only"], _setting(row, result["config"])
 
 
 def _e2e_vs_baseline(result: dict[str, Any]):
     """DALI-fed / paper-style-fed full-size pretraining."""
-    if _at_target_cores(result):
-        rows = [r for r in _ok_rows(result) if str(r.get("pipeline", "")).startswith("dali-")]
-        for c in result["summary"].get("comparisons", []):
-            if c.get("mode") == "pretrain" and c.get("model") == "full":
-                dali = [r for r in rows if r.get("mode") == "pretrain" and r.get("model") == "full"]
-                note = _setting(dali[0], result["config"]) if dali else None
-                yield c.get("dali_vs_baseline"), note
+    if not _at_target_cores(result):
+        return
+    dali = _dali_full_pretrain(result)
+    note = _setting(dali[0], result["config"]) if dali else None
+    for c in result["summary"].get("comparisons", []):
+        if c.get("mode") == "pretrain" and c.get("model") == "full":
+            yield c.get("dali_vs_baseline"), note
 
 
 def _step_mfu(result: dict[str, Any]):

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from equiav.train.optim import PRECISIONS
+from bench.common import add_precision_argument, default_precision
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -104,13 +104,12 @@ def capacity_model(
       GPU and per node, and whether `cores_per_node` suffice;
     - gradient all-reduce: `param_count` (default: the paper-size pretraining model) x 2 bytes
       (bf16: precision "bf16-master") / 4 bytes (fp32: what DDP sends under autocast, whose
-      parameters stay fp32) per
-      step; the step lasts `batch_per_gpu / per_gpu_samples_per_s` and the all-reduce can hide
-      in `overlap_fraction` of it (the backward pass). A ring all-reduce of S bytes over n
-      participants sends 2 (n - 1) / n x S per participant: within a node (NVLink) per GPU with
-      n = gpus_per_node; across m nodes per node with n = m (hierarchical: reduce-scatter in the
-      node, each GPU all-reduces its 1/gpus_per_node shard over its own NIC, all-gather in the
-      node), so one NIC per GPU carries 1/gpus_per_node of the node's traffic.
+      parameters stay fp32) per step; the step lasts `batch_per_gpu / per_gpu_samples_per_s` and the
+      all-reduce can hide in `overlap_fraction` of it (the backward pass). A ring all-reduce of S
+      bytes over n participants sends 2 (n - 1) / n x S per participant: within a node (NVLink) per
+      GPU with n = gpus_per_node; across m nodes per node with n = m (hierarchical: reduce-scatter
+      in the node, each GPU all-reduces its 1/gpus_per_node shard over its own NIC, all-gather in
+      the node), so one NIC per GPU carries 1/gpus_per_node of the node's traffic.
 
     Bandwidths are in GB/s (1e9 bytes/s) per direction; NIC figures also in Gbit/s.
     """
@@ -311,7 +310,7 @@ def _rank_numbers(a: argparse.Namespace, info) -> dict[str, Any]:
         smoke=a.smoke,
         batch_size=a.batch_size,
         threads=a.threads,
-        precision=a.precision or ("bf16" if device.type == "cuda" else "fp32"),
+        precision=default_precision(a.precision, device.type == "cuda"),
         seconds=a.seconds,
         layout=a.layout,
     )
@@ -505,9 +504,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 2; smoke 1)")
     p.add_argument("--threads", type=int, default=None, help="DALI and torch threads per process")
     p.add_argument("--pipeline-batches", type=int, default=None, help="pipeline-alone batches")
-    p.add_argument(
-        "--precision", default=None, choices=PRECISIONS, help="default: bf16 on CUDA, fp32 on CPU"
-    )
+    add_precision_argument(p)
     p.add_argument("--backend", default="auto", choices=("auto", "nccl", "gloo"))
     p.add_argument("--device", default="cuda" if cuda else "cpu", choices=("cuda", "cpu"))
     p.add_argument("--timeout", type=int, default=600, help="seconds per torchrun launch")

@@ -102,7 +102,7 @@ class ThreadedLoader:
         # The consumer's (epoch, batches taken) while a producer runs (the wrapped loader's own
         # position is ahead of it by the batches made ahead).
         self._position: tuple[int, int] | None = None
-        self._unfinished = False  # batches were made that nobody will take: see __iter__
+        self._unfinished = False  # batches were made that nobody will take: see close
 
     @property
     def epoch(self) -> int:
