@@ -2,19 +2,23 @@
 # The GPU checks and benchmarks of one lent-GPU session, stage by stage, for the `device` tool's
 # machine (see README "GPU sessions"). Each stage runs under its own time limit and a failing stage
 # does not stop the next; every stage's output goes to $OUT/gpu.log and the result JSONs to
-# $OUT/results (the tool brings both back). Usage, from the repository root on that machine:
+# $RESULTS (runs/gpu-results), which `pack` archives under $OUT (the tool brings both back).
+# Usage, from the repository root on that machine:
 #   bash bench/gpu_session.sh env cuda-tests loader step e2e
 # Stages: env, bench-data + wait-data (the loader's data rendered in the background),
-# cuda-tests, cuda-tests-quick, tests (the whole suite), loader, loader-quick, loader-nvdec,
-# loader-workers, step, step-compile, step-grid, step-modes, step-sdpa, step-master,
-# step-master-256, e2e, e2e-eager, e2e-fast, e2e-fast-pretrain, e2e-b64, e2e-graphs, e2e-thread,
+# bench-data-b64 + wait-b64 (e2e-b64's), cuda-tests, cuda-tests-quick, tests (the whole suite),
+# loader, loader-quick, loader-nvdec, loader-workers, step, step-compile, step-grid, step-modes,
+# step-sdpa, step-master, step-master-bf16, step-master-256, e2e, e2e-eager, e2e-fast,
+# step-autotune-master, e2e-fast-pretrain, e2e-b64, e2e-graphs, e2e-thread,
 # e2e-quick, e2e-ft-quick, e2e-ft-nothread-quick, e2e-graphs-quick, profile-stage, profile-e2e,
-# profile-e2e-ft, profile-step, scaling, demo, train-graphs,
-# pack (last: archives $OUT/results into $OUT/results.tgz, as the tool returns at most 8 files).
+# profile-e2e-ft, profile-step, profile-step-master, scaling, demo, train-graphs,
+# pack (archives every result so far into $OUT/results.tgz, as the tool returns at most 8 files;
+# after each long stage, so that a call cut off at its limit still returns what it finished).
 set -u
 OUT=${OUT:-runs/gpu-session}
-RESULTS=$OUT/results
+RESULTS=${RESULTS:-runs/gpu-results}  # outside $OUT: `pack` archives it into $OUT/results.tgz
 DATA=${DATA:-runs/bench-data}
+DATA_B64=${DATA_B64:-runs/bench-data-b64}
 CORES=${CORES:-2}  # CPU cores per GPU on an 8-GPU node with 16 cores (issues 5 and 8)
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1
@@ -48,6 +52,16 @@ for s in "$@"; do
     wait-data)
         stage wait-data 240 bash -c "while kill -0 ${DATA_PID:-0} 2>/dev/null; do sleep 1; done; \
             tail -3 $OUT/bench-data.log; ls $DATA" ;;
+    bench-data-b64)  # e2e-b64's 1700 frames-only clips, rendered in the background (as
+        # bench.end_to_end's own ensure_dataset would) while the next stages run; `wait-b64` waits
+        echo "=== bench-data-b64 start $(date +%T)" | tee -a "$LOG"
+        python3 -c "from pathlib import Path; from bench.end_to_end import ensure_dataset; \
+            ensure_dataset(Path('$DATA_B64'), 1700, 10.0, quiet=True, layouts=('frames',))" \
+            >"$OUT/bench-data-b64.log" 2>&1 &
+        DATA_B64_PID=$! ;;
+    wait-b64)
+        stage wait-b64 240 bash -c "while kill -0 ${DATA_B64_PID:-0} 2>/dev/null; do sleep 1; \
+            done; tail -3 $OUT/bench-data-b64.log; ls $DATA_B64" ;;
     cuda-tests-quick) stage cuda-tests 200 python3 -m pytest -q -m cuda tests -rs -x ;;
     e2e-quick)  # full pretrain, eager, source in 2 workers, batches made in a background thread
         stage e2e-quick 200 python3 -m bench.end_to_end --mode pretrain --size full \
@@ -131,10 +145,14 @@ for s in "$@"; do
         stage step-autotune 540 python3 -m bench.step --mode pretrain --compile \
             --compile-mode max-autotune-no-cudagraphs --batch-limit 128 --name step-autotune \
             --results-dir "$RESULTS" ;;
-    step-master)  # bf16 autocast vs a bf16 model with fp32 master weights, compiled, batch 128,
-        # each compiled for its batch alone (two compilations, ~100 s each on a cold cache)
-        stage step-master 540 python3 -m bench.step --mode pretrain --precision bf16 bf16-master \
+    step-master)  # a bf16 model with fp32 master weights, compiled for batch 128 alone (~100 s
+        # to compile on a cold cache); `step-master-bf16` is the bf16-autocast side of it
+        stage step-master 300 python3 -m bench.step --mode pretrain --precision bf16-master \
             --compile --batch-size 128 --steps 10 --warmup 3 --name step-master \
+            --results-dir "$RESULTS" ;;
+    step-master-bf16)
+        stage step-master-bf16 300 python3 -m bench.step --mode pretrain --precision bf16 \
+            --compile --batch-size 128 --steps 10 --warmup 3 --name step-master-bf16 \
             --results-dir "$RESULTS" ;;
     step-master-256)  # bf16-master at batch 256 (an H200's memory; bf16 at 128 took 62 GiB)
         stage step-master-256 360 python3 -m bench.step --mode pretrain --precision bf16-master \
@@ -146,7 +164,7 @@ for s in "$@"; do
         # stay inside one epoch for both loaders (the paper-style loader stalls at every epoch
         # start; 481 clips would be 6 batches an epoch)
         stage e2e-b64 450 python3 -m bench.end_to_end --mode pretrain --size full \
-            --full-batch-size 64 --precision bf16-master --compile --data runs/bench-data-b64 \
+            --full-batch-size 64 --precision bf16-master --compile --data "$DATA_B64" \
             --clips 1700 --cores "$CORES" --py-workers 2 --thread-prefetch 2 --steps 20 \
             --results-dir "$RESULTS/b64" ;;
     train-graphs)  # a real training run (train.py, full size, the synthetic set) with CUDA
@@ -166,11 +184,29 @@ for s in "$@"; do
             --set train.resume=auto
         mkdir -p "$RESULTS/train-graphs"
         cp runs/train-graphs/tb/metrics.jsonl "$RESULTS/train-graphs/" ;;
-    step-sdpa)  # the attention kernel: FlashAttention-2 instead of torch's default (cuDNN)
-        stage step-sdpa 420 python3 -m bench.step --mode pretrain --compile --sdpa flash \
-            --batch-limit 128 --name step-sdpa-flash --results-dir "$RESULTS" ;;
-    pack)  # the tool brings back at most 8 files: one archive of every result so far
-        tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$RESULTS" ;;
+    step-sdpa)  # the attention kernel: FlashAttention-2 and memory-efficient attention instead
+        # of torch's default (cuDNN), bf16-master, compiled, batch 128 (~60 s each on an H200):
+        # against `step-master`, the same step with the default kernel
+        for kernel in flash efficient; do
+            stage "step-sdpa-$kernel" 240 python3 -m bench.step --mode pretrain \
+                --precision bf16-master --compile --sdpa "$kernel" --batch-size 128 --steps 10 \
+                --warmup 3 --name "step-sdpa-$kernel" --results-dir "$RESULTS"
+        done ;;
+    profile-step-master)  # the kernels of the best step so far (bf16-master, compiled, batch
+        # 128, 42.5 % MFU on an H200): which of them hold it below 45 %
+        stage profile-step-master 300 python3 -m bench.profile --what step --compile \
+            --precision bf16-master --batch-size 128 --data "$DATA" --steps 5 \
+            --name profile-step-master-b128 --results-dir "$RESULTS" ;;
+    step-autotune-master)  # Triton GEMM templates with fused epilogues (max-autotune without
+        # CUDA graphs), bf16-master, batch 128: > 200 s of autotuning, so a call of its own
+        stage step-autotune-master 560 python3 -m bench.step --mode pretrain \
+            --precision bf16-master --compile --compile-mode max-autotune-no-cudagraphs \
+            --batch-size 128 --steps 10 --warmup 3 --name step-autotune-master \
+            --results-dir "$RESULTS" ;;
+    pack)  # the tool brings back at most 8 files: one archive of every result so far (the
+        # results stay outside $OUT, so packing after each stage keeps what a later stage that
+        # runs past the call's limit would lose)
+        tar czf "$OUT/results.tgz" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" ;;
     e2e-fast-pretrain)
         stage e2e-fast-pretrain 420 python3 -m bench.end_to_end --mode pretrain --size full \
             --data "$DATA" --cores "$CORES" --py-workers 2 --compile --results-dir "$RESULTS/fast" ;;
