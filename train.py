@@ -133,20 +133,28 @@ def dry_run(cfg: Config, mode: str) -> None:
         print(f"  {name}: {n}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_command(argv: list[str]) -> tuple[str, Config, argparse.Namespace]:
+    """`train.py`'s command line -> (task, config with the YAML preset and every --set applied,
+    the other options). A bad command exits with status 2 and says why."""
     if not argv or argv[0] not in TASKS:
         print(
             f"usage: train.py {{{','.join(TASKS)}}} --config FILE [--set key=value ...] "
             "[--dry-run]",
             file=sys.stderr,
         )
-        return 2
-    mode = argv.pop(0)
+        raise SystemExit(2)
+    mode, argv = argv[0], argv[1:]
     cfg, rest = parse_args(argv, default_config(mode))
     extra = argparse.ArgumentParser(prog=f"train.py {mode}")
     extra.add_argument("--dry-run", action="store_true", help="build the model and count it")
-    args = extra.parse_args(rest)
+    return mode, cfg, extra.parse_args(rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        mode, cfg, args = parse_command(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

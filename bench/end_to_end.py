@@ -393,7 +393,8 @@ def _parse_list(value: str, allowed: Sequence[str], what: str) -> list[str]:
     return items
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m bench.end_to_end`."""
     p = argparse.ArgumentParser(
         prog="python -m bench.end_to_end", description=__doc__.split("\n")[0]
     )
@@ -424,7 +425,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true", help="tiny, fast run that checks the machinery")
     p.add_argument("--results-dir", default=None)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
 
     from bench.common import write_result
 

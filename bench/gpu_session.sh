@@ -20,7 +20,7 @@ RESULTS=${RESULTS:-runs/gpu-results}  # outside $OUT: `pack` archives it into $O
 DATA=${DATA:-runs/bench-data}
 DATA_B64=${DATA_B64:-runs/bench-data-b64}
 CORES=${CORES:-2}  # CPU cores per GPU on an 8-GPU node with 16 cores (issues 5 and 8)
-mkdir -p "$RESULTS"
+mkdir -p "$OUT" "$RESULTS"
 export PYTHONUNBUFFERED=1
 LOG=$OUT/gpu.log
 
@@ -49,8 +49,9 @@ for s in "$@"; do
             classes=10, seed=0, video_format=('webm', 'frames'), seconds=10.0, \
             test_fraction=0.1, progress=False)" >"$OUT/bench-data.log" 2>&1 &
         DATA_PID=$! ;;
-    wait-data)
-        stage wait-data 240 bash -c "while kill -0 ${DATA_PID:-0} 2>/dev/null; do sleep 1; done; \
+    wait-data)  # (without bench-data in the same call: nothing to wait for)
+        stage wait-data 240 bash -c "while [ -n '${DATA_PID:-}' ] && kill -0 '${DATA_PID:-}' 2>/dev/null; do \
+            sleep 1; done; \
             tail -3 $OUT/bench-data.log; ls $DATA" ;;
     bench-data-b64)  # e2e-b64's 1700 frames-only clips, rendered in the background (as
         # bench.end_to_end's own ensure_dataset would) while the next stages run; `wait-b64` waits
@@ -60,8 +61,9 @@ for s in "$@"; do
             >"$OUT/bench-data-b64.log" 2>&1 &
         DATA_B64_PID=$! ;;
     wait-b64)
-        stage wait-b64 240 bash -c "while kill -0 ${DATA_B64_PID:-0} 2>/dev/null; do sleep 1; \
-            done; tail -3 $OUT/bench-data-b64.log; ls $DATA_B64" ;;
+        stage wait-b64 240 bash -c "while [ -n '${DATA_B64_PID:-}' ] && \
+            kill -0 '${DATA_B64_PID:-}' 2>/dev/null; do sleep 1; done; \
+            tail -3 $OUT/bench-data-b64.log; ls $DATA_B64" ;;
     cuda-tests-quick) stage cuda-tests 200 python3 -m pytest -q -m cuda tests -rs -x ;;
     e2e-quick)  # full pretrain, eager, source in 2 workers, batches made in a background thread
         stage e2e-quick 200 python3 -m bench.end_to_end --mode pretrain --size full \

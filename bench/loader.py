@@ -217,7 +217,8 @@ def _median_rows(rounds: list[list[dict]]) -> list[dict]:
     return merged
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m bench.loader`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="runs/bench-data", help="synthetic dataset folder")
     parser.add_argument("--clips", type=int, default=96)
@@ -249,7 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--smoke", action="store_true", help="tiny run for tests")
     parser.add_argument("--results-dir", default=None)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from bench.common import machine_info, write_result
     from equiav.config import apply_overrides, default_config, resolve

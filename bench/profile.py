@@ -285,7 +285,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m bench.profile`."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--what", choices=WHATS, default="step")
     p.add_argument("--mode", choices=("pretrain", "finetune"), default="pretrain")
@@ -306,7 +307,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny model and data, few steps")
     p.add_argument("--name", default=None, help="result name (default profile-<what>)")
     p.add_argument("--results-dir", default=None)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     if a.smoke:
         a.steps, a.warmup = min(a.steps, 2), min(a.warmup, 1)
 

@@ -489,7 +489,8 @@ def _procs(a: argparse.Namespace) -> list[int]:
     return procs
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m bench.scaling`."""
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="python -m bench.scaling", description=__doc__.split("\n")[0])
     p.add_argument("--max-procs", type=int, default=torch.cuda.device_count() if cuda else 2)
@@ -579,7 +580,7 @@ def _capacity(a: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, An
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    a = _defaults(_parser().parse_args(argv))
+    a = _defaults(build_parser().parse_args(argv))
     if a.worker:
         if not a.out:
             raise SystemExit("bench.scaling --worker needs --out")

@@ -549,7 +549,8 @@ def _format_row(row: dict[str, Any]) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m bench.step`."""
     parser = argparse.ArgumentParser(
         prog="python -m bench.step", description=__doc__.split("\n\n")[0]
     )
@@ -582,7 +583,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--name", default=None, help="result name (default step[-grid][-smoke])")
     parser.add_argument("--results-dir", default=None, help="default: bench/results")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.grid:
         compiled = (False, True) if args.grid == "full" else (False,)
         precisions, fused = PRECISIONS, (True, False)

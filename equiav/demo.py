@@ -172,8 +172,9 @@ def write_curves(runs: dict[str, Path], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def build_parser() -> argparse.ArgumentParser:
+    """The demo's own options (`python -m equiav.demo`); the rest of its command line is the
+    config's (`--config`, `--set`)."""
     parser = argparse.ArgumentParser(description="EquiAV demo on the synthetic dataset")
     parser.add_argument("--clips", type=int, default=400, help="synthetic clips (70%% train)")
     parser.add_argument("--classes", type=int, default=10)
@@ -188,7 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--finetune-steps", type=int, default=60)
     parser.add_argument("--stage", choices=("all", "pretrain"), default="all")
-    args, config_args = parser.parse_known_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, config_args = build_parser().parse_known_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     base = load_config(config_args, default_config())
     if base.data.train_json is None:
