@@ -20,6 +20,9 @@ loop spends waiting for the next batch (as the trainer's ``StepTimer`` counts it
 loader to holding the batch on the device) over the wall time of the timed steps. GPU work is not
 synchronised per step, exactly as in the trainer: the loader's work overlaps the device's, and
 one synchronisation closes the timed window. ``vs_step_only`` = samples/s / step-only samples/s.
+Rows also count the epochs that begin inside the timed steps (``epoch_starts``) and the graphs
+torch.compile compiled in the warmup and in the timed steps: a compilation in a loader-fed
+warmup would let the paper-style loader's workers bank batches for its timed steps.
 
 Model sizes: ``tiny`` (a few-layer model, the paper's data geometry: here the loader matters) and
 ``full`` (the paper's ViT-B pair; on a CPU a couple of steps at batch 2, to record the figure).
@@ -181,13 +184,16 @@ def time_steps(
     """`warmup` untimed then `steps` timed iterations of "get a batch, run the step".
 
     -> samples, seconds, samples_per_s, data_wait_frac (time in `next_batch` / wall time, in
-    [0, 1]), step_ms (wall time per step) and data_wait_ms (waiting per step).
+    [0, 1]), step_ms (wall time per step), data_wait_ms (waiting per step), and the graphs
+    torch.compile compiled in the warmup and in the timed steps.
     """
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0, got {steps} and {warmup}")
+    graphs_before = compiled_graphs()
     for _ in range(warmup):
         step(next_batch())
     sync(device)
+    graphs_warm = compiled_graphs()
     wait, samples = 0.0, 0
     start = time.perf_counter()
     for _ in range(steps):
@@ -205,7 +211,16 @@ def time_steps(
         "data_wait_frac": min(1.0, wait / seconds),
         "step_ms": 1e3 * seconds / steps,
         "data_wait_ms": 1e3 * wait / steps,
+        # A compilation while the paper-style loader's workers fill their prefetch queue would
+        # hand its timed steps banked batches; one inside the window would time the compiler.
+        "graphs_compiled_warmup": graphs_warm - graphs_before,
+        "graphs_compiled_timed": compiled_graphs() - graphs_warm,
     }
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile (dynamo) has compiled in this process so far."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
 def baseline_loader(cfg: Config, mode: str, workers: int, seed: int = 0):
@@ -340,6 +355,8 @@ def measure_model(
         row["step_only_samples_per_s"] = step_only["samples_per_s"]
         row["vs_step_only"] = row["samples_per_s"] / step_only["samples_per_s"]
         log(f"  {size}/{mode} {row['pipeline']}: {row['samples_per_s']:.2f} samples/s")
+        if row["graphs_compiled_timed"]:
+            log(f"  warning: {row['pipeline']}: torch.compile ran inside the timed steps")
     return rows
 
 
