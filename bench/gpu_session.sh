@@ -8,8 +8,8 @@
 # Stages: env, bench-data + wait-data (the loader's data rendered in the background),
 # bench-data-b64 + wait-b64 (e2e-b64's), cuda-tests, cuda-tests-quick, tests (the whole suite),
 # loader, loader-quick, loader-nvdec, loader-workers, step, step-compile, step-grid, step-modes,
-# step-sdpa, step-master, step-master-bf16, step-master-256, e2e, e2e-eager, e2e-fast,
-# step-autotune-master, e2e-fast-pretrain, e2e-b64, e2e-graphs, e2e-thread,
+# step-sdpa, step-master, step-master-bf16, step-master-256, step-autotune-master, e2e,
+# e2e-eager, e2e-fast, e2e-fast-pretrain, e2e-b64, e2e-graphs, e2e-thread,
 # e2e-quick, e2e-ft-quick, e2e-ft-nothread-quick, e2e-graphs-quick, profile-stage, profile-e2e,
 # profile-e2e-ft, profile-step, profile-step-master, scaling, demo, train-graphs,
 # pack (archives every result so far into $OUT/results.tgz, as the tool returns at most 8 files;
@@ -50,8 +50,8 @@ for s in "$@"; do
             test_fraction=0.1, progress=False)" >"$OUT/bench-data.log" 2>&1 &
         DATA_PID=$! ;;
     wait-data)  # (without bench-data in the same call: nothing to wait for)
-        stage wait-data 240 bash -c "while [ -n '${DATA_PID:-}' ] && kill -0 '${DATA_PID:-}' 2>/dev/null; do \
-            sleep 1; done; \
+        stage wait-data 240 bash -c "while [ -n '${DATA_PID:-}' ] && \
+            kill -0 '${DATA_PID:-}' 2>/dev/null; do sleep 1; done; \
             tail -3 $OUT/bench-data.log; ls $DATA" ;;
     bench-data-b64)  # e2e-b64's 1700 frames-only clips, rendered in the background (as
         # bench.end_to_end's own ensure_dataset would) while the next stages run; `wait-b64` waits
@@ -147,8 +147,8 @@ for s in "$@"; do
         stage step-autotune 540 python3 -m bench.step --mode pretrain --compile \
             --compile-mode max-autotune-no-cudagraphs --batch-limit 128 --name step-autotune \
             --results-dir "$RESULTS" ;;
-    step-master)  # a bf16 model with fp32 master weights, compiled for batch 128 alone (~100 s
-        # to compile on a cold cache); `step-master-bf16` is the bf16-autocast side of it
+    step-master)  # a bf16 model with fp32 master weights, compiled for batch 128 alone (~60 s
+        # on an H200, compilation included); `step-master-bf16` is the bf16-autocast side of it
         stage step-master 300 python3 -m bench.step --mode pretrain --precision bf16-master \
             --compile --batch-size 128 --steps 10 --warmup 3 --name step-master \
             --results-dir "$RESULTS" ;;
@@ -211,10 +211,12 @@ for s in "$@"; do
         tar czf "$OUT/results.tgz" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" ;;
     e2e-fast-pretrain)
         stage e2e-fast-pretrain 420 python3 -m bench.end_to_end --mode pretrain --size full \
-            --data "$DATA" --cores "$CORES" --py-workers 2 --compile --results-dir "$RESULTS/fast" ;;
+            --data "$DATA" --cores "$CORES" --py-workers 2 --compile \
+            --results-dir "$RESULTS/fast" ;;
     e2e-fast)  # the configuration the presets now use: source workers, compiled step
         stage e2e-fast 540 python3 -m bench.end_to_end --mode pretrain,finetune --size full \
-            --data "$DATA" --cores "$CORES" --py-workers 2 --compile --results-dir "$RESULTS/fast" ;;
+            --data "$DATA" --cores "$CORES" --py-workers 2 --compile \
+            --results-dir "$RESULTS/fast" ;;
     scaling)
         stage scaling 300 python3 -m bench.scaling --procs 1 --backend nccl --device cuda \
             --data "$DATA" --threads "$CORES" --results-dir "$RESULTS" ;;
