@@ -8,7 +8,8 @@
 # Stages: env, bench-data + wait-data (the loader's data rendered in the background),
 # bench-data-b64 + wait-b64 (e2e-b64's), cuda-tests, cuda-tests-quick, tests (the whole suite),
 # loader, loader-quick, loader-nvdec, loader-workers, step, step-compile, step-grid, step-modes,
-# step-sdpa, step-master, step-master-bf16, step-master-256, step-autotune-master, e2e,
+# step-sdpa, step-master, step-master-bf16, step-master-256, step-coordesc,
+# step-autotune-master, e2e,
 # e2e-eager, e2e-fast, e2e-fast-pretrain, e2e-b64, e2e-graphs, e2e-thread,
 # e2e-quick, e2e-ft-quick, e2e-ft-nothread-quick, e2e-graphs-quick, profile-stage, profile-e2e,
 # profile-e2e-ft, profile-step, profile-step-master, scaling, demo, train-graphs,
@@ -199,6 +200,12 @@ for s in "$@"; do
         stage profile-step-master 300 python3 -m bench.profile --what step --compile \
             --precision bf16-master --batch-size 128 --data "$DATA" --steps 5 \
             --name profile-step-master-b128 --results-dir "$RESULTS" ;;
+    step-coordesc)  # inductor's coordinate-descent tuning of the Triton kernels it generates
+        # (LayerNorm, GELU, residual adds: the memory-bound quarter of the step) without GEMM
+        # autotuning; bf16-master, batch 128, against `step-master`
+        stage step-coordesc 300 python3 -m bench.step --mode pretrain --precision bf16-master \
+            --compile --compile-mode coordinate-descent --batch-size 128 --steps 10 --warmup 3 \
+            --name step-coordesc --results-dir "$RESULTS" ;;
     step-autotune-master)  # Triton GEMM templates with fused epilogues (max-autotune without
         # CUDA graphs), bf16-master, batch 128: > 200 s of autotuning, so a call of its own
         stage step-autotune-master 560 python3 -m bench.step --mode pretrain \

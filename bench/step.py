@@ -50,6 +50,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bench.common import write_result
 from bench.flops import FlopCount, finetune_flops, pretrain_flops
 from equiav.config import COMPILE_MODES, Config, default_config
+from equiav.train.loop import compile_model
 from equiav.train.optim import PRECISIONS, autocast, build_optimizer, make_scaler, master_weights
 from equiav.train.step import optimizer_step
 from train import finetune_task, pretrain_task
@@ -190,7 +191,7 @@ class TrainStep:
         self.scaler = make_scaler(setup.precision, device)
         self.net = self.model
         if setup.compile:
-            self.net = torch.compile(self.model, mode=setup.compile_mode)
+            self.net = compile_model(self.model, setup.compile_mode)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.skipped = 0  # optimizer steps the fp16 scaler skipped (inf/nan gradients)
         self.last = None  # the last step's StepOutcome (device tensors)

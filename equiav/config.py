@@ -206,8 +206,22 @@ class OptimConfig:
     use_apex: bool = False
 
 
-#: torch.compile's modes (``train.compile_mode``).
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: Modes of our own (``train.compile_mode``): torch.compile's options instead of one of its modes.
+#: ``coordinate-descent``: the default mode plus inductor's coordinate-descent tuning of the
+#: Triton kernels it generates (block sizes of the pointwise and reduction kernels, LayerNorm and
+#: GELU among them, benchmarked at compile time); unlike ``max-autotune-no-cudagraphs`` no GEMM
+#: autotuning, which took more than 200 s for the pretraining step on an H200.
+COMPILE_OPTIONS: dict[str, dict[str, object]] = {
+    "coordinate-descent": {"coordinate_descent_tuning": True},
+}
+#: torch.compile's modes and ours (``train.compile_mode``).
+COMPILE_MODES = (
+    "default",
+    "reduce-overhead",
+    "max-autotune",
+    "max-autotune-no-cudagraphs",
+    *COMPILE_OPTIONS,
+)
 
 
 @dataclass

@@ -299,3 +299,44 @@ def test_a_compiled_run_follows_the_eager_run(synth_small, tmp_path, monkeypatch
     assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
     torch._dynamo.reset()
+
+
+def test_compile_modes_of_our_own_reach_torch_compile_as_options(monkeypatch):
+    """`train.compile_mode: coordinate-descent` is torch.compile's default mode with inductor's
+    coordinate-descent tuning, passed as options (torch.compile takes a mode or options, not
+    both); torch's own modes pass as modes. The calls are real: torch.compile checks option
+    names when called (a misspelt one raises), and compiles only on first use."""
+    from equiav.config import (
+        COMPILE_OPTIONS,
+        ConfigError,
+        apply_overrides,
+        default_config,
+        validate,
+    )
+    from equiav.train.loop import compile_model
+
+    calls = []
+    real = torch.compile
+
+    def spy(module, **kwargs):
+        calls.append(kwargs)
+        return real(module, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    module = torch.nn.Linear(2, 2)
+    assert compile_model(module, "coordinate-descent") is not module
+    compile_model(module, "reduce-overhead")
+    assert calls == [
+        {"options": {"coordinate_descent_tuning": True}},
+        {"mode": "reduce-overhead"},
+    ]
+    monkeypatch.setitem(COMPILE_OPTIONS, "misspelt", {"coordinate_descent_tunin": True})
+    with pytest.raises(RuntimeError, match="coordinate_descent_tunin"):
+        compile_model(module, "misspelt")
+
+    def with_mode(mode: str):
+        return validate(apply_overrides(default_config("pretrain"), {"train.compile_mode": mode}))
+
+    assert with_mode("coordinate-descent").train.compile_mode == "coordinate-descent"
+    with pytest.raises(ConfigError, match="compile_mode"):
+        with_mode("coordinate")

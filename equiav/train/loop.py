@@ -29,7 +29,7 @@ from torch import nn
 
 from dali_pipelines.loader import build_loader
 from dali_pipelines.sources import Shard
-from equiav.config import Config, config_to_dict, save_config
+from equiav.config import COMPILE_OPTIONS, Config, config_to_dict, save_config
 from equiav.train import checkpoint as ckpt
 from equiav.train.dist import DistInfo
 from equiav.train.metrics_log import MetricsLogger, ProgressBar, StepTimer, environment_info
@@ -87,6 +87,15 @@ def _agree(flag: bool, device: torch.device, op=None) -> bool:
 def _unwrap(model: nn.Module) -> nn.Module:
     model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
+
+
+def compile_model(module: nn.Module, mode: str) -> nn.Module:
+    """``torch.compile(module)`` in `mode` (``train.compile_mode``): one of torch's modes, or
+    one of ours (``equiav.config.COMPILE_OPTIONS``), which torch.compile takes as options (it
+    accepts a mode or options, not both)."""
+    if mode in COMPILE_OPTIONS:
+        return torch.compile(module, options=dict(COMPILE_OPTIONS[mode]))
+    return torch.compile(module, mode=mode)
 
 
 def train(cfg: Config, task: Task, dist: DistInfo) -> dict:
@@ -148,7 +157,7 @@ def train(cfg: Config, task: Task, dist: DistInfo) -> dict:
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     if cfg.train.compile:
-        net = torch.compile(net, mode=cfg.train.compile_mode)
+        net = compile_model(net, cfg.train.compile_mode)
 
     logger = MetricsLogger(
         out_dir / "tb", enabled=dist.is_main, purge_step=step + 1 if step else None
