@@ -33,6 +33,14 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log its output and
     echo "=== $name rc=${PIPESTATUS[0]} end $(date +%T)" | tee -a "$LOG"
 }
 
+fixed_step() {  # fixed_step NAME SECONDS ARGS...: the compiled pretraining step at one batch,
+    # 3 + 10 steps, its result named NAME; ARGS: --precision, --batch-size and any others
+    local name=$1 limit=$2
+    shift 2
+    stage "$name" "$limit" python3 -m bench.step --mode pretrain --compile --steps 10 \
+        --warmup 3 --name "$name" --results-dir "$RESULTS" "$@"
+}
+
 for s in "$@"; do
     case $s in
     env)
@@ -150,17 +158,11 @@ for s in "$@"; do
             --results-dir "$RESULTS" ;;
     step-master)  # a bf16 model with fp32 master weights, compiled for batch 128 alone (~60 s
         # on an H200, compilation included); `step-master-bf16` is the bf16-autocast side of it
-        stage step-master 300 python3 -m bench.step --mode pretrain --precision bf16-master \
-            --compile --batch-size 128 --steps 10 --warmup 3 --name step-master \
-            --results-dir "$RESULTS" ;;
+        fixed_step step-master 300 --precision bf16-master --batch-size 128 ;;
     step-master-bf16)
-        stage step-master-bf16 300 python3 -m bench.step --mode pretrain --precision bf16 \
-            --compile --batch-size 128 --steps 10 --warmup 3 --name step-master-bf16 \
-            --results-dir "$RESULTS" ;;
+        fixed_step step-master-bf16 300 --precision bf16 --batch-size 128 ;;
     step-master-256)  # bf16-master at batch 256 (an H200's memory; bf16 at 128 took 62 GiB)
-        stage step-master-256 360 python3 -m bench.step --mode pretrain --precision bf16-master \
-            --compile --batch-size 256 --steps 10 --warmup 3 --name step-master-256 \
-            --results-dir "$RESULTS" ;;
+        fixed_step step-master-256 360 --precision bf16-master --batch-size 256 ;;
     e2e-b64)  # full pretraining at batch 64, bf16-master, compiled: the step's rate rises with
         # the batch and the paper-style loader's does not (issue 8's 10x target). Its own set of
         # 1700 clips in JPEG frames only (~30 s to render on 16 cores): the 3 + 20 batches of 64
@@ -191,9 +193,8 @@ for s in "$@"; do
         # of torch's default (cuDNN), bf16-master, compiled, batch 128 (~60 s each on an H200):
         # against `step-master`, the same step with the default kernel
         for kernel in flash efficient; do
-            stage "step-sdpa-$kernel" 240 python3 -m bench.step --mode pretrain \
-                --precision bf16-master --compile --sdpa "$kernel" --batch-size 128 --steps 10 \
-                --warmup 3 --name "step-sdpa-$kernel" --results-dir "$RESULTS"
+            fixed_step "step-sdpa-$kernel" 240 --precision bf16-master --batch-size 128 \
+                --sdpa "$kernel"
         done ;;
     profile-step-master)  # the kernels of the best step so far (bf16-master, compiled, batch
         # 128, 42.5 % MFU on an H200): which of them hold it below 45 %
@@ -203,15 +204,12 @@ for s in "$@"; do
     step-coordesc)  # inductor's coordinate-descent tuning of the Triton kernels it generates
         # (LayerNorm, GELU, residual adds: the memory-bound quarter of the step) without GEMM
         # autotuning; bf16-master, batch 128, against `step-master`
-        stage step-coordesc 300 python3 -m bench.step --mode pretrain --precision bf16-master \
-            --compile --compile-mode coordinate-descent --batch-size 128 --steps 10 --warmup 3 \
-            --name step-coordesc --results-dir "$RESULTS" ;;
+        fixed_step step-coordesc 300 --precision bf16-master --batch-size 128 \
+            --compile-mode coordinate-descent ;;
     step-autotune-master)  # Triton GEMM templates with fused epilogues (max-autotune without
         # CUDA graphs), bf16-master, batch 128: > 200 s of autotuning, so a call of its own
-        stage step-autotune-master 560 python3 -m bench.step --mode pretrain \
-            --precision bf16-master --compile --compile-mode max-autotune-no-cudagraphs \
-            --batch-size 128 --steps 10 --warmup 3 --name step-autotune-master \
-            --results-dir "$RESULTS" ;;
+        fixed_step step-autotune-master 560 --precision bf16-master --batch-size 128 \
+            --compile-mode max-autotune-no-cudagraphs ;;
     pack)  # the tool brings back at most 8 files: one archive of every result so far (the
         # results stay outside $OUT, so packing after each stage keeps what a later stage that
         # runs past the call's limit would lose)

@@ -13,9 +13,9 @@ decoding time (``stts``) plus the composition offset (``ctts``: B-frames), the b
 one sample description, an edit list of empty edits (a delayed start) and at most one plain
 entry that drops no sample (every timestamp shifts as FFmpeg shifts it), and no fragments.
 Anything else (``moof`` fragments, several edits with media, an edit that starts after a sample
-or ends before one,
-sample groups, a codec not in ``CODECS``, a file that is not ISO media) makes :func:`scan`
-return None and the caller falls back to PyAV. Tests compare both on real files.
+or ends before one, sample groups, a codec not in ``CODECS``, a file that is not ISO media)
+makes :func:`scan` return None and the caller falls back to PyAV. Tests compare both on real
+files.
 """
 
 from __future__ import annotations
