@@ -18,12 +18,12 @@ SECONDS ?= 10
 FORMAT ?= all
 
 .PHONY: setup test lint format demo synth shard check preview pretrain pretrain-demo finetune \
-	evaluate retrieval bench bench-loader bench-step bench-e2e bench-scaling bench-profile \
-	bench-report help
+	evaluate retrieval bench bench-loader bench-step bench-e2e bench-scaling bench-startup \
+	bench-profile bench-report help
 help:
 	@echo "targets: setup test lint format demo synth shard check preview pretrain pretrain-demo"
 	@echo "         finetune evaluate retrieval bench bench-loader bench-step bench-e2e"
-	@echo "         bench-scaling bench-profile bench-report"
+	@echo "         bench-scaling bench-startup bench-profile bench-report"
 	@echo "(see README.md)"
 
 # Training: CONFIG picks the preset, NPROC the processes per node (default: all local GPUs, or
@@ -99,7 +99,7 @@ evaluate: $(SETUP)
 retrieval: $(SETUP)
 	$(PY) evaluate.py retrieval --checkpoint $(CKPT) --data $(DATA) $(ARGS)
 
-bench: bench-loader bench-step bench-e2e bench-scaling bench-report
+bench: bench-loader bench-step bench-e2e bench-scaling bench-startup bench-report
 
 bench-loader: $(SETUP)
 	$(PY) -m bench.loader $(ARGS)
@@ -112,6 +112,10 @@ bench-e2e: $(SETUP)
 
 bench-scaling: $(SETUP)
 	$(PY) -m bench.scaling $(ARGS)
+
+# Start-up and host memory of a rank's loader for a 2M-clip list (~6 minutes, ~2 GB here).
+bench-startup: $(SETUP)
+	$(PY) -m bench.startup $(ARGS)
 
 bench-profile: $(SETUP)
 	$(PY) -m bench.profile $(ARGS)

@@ -39,6 +39,9 @@ other than "ok" is listed but not plotted):
   rendered as tables: what one node and each node count need from the input pipeline, storage
   and interconnect.
 
+- `startup` (bench/startup.py): {"phase": "read" | "source" | "loader" | "check", "entries",
+  ...}: host-side (CPU time, memory), so never marked as missing a GPU measurement.
+
 Any other kind gets a table and no plot.
 """
 
@@ -255,6 +258,12 @@ TITLES = {
     "end_to_end": "End to end vs step only",
     "scaling": "Scaling",
     "profile": "Profiles: where the time goes",
+    "startup": "Loader start-up and host memory at dataset scale",
+}
+# Kinds that measure the host alone (CPU time, memory): no GPU row is missing from them.
+HOST_ONLY = {
+    "startup": "Host-side: the CPU time and memory of a rank's input pipeline start; no GPU "
+    "involved.",
 }
 
 
@@ -329,6 +338,11 @@ def _capacity_lines(c: dict[str, Any]) -> list[str]:
             f"| CPU cores for the DALI pipeline (at {_n(node['dali_samples_per_s_per_core'])} "
             f"samples/s per core) | {_n(node['dali_cores_needed'], '{:.1f}')} "
             f"({_n(node['dali_cores_per_gpu'], '{:.2f}')} per GPU){of} |"
+        )
+    if node.get("host_gib") is not None:
+        lines.append(
+            f"| host memory for the training processes and their source workers | "
+            f"{_n(node['host_gib'], '{:.1f}')} GiB ({_n(node['host_mib_per_gpu'])} MiB per GPU) |"
         )
     p_names = " / ".join(precisions)
     lines += [
@@ -569,10 +583,12 @@ def write_report(
     order = [k for k in PLOTTERS if k in by_kind] + sorted(k for k in by_kind if k not in PLOTTERS)
     for kind in order:
         lines += [f"## {TITLES.get(kind, kind)} (`{kind}-*`)", ""]
-        if not any(ran_on_gpu(r) for _, r in by_kind[kind]):
+        if kind in HOST_ONLY:
+            lines += [HOST_ONLY[kind], ""]
+        elif not any(ran_on_gpu(r) for _, r in by_kind[kind]):
             lines += [f"**{NOT_ON_GPU[0].upper()}{NOT_ON_GPU[1:]}.**", ""]
         for path, result in by_kind[kind]:
-            gpu_note = "" if ran_on_gpu(result) else f" ({NOT_ON_GPU})"
+            gpu_note = "" if ran_on_gpu(result) or kind in HOST_ONLY else f" ({NOT_ON_GPU})"
             lines += [f"### `{path.name}`{gpu_note}", "", _machine_line(result), ""]
             lines += _table(result["rows"], kind) + [""]
             if kind in PLOTTERS and _ok_rows(result):

@@ -94,6 +94,7 @@ def capacity_model(
     cores_per_node: int | None = 16,
     nodes: Sequence[int] = (1, 2, 4, 8),
     overlap_fraction: float = BACKWARD_SHARE,
+    host_mib_per_gpu: float | None = None,
 ) -> dict[str, Any]:
     """What a node of `gpus_per_node` GPUs, and `nodes` such nodes, need to keep every GPU busy at
     `per_gpu_samples_per_s` (the training step's own rate, without loading).
@@ -101,7 +102,9 @@ def capacity_model(
     - input: samples/s per node; storage reads in MB/s (1e6 bytes) per node and in total, for
       each media kind in `bytes_per_sample` (bytes one sample reads; a number is named
       "measured"); with `dali_samples_per_s_per_core`, the CPU cores the DALI pipeline needs per
-      GPU and per node, and whether `cores_per_node` suffice;
+      GPU and per node, and whether `cores_per_node` suffice; with `host_mib_per_gpu` (a
+      training process and its source workers, holding the dataset list), the node's host
+      memory for them;
     - gradient all-reduce: `param_count` (default: the paper-size pretraining model) x 2 bytes
       (bf16: precision "bf16-master") / 4 bytes (fp32: what DDP sends under autocast, whose
       parameters stay fp32) per step; the step lasts `batch_per_gpu / per_gpu_samples_per_s` and the
@@ -141,6 +144,8 @@ def capacity_model(
         "dali_cores_needed": None,
         "cores_available": cores_per_node,
         "cores_suffice": None,
+        "host_mib_per_gpu": host_mib_per_gpu,
+        "host_gib": None if host_mib_per_gpu is None else g * host_mib_per_gpu / 1024,
     }
     if dali_samples_per_s_per_core:
         per_node["dali_cores_per_gpu"] = rate / dali_samples_per_s_per_core
@@ -259,6 +264,31 @@ def gpu_loader_rate(results_dir: str | os.PathLike | None) -> tuple[float, str] 
                 if best is None or rate > best[0]:
                     best = (rate, f"{name} ({row['pipeline']}, {row['threads']} threads)")
     return best
+
+
+def rank_host_memory(results_dir: str | os.PathLike | None) -> tuple[float, str] | None:
+    """A training rank's host memory (MiB, its processes' proportional sum) at the longest list
+    among `bench.startup` results in `results_dir` (every phase run, not smoke), with where it
+    came from; None when there is none."""
+    from bench.common import DEFAULT_RESULTS_DIR, ResultError, read_result
+
+    directory = Path(results_dir) if results_dir is not None else DEFAULT_RESULTS_DIR
+    best: tuple[int, float, str] | None = None
+    for path in sorted(directory.glob("startup-*.json")):
+        try:
+            result = read_result(path)
+        except ResultError:
+            continue
+        summary, config = result["summary"], result["config"]
+        if config.get("smoke") or "rank_pss_mib" not in summary:
+            continue
+        if best is None or summary["entries"] > best[0]:
+            source = (
+                f"measured: {path.name}, a rank with {config.get('py_workers')} source workers "
+                f"and a {summary['entries']}-clip list ({config.get('classes')} classes)"
+            )
+            best = (summary["entries"], float(summary["rank_pss_mib"]), source)
+    return None if best is None else best[1:]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -559,9 +589,11 @@ def _capacity(a: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, An
         f"synthetic_{a.layout}": media_bytes_per_sample(train_json),
         "audioset_estimate": REAL_WAV_BYTES + 2 * a.real_frame_kb * 1000,
     }
+    memory = rank_host_memory(a.results_dir)
     model = capacity_model(
         rate,
         media,
+        host_mib_per_gpu=memory[0] if memory else None,
         dali_samples_per_s_per_core=per_core,
         gpus_per_node=a.gpus_per_node,
         cores_per_node=a.cores_per_node,
@@ -570,6 +602,7 @@ def _capacity(a: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, An
     model["sources"] = {
         "per_gpu_samples_per_s": rate_source,
         "dali_samples_per_s_per_core": core_source if per_core is not None else None,
+        "host_mib_per_gpu": memory[1] if memory else None,
         f"synthetic_{a.layout}": f"measured: mean file sizes of {train_json}",
         "audioset_estimate": (
             f"10 s 16 kHz 16-bit wav ({REAL_WAV_BYTES} bytes) + 2 frames of "

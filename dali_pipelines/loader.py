@@ -40,7 +40,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from dali_pipelines import audio, augment
 from dali_pipelines.pipelines import PipelineOptions, build_pipeline, output_names
 from dali_pipelines.sources import SampleSource, Shard, SourceSpec
-from equiav.data.index import Entry, LabelSet, read_label_csv
+from equiav.data.index import Entry, EntryTable, LabelSet, is_video_file, read_label_csv
 from kernels import augment as K
 from kernels.transfer import to_device
 
@@ -113,7 +113,12 @@ class DaliLoader:
     ) -> None:
         if not entries:
             raise ValueError("no usable entries to load")
-        kinds = {e.is_video_file for e in entries}
+        paths = (
+            entries.video_paths
+            if isinstance(entries, EntryTable)
+            else (e.video_path for e in entries)
+        )
+        kinds = {is_video_file(p) for p in set(paths)}
         if len(kinds) != 1:
             raise ValueError("a dataset must use video files or frames folders, not both")
         shard = shard or Shard()
@@ -124,8 +129,6 @@ class DaliLoader:
         if cfg.video_decoder not in ("cpu", "gpu"):
             raise ValueError(f"video_decoder must be 'cpu' or 'gpu', got {cfg.video_decoder!r}")
         self._video_on_cpu = self.device.type == "cpu" or cfg.video_decoder == "cpu"
-        if self.device.type == "cpu" and cfg.keep_freed_memory and keep_freed_memory():
-            log.debug("glibc malloc keeps freed memory (data.keep_freed_memory)")
         self.epoch, start_offset = 0, 0
         if state is not None:
             self.epoch, start_offset = self._resume(state)
@@ -174,6 +177,10 @@ class DaliLoader:
             video_device="cpu" if self._video_on_cpu else "gpu",
         )
         self.pipe = build_pipeline(self.source, self.opts)
+        # After the pipeline is built: starting source workers pickles the source (the whole
+        # list) for each, and with freed memory kept those copies would stay in this process.
+        if self.device.type == "cpu" and cfg.keep_freed_memory and keep_freed_memory():
+            log.debug("glibc malloc keeps freed memory (data.keep_freed_memory)")
         self.iterator = DALIGenericIterator(
             [self.pipe],
             list(output_names(self.source)),
@@ -316,14 +323,16 @@ def checked_entries(
     gpu: bool = False,
     video_decoder: str = "auto",
     progress: bool = True,
-) -> tuple[list[Entry], np.ndarray | None, str]:
+) -> tuple[EntryTable, np.ndarray | None, str]:
     """The usable entries of a dataset file, their weights, and where their videos are decoded
     ("cpu" or "gpu", see :func:`video_decoder_for`), after the cached dataset check.
 
     Entries with errors are skipped, each logged with its file, then counted; warnings are what
     the pipeline repairs (resample, downmix, pad). Where videos are decoded on the CPU (always
     without a GPU), a video codec that DALI's CPU decoder cannot handle is an error for that
-    entry. Under ``torch.distributed`` rank 0 checks first and the others read its cache.
+    entry. Under ``torch.distributed`` rank 0 checks first and the others take its cache's
+    results without stat-ing the media again (a node whose ranks cannot see that cache checks
+    afresh).
     """
     from equiav.data.check import check_dataset
 
@@ -338,7 +347,10 @@ def checked_entries(
     )
     if dist and rank != 0:
         torch.distributed.barrier()  # wait for rank 0 to fill the cache
-    report = check_dataset(json_path, progress=progress and rank == 0, **kwargs)
+    # Rank 0 has just checked every file: the others take its cache as it is.
+    report = check_dataset(
+        json_path, progress=progress and rank == 0, trust_cache=rank != 0, **kwargs
+    )
     if dist and rank == 0:
         torch.distributed.barrier()
     codecs = {report.video_codec[i] for i in report.usable} - {None}
@@ -440,7 +452,7 @@ def build_loader(
     )
     if holdout:
         keep = holdout_indices(len(entries), data.val_fraction, split == "val")
-        entries = [entries[i] for i in keep]
+        entries = entries.take(keep)
         weights = weights[keep] if weights is not None else None
     lcfg = LoaderConfig(
         batch_size=cfg.train.batch_size

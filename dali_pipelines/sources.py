@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from equiav.data.index import Entry, LabelSet
+from equiav.data.index import Entry, LabelRows, LabelSet
 from equiav.data.media import CorruptMediaError, store  # the error is raised by the checks here
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,7 @@ class SampleSource:
 
     def __init__(self, spec: SourceSpec) -> None:
         self.spec = spec
-        self.multi_hot = np.stack([spec.labels.multi_hot(e.labels) for e in spec.entries])
+        self.label_rows = LabelRows.build(spec.entries, spec.labels)
         self.skipped: dict[str, str] = {}
         self._positions: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._blocks: dict[tuple, object] = {}  # see _block
@@ -335,7 +335,7 @@ class SampleSource:
         if s.mode == "finetune":
             fields.append(("lam", (), np.float32))
         fields += [
-            ("labels", (self.multi_hot.shape[1],), np.float32),
+            ("labels", (self.label_rows.num_classes,), np.float32),
             ("index", (), np.int64),
             ("valid", (), np.int32),
             ("frame_k", (self.views,), np.int32),
@@ -472,7 +472,7 @@ class SampleSource:
                 path = e.frame_path(k)
                 out[f"frame{view}"] = data = read_bytes(path)
                 validate_jpeg(path, data)
-        out.setdefault("labels", self.multi_hot[index])
+        out.setdefault("labels", self.label_rows.row(index))
         out["index"] = np.array(index, np.int64)
         out["valid"] = np.array(ok, np.int32)
         out["frame_k"] = np.array(ks, np.int32)
@@ -576,7 +576,7 @@ class SampleSource:
             partner, lam = index, 1.0
         if not s.ft_specaug:
             masks = [0, 0, 0, 0]
-        labels = lam * self.multi_hot[index] + (1 - lam) * self.multi_hot[partner]
+        labels = lam * self.label_rows.row(index) + (1 - lam) * self.label_rows.row(partner)
         return {
             "partner": np.array(partner),
             "wav_partner": read_wav(s.entries[partner].wav),

@@ -403,8 +403,8 @@ def test_finetune_mixup_label_arithmetic_and_partner_draws(synth_small):
     for position in range(400):
         out = source._mixup(position % len(entries), epoch=0, i=position)
         lam = float(out["lam"])
-        own = source.multi_hot[position % len(entries)]
-        partner = source.multi_hot[int(out["partner"])]
+        own = labels.multi_hot(entries[position % len(entries)].labels)
+        partner = labels.multi_hot(entries[int(out["partner"])].labels)
         np.testing.assert_allclose(out["labels"], lam * own + (1 - lam) * partner, atol=1e-6)
         if lam < 1.0:
             mixed += 1

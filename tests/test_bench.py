@@ -471,3 +471,31 @@ def test_report_states_the_targets_against_the_best_measurements(tmp_path):
     mfu = table["GPU: pretraining step MFU, bf16"]
     assert mfu[1:3] == ["36.0 %", "no"] and mfu[3].startswith("`step-a-")
     assert mfu[3].endswith("(batch 64, bf16-master, compiled) |")
+
+
+def test_startup_smoke_writes_a_valid_result(synth_small, tmp_path):
+    """Every phase runs in its own process on a list over the synthetic clips; the source a
+    DALI worker receives is the list's columns, not per-entry objects or a dense label matrix."""
+    import json
+
+    from bench.report import write_report
+    from bench.startup import main
+
+    args = ["--smoke", "--data", str(synth_small.root), "--seconds", "4", "--py-workers", "1"]
+    assert main([*args, "--results-dir", str(tmp_path), "--quiet"]) == 0
+    (path,) = tmp_path.glob("startup-smoke-*.json")
+    result = json.loads(path.read_text())
+    rows = {row["phase"]: row for row in result["rows"] if row["phase"] != "check"}
+    checks = [row for row in result["rows"] if row["phase"] == "check"]
+    assert list(rows) == ["read", "source", "loader"]
+    assert rows["read"]["entries"] == rows["loader"]["entries"] == 2000
+    assert rows["source"]["pickle_mib"] * 2**20 / 2000 < 150  # bytes per entry
+    assert rows["loader"]["children"] >= 1 and rows["loader"]["rank_pss_mib"] > 0
+    assert [c["entries"] for c in checks] == [c["usable"] for c in checks] == [40, 200]
+    assert all(0 < c["trusted_s"] < c["cached_s"] < c["cold_s"] for c in checks)
+    summary = result["summary"]
+    assert summary["node_gib"] == pytest.approx(8 * summary["rank_pss_mib"] / 1024)
+    assert summary["check_cold_s_at_entries"] > summary["check_cached_s_at_entries"] > 0
+    report = write_report(tmp_path, tmp_path / "out").read_text()
+    # Host-side: never marked as waiting for a GPU measurement.
+    assert f"### `{path.name}`\n" in report and "rank_pss_mib" in report

@@ -195,7 +195,9 @@ def test_capacity_model_arithmetic():
 
     plain = scaling.capacity_model(100.0, 1e6, param_count=10, dali_samples_per_s_per_core=None)
     assert plain["per_node"]["storage_read_mb_per_s"] == {"measured": pytest.approx(800.0)}
-    assert plain["per_node"]["dali_cores_needed"] is None
+    assert plain["per_node"]["dali_cores_needed"] is None and plain["per_node"]["host_gib"] is None
+    held = scaling.capacity_model(100.0, 1e6, param_count=10, host_mib_per_gpu=2048.0)
+    assert held["per_node"]["host_gib"] == pytest.approx(16.0)  # 8 x 2 GiB
     for bad in ({"per_gpu_samples_per_s": 0.0}, {"overlap_fraction": 0.0}, {"nodes": (0,)}):
         kwargs = {"per_gpu_samples_per_s": 1.0, "bytes_per_sample": 1.0, "param_count": 1}
         with pytest.raises(ValueError):
@@ -239,6 +241,7 @@ def test_report_renders_end_to_end_and_scaling(e2e_result, scaling_result, resul
             "capacity": scaling.capacity_model(
                 500.0, {"small": 100_000}, param_count=100_000_000,
                 dali_samples_per_s_per_core=50.0, nodes=(1, 2), overlap_fraction=0.5,
+                host_mib_per_gpu=1536.0,
             ),
             "note": "hand-made",
         },
@@ -258,6 +261,7 @@ def test_report_renders_end_to_end_and_scaling(e2e_result, scaling_result, resul
     assert "| CPU cores for the DALI pipeline (at 50 samples/s per core) | 80.0 " in demo_part
     assert "of 16: too few |" in demo_part
     assert "| NVLink per GPU to hide it, bf16 / fp32 | 21.9 / 43.8 GB/s |" in demo_part
+    assert "source workers | 12.0 GiB (1536 MiB per GPU) |" in demo_part
     assert "| 2 | 16 | 8000 | 800 | 12.5 / 25 | 12.5 / 25 |" in demo_part
     assert '"note": "hand-made"' in demo_part and '"capacity"' not in demo_part
     smoke_part = text.split(f"### `scaling-smoke-{host}.json`")[1].split("### ")[0]
@@ -307,3 +311,20 @@ def test_capacity_inputs_come_from_gpu_results(tmp_path):
     result("loader-cpu", cpu, {**frames, "pipeline": "dali-frames", "samples_per_s": 9000.0})
     rate, source = scaling.gpu_loader_rate(tmp_path)
     assert rate == 900.0 and "loader-c" in source and "2 threads" in source
+
+
+def test_capacity_host_memory_comes_from_the_longest_startup_result(tmp_path):
+    """A rank's host memory in the capacity model: the `bench.startup` result with the longest
+    list; smoke runs and runs without the loader phase are ignored."""
+
+    def result(name, entries, config=None, **summary):
+        summary = {"entries": entries, **summary}
+        write_result(name, {"config": config or {}, "rows": [], "summary": summary}, tmp_path)
+
+    assert scaling.rank_host_memory(tmp_path) is None
+    result("startup-a", 500_000, {"py_workers": 2, "classes": 527}, rank_pss_mib=1458.0)
+    result("startup-b", 2_000_000, {"py_workers": 2, "classes": 527}, rank_pss_mib=2003.0)
+    result("startup-smoke", 9_000_000, {"smoke": True}, rank_pss_mib=1.0)
+    result("startup-c", 9_000_000)  # no loader phase
+    mib, source = scaling.rank_host_memory(tmp_path)
+    assert mib == 2003.0 and "startup-b" in source and "2000000-clip list" in source

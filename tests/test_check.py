@@ -231,7 +231,7 @@ def test_malformed_json_exits_2_naming_the_file(data: Path) -> None:
 
 def test_write_clean_keeps_weights_in_step(data: Path, tmp_path: Path) -> None:
     src = data / "train.json"
-    entries = read_dataset(src)
+    entries = list(read_dataset(src))
     Path(entries[1].wav).unlink()
     entries[3] = dataclasses.replace(entries[3], labels=("/m/unknown",))
     write_dataset(src, entries)
@@ -257,6 +257,23 @@ def test_write_clean_keeps_weights_in_step(data: Path, tmp_path: Path) -> None:
     expected = compute_weights([e.labels for e in kept])
     assert np.array_equal(read_weights(w_out), expected)
     assert not np.allclose(expected, weights[[0, 2, 4, 5]])  # recomputing is a real difference
+
+
+def test_trusted_cache_is_taken_without_stat(data: Path, monkeypatch) -> None:
+    """``trust_cache`` (ranks after the first, once rank 0 has checked): a matching cache's
+    results are taken as they are, no media file is stat-ed; without a cache it checks."""
+    src = data / "train.json"
+    cold = run_check(src, use_cache=True, trust_cache=True)  # no cache yet: a full check
+    assert (cold.from_cache_count, cold.checked_count) == (0, 6)
+    Path(read_dataset(src)[2].wav).unlink()  # what a re-stat would notice
+    stats = []
+    monkeypatch.setattr(check, "_stat", lambda path: stats.append(path))
+    trusted = run_check(src, use_cache=True, trust_cache=True)
+    assert (trusted.from_cache_count, trusted.checked_count) == (6, 0) and stats == []
+    assert trusted.issues == [] and trusted.audio_info == cold.audio_info
+    monkeypatch.undo()
+    verified = run_check(src, use_cache=True)
+    assert [(i.kind, i.index) for i in verified.issues] == [("missing_media", 2)]
 
 
 def test_cache_reuse_and_invalidation(data: Path, tmp_path: Path, monkeypatch) -> None:
@@ -301,7 +318,7 @@ def test_cache_reuse_and_invalidation(data: Path, tmp_path: Path, monkeypatch) -
 
 def test_deep_finds_what_headers_hide(data: Path) -> None:
     src = data / "train_webm.json"
-    entries = read_dataset(src)
+    entries = list(read_dataset(src))
     frames = read_dataset(data / "train.json")
     wav0 = Path(entries[0].wav)
     wav0.write_bytes(wav0.read_bytes()[: 44 + 30000])  # header intact, data chunk cut short

@@ -64,6 +64,7 @@ import numpy as np
 from equiav.data.index import (
     DatasetError,
     Entry,
+    EntryTable,
     LabelSet,
     compute_weights,
     read_dataset,
@@ -153,7 +154,7 @@ class CheckReport:
     json_path: str
     label_csv: str | None
     deep: bool
-    entries: list[Entry]
+    entries: Sequence[Entry]
     issues: list[Issue]
     audio_info: list[_Audio | None]
     video_codec: list[str | None]
@@ -180,8 +181,10 @@ class CheckReport:
         c = Counter((i.severity != ERROR, i.kind) for i in self.issues)
         return {kind: n for (_, kind), n in sorted(c.items())}
 
-    def clean_entries(self) -> list[Entry]:
-        """The usable entries, in file order."""
+    def clean_entries(self) -> Sequence[Entry]:
+        """The usable entries, in file order (a table when ``entries`` is one)."""
+        if isinstance(self.entries, EntryTable):
+            return self.entries.take(self.usable)
         return [self.entries[i] for i in self.usable]
 
     def clean_weights(self) -> np.ndarray:
@@ -594,26 +597,37 @@ def _media_from_cache(doc: dict) -> _Media:
 
 
 def _label_issues(
-    entries: Sequence[Entry], labels: LabelSet | None, json_path: str, label_csv: str | None
+    entries: EntryTable, labels: LabelSet | None, json_path: str, label_csv: str | None
 ) -> dict[int, list[Issue]]:
-    out: dict[int, list[Issue]] = {}
+    # By column: building 2M entries to look at their ids and labels would cost seconds.
+    ids = list(entries.video_ids)
+    counts = np.diff(entries.label_ptr)
+    rows: dict[int, list[str]] = {int(i): [] for i in np.flatnonzero(counts == 0)}
+    unknown_at: dict[int, list[str]] = {}
+    if labels is not None:
+        vocab = entries.vocabulary
+        known = np.array([m in labels.index for m in vocab] + [True])  # [True]: an empty vocab
+        bad = np.flatnonzero(~known[entries.label_ids])
+        for pos in bad.tolist():
+            row = int(np.searchsorted(entries.label_ptr, pos, side="right")) - 1
+            unknown_at.setdefault(row, []).append(vocab[entries.label_ids[pos]])
     first: dict[str, int] = {}
-    for i, e in enumerate(entries):
+    duplicate_of: dict[int, int] = {}
+    for i, vid in enumerate(ids):
+        if first.setdefault(vid, i) != i:
+            duplicate_of[i] = first[vid]
+    out: dict[int, list[Issue]] = {}
+    for i in sorted(rows.keys() | unknown_at.keys() | duplicate_of.keys()):
         found = []
-        if not e.labels:
-            found.append(Issue(ERROR, "empty_labels", i, e.video_id, json_path, "no labels"))
-        if labels is not None:
-            unknown = [m for m in e.labels if m not in labels.index]
-            if unknown:
-                msg = f"label ids {unknown} not in {label_csv}"
-                found.append(Issue(ERROR, "unknown_label", i, e.video_id, json_path, msg))
-        if e.video_id in first:
-            msg = f"video id already used by entry {first[e.video_id]}"
-            found.append(Issue(ERROR, "duplicate_id", i, e.video_id, json_path, msg))
-        else:
-            first[e.video_id] = i
-        if found:
-            out[i] = found
+        if i in rows:
+            found.append(Issue(ERROR, "empty_labels", i, ids[i], json_path, "no labels"))
+        if i in unknown_at:
+            msg = f"label ids {unknown_at[i]} not in {label_csv}"
+            found.append(Issue(ERROR, "unknown_label", i, ids[i], json_path, msg))
+        if i in duplicate_of:
+            msg = f"video id already used by entry {duplicate_of[i]}"
+            found.append(Issue(ERROR, "duplicate_id", i, ids[i], json_path, msg))
+        out[i] = found
     return out
 
 
@@ -628,9 +642,15 @@ def check_dataset(
     deep: bool = False,
     workers: int | None = None,
     use_cache: bool = True,
+    trust_cache: bool = False,
     progress: bool = True,
 ) -> CheckReport:
     """Check every entry of ``json_path``; see the module docstring for what is reported.
+
+    ``trust_cache``: take a matching cache's media results (same JSON, label CSV and
+    parameters) without stat-ing the media again. For the ranks after the first of a job, once
+    rank 0 has checked the list and written the cache: a 2M-clip list in the frames layout is
+    22M files to stat, per rank.
 
     Raises ``DatasetError`` (naming the file) when the JSON, the label CSV or the weights file
     cannot be read at all, or the weights do not match the entries one to one.
@@ -656,6 +676,9 @@ def check_dataset(
         if loaded is not None:
             cache_path = loaded[0]
             cached = _media_from_cache(loaded[1])
+        if loaded is not None and trust_cache:
+            media = cached
+        elif loaded is not None:
             stamps = _map_chunks(
                 functools.partial(_stamp_chunk, frames_per_clip=frames_per_clip),
                 entries,

@@ -14,6 +14,11 @@ Files (see ``shared/spec/EQUIAV.md`` "Data"):
 A media path may also name a member of a WebDataset tar shard (``equiav.data.shard``):
 ``{dir}/shard-000000.tar:{key}.wav``, ``...tar:{key}.webm`` (video layout) or ``...tar:{key}``
 (frames layout, frame k being the member ``{key}.frame{k}.jpg``). ``equiav.data.media`` reads both.
+
+``read_dataset`` returns an ``EntryTable``: the list by column (strings in one buffer each,
+labels as indices), a read-only sequence of ``Entry``. Every training process holds its list and
+pickles it into each of DALI's spawned source workers, so for AudioSet-2M its size is per
+process: as ``Entry`` objects 1.6 GB, as a table ~0.3 GB (``python -m bench.startup``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +85,245 @@ class LabelSet:
         return out
 
 
+def _offsets(lengths: Sequence[int]) -> np.ndarray:
+    """Start offsets of consecutive pieces of ``lengths`` bytes, and the end: int32 while the
+    buffer stays under 2 GiB (half the size of int64 offsets), else int64."""
+    ends = np.cumsum(np.asarray(lengths, np.int64))
+    wide = len(ends) and ends[-1] >= 2**31
+    out = np.zeros(len(ends) + 1, np.int64 if wide else np.int32)
+    out[1:] = ends
+    return out
+
+
+class _Strings:
+    """Many strings in one UTF-8 buffer with offsets: two objects instead of one per string.
+
+    Why: a 2M-clip list (AudioSet-2M) held as Python strings costs ~1.6 GB per process and is
+    pickled string by string into every DALI worker process; as a buffer it is ~0.1 GB and
+    pickles as a copy.
+    """
+
+    __slots__ = ("data", "offsets")
+
+    def __init__(self, data: bytes, offsets: np.ndarray) -> None:
+        self.data = data
+        self.offsets = offsets
+
+    @classmethod
+    def build(cls, values: Iterable[str]) -> _Strings:
+        encoded = [v.encode("utf-8", "surrogatepass") for v in values]
+        return cls(b"".join(encoded), _offsets([len(b) for b in encoded]))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self.data[self.offsets[i] : self.offsets[i + 1]].decode("utf-8", "surrogatepass")
+
+    def __iter__(self) -> Iterator[str]:
+        o, data = self.offsets.tolist(), self.data
+        for a, b in zip(o[:-1], o[1:], strict=True):
+            yield data[a:b].decode("utf-8", "surrogatepass")
+
+    def take(self, indices: np.ndarray) -> _Strings:
+        o, data = self.offsets, self.data
+        parts = [data[o[i] : o[i + 1]] for i in indices.tolist()]
+        return _Strings(b"".join(parts), _offsets([len(b) for b in parts]))
+
+    def __getstate__(self) -> tuple[bytes, np.ndarray]:
+        return self.data, self.offsets
+
+    def __setstate__(self, state: tuple[bytes, np.ndarray]) -> None:
+        self.data, self.offsets = state
+
+
+class _Paths:
+    """Paths as (folder, name): each distinct folder stored once, a folder code and the name
+    per path. A list's media sit in a few folders (AudioSet's wavs in one), so this holds a
+    path in its name's bytes plus 8; ``paths[i]`` is exactly the string that was stored."""
+
+    __slots__ = ("folders", "codes", "names")
+
+    def __init__(self, folders: tuple[str, ...], codes: np.ndarray, names: _Strings) -> None:
+        self.folders, self.codes, self.names = folders, codes, names
+
+    @classmethod
+    def build(cls, values: Iterable[str]) -> _Paths:
+        index: dict[str, int] = {}
+        codes, names = [], []
+        for v in values:
+            cut = v.rfind("/") + 1  # the folder keeps its "/": folder + name == v
+            codes.append(index.setdefault(v[:cut], len(index)))
+            names.append(v[cut:])
+        return cls(tuple(index), np.asarray(codes, np.int32), _Strings.build(names))
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, i: int) -> str:
+        return self.folders[self.codes[i]] + self.names[i]
+
+    def __iter__(self) -> Iterator[str]:
+        folders = self.folders
+        for code, name in zip(self.codes.tolist(), self.names, strict=True):
+            yield folders[code] + name
+
+    def take(self, indices: np.ndarray) -> _Paths:
+        return _Paths(self.folders, self.codes[indices], self.names.take(indices))
+
+    def __getstate__(self) -> tuple[tuple[str, ...], np.ndarray, _Strings]:
+        return self.folders, self.codes, self.names
+
+    def __setstate__(self, state: tuple[tuple[str, ...], np.ndarray, _Strings]) -> None:
+        self.folders, self.codes, self.names = state
+
+
+class EntryTable(Sequence[Entry]):
+    """A dataset list stored by column; ``table[i]`` builds the ``Entry`` on demand.
+
+    What ``read_dataset`` returns: a read-only sequence of entries that holds a 2M-clip list in
+    ~0.2 GB (as ``Entry`` objects: ~1.6 GB) and pickles in a second, which matters because each
+    training process keeps one and DALI's spawned workers each receive a pickled copy. Labels
+    are kept as indices into the list's own label vocabulary (``vocabulary``, CSR rows:
+    ``label_ptr``, ``label_ids``). Slicing and ``take`` give tables; ``+`` concatenates;
+    equality is element-wise with any sequence of entries.
+    """
+
+    def __init__(
+        self,
+        video_ids: _Strings,
+        wavs: _Paths,
+        video_paths: _Paths,
+        vocabulary: tuple[str, ...],
+        label_ptr: np.ndarray,
+        label_ids: np.ndarray,
+    ) -> None:
+        self.video_ids, self.wavs, self.video_paths = video_ids, wavs, video_paths
+        self.vocabulary = vocabulary
+        self.label_ptr, self.label_ids = label_ptr, label_ids
+
+    @classmethod
+    def from_entries(cls, entries: Iterable[Entry]) -> EntryTable:
+        """A table of ``entries`` (any iterable of ``Entry``), in order."""
+        entries = list(entries)
+        vocab: dict[str, int] = {}
+        ids = [vocab.setdefault(m, len(vocab)) for e in entries for m in e.labels]
+        ptr = _offsets([len(e.labels) for e in entries])
+        return cls(
+            _Strings.build(e.video_id for e in entries),
+            _Paths.build(e.wav for e in entries),
+            _Paths.build(e.video_path for e in entries),
+            tuple(vocab),
+            ptr,
+            np.asarray(ids, np.int32),
+        )
+
+    def __len__(self) -> int:
+        return len(self.video_ids)
+
+    def __getitem__(self, i):  # int -> Entry, slice -> EntryTable
+        if isinstance(i, slice):
+            return self.take(np.arange(len(self))[i])
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"entry {i} out of range for {n} entries")
+        i = int(i) % n
+        vocab = self.vocabulary
+        labels = self.label_ids[self.label_ptr[i] : self.label_ptr[i + 1]].tolist()
+        return Entry(
+            self.video_ids[i],
+            self.wavs[i],
+            self.video_paths[i],
+            tuple(vocab[j] for j in labels),
+        )
+
+    def __iter__(self) -> Iterator[Entry]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def take(self, indices: Sequence[int] | np.ndarray) -> EntryTable:
+        """The entries at ``indices`` (in that order) as a new table."""
+        idx = np.asarray(indices, np.int64).reshape(-1)
+        n = len(self)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"indices out of range for {n} entries")
+        idx = idx % n if n else idx
+        starts, ends = self.label_ptr[idx], self.label_ptr[idx + 1]
+        ptr = _offsets(ends - starts)
+        # The label ids of the chosen rows, gathered without a Python loop.
+        within = np.arange(ptr[-1]) - np.repeat(ptr[:-1], ends - starts)
+        label_ids = self.label_ids[np.repeat(starts, ends - starts) + within]
+        return EntryTable(
+            self.video_ids.take(idx),
+            self.wavs.take(idx),
+            self.video_paths.take(idx),
+            self.vocabulary,
+            ptr,
+            label_ids,
+        )
+
+    def __add__(self, other: Iterable[Entry]) -> EntryTable:
+        return EntryTable.from_entries([*self, *other])
+
+    def __radd__(self, other: Iterable[Entry]) -> EntryTable:
+        return EntryTable.from_entries([*other, *self])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # a mutable-looking sequence: compare by value, never hash
+
+    def __repr__(self) -> str:
+        return f"EntryTable({len(self)} entries, {len(self.vocabulary)} distinct labels)"
+
+
+@dataclass(frozen=True)
+class LabelRows:
+    """Every entry's labels as class indices of a ``LabelSet`` (CSR rows); ``row(i)`` is the
+    multi-hot vector. A dense (entries x classes) float32 matrix would be 4.3 GB for
+    AudioSet-2M's 527 classes, in every process that holds it; this is ~30 MB."""
+
+    ptr: np.ndarray
+    classes: np.ndarray
+    num_classes: int
+
+    @classmethod
+    def build(cls, entries: Sequence[Entry], labels: LabelSet) -> LabelRows:
+        """Map each entry's label ids through ``labels``; an id missing from it raises
+        ``KeyError`` naming the entry and the id."""
+        if isinstance(entries, EntryTable):
+            ptr = entries.label_ptr
+            lookup = np.array([labels.index.get(m, -1) for m in entries.vocabulary], np.int64)
+            classes = lookup[entries.label_ids]
+            bad = np.flatnonzero(classes < 0)
+            if bad.size:
+                row = int(np.searchsorted(ptr, bad[0], side="right")) - 1
+                mid = entries.vocabulary[entries.label_ids[bad[0]]]
+                raise KeyError(f"{entries[row].video_id}: label {mid!r} is not in the label set")
+        else:
+            ptr = _offsets([len(e.labels) for e in entries])
+            found = []
+            for e in entries:
+                for m in e.labels:
+                    if m not in labels.index:
+                        raise KeyError(f"{e.video_id}: label {m!r} is not in the label set")
+                    found.append(labels.index[m])
+            classes = np.asarray(found, np.int64)
+        width = np.int16 if len(labels) < 2**15 else np.int32
+        return cls(ptr, classes.astype(width), len(labels))
+
+    def __len__(self) -> int:
+        return len(self.ptr) - 1
+
+    def row(self, i: int) -> np.ndarray:
+        """Multi-hot float32 vector of entry ``i``."""
+        out = np.zeros(self.num_classes, np.float32)
+        out[self.classes[self.ptr[i] : self.ptr[i + 1]]] = 1.0
+        return out
+
+
 def is_video_file(path: str) -> bool:
     """A video file is named by its suffix; anything else is read as a frames folder."""
     return path.lower().endswith(VIDEO_FILE_SUFFIXES)
@@ -110,12 +354,28 @@ def parse_labels(value: object) -> tuple[str, ...]:
     return tuple(p.strip() for p in parts if p.strip())
 
 
-def _resolve(path: str, base: Path) -> str:
-    return path if os.path.isabs(path) else os.path.normpath(str(base / path))
+def _entry_error(json_path: Path, i: int, item: object, e: BaseException) -> DatasetError:
+    """The error ``read_dataset`` raises for entry ``i``, naming the file, the entry and why."""
+    where = f"{json_path}: entry {i}"
+    if not isinstance(item, dict):
+        return DatasetError(f"{where}: expected an object, got {type(item).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in item]
+    if missing:
+        return DatasetError(f"{where} ({item.get('video_id', '?')}): missing keys {missing}")
+    try:
+        parse_labels(item["labels"])
+    except TypeError as err:
+        return DatasetError(f"{where} ({item['video_id']}): {err}")
+    return DatasetError(f"{where} ({item['video_id']}): {e}")
 
 
-def read_dataset(json_path: str | os.PathLike) -> list[Entry]:
-    """Read a dataset JSON into entries with absolute media paths.
+def _resolve(path: str, base: Path | str) -> str:
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
+
+
+def read_dataset(json_path: str | os.PathLike) -> EntryTable:
+    """Read a dataset JSON into an ``EntryTable`` (a sequence of entries) with absolute media
+    paths.
 
     Raises ``DatasetError`` naming the file (and entry) on malformed JSON, a missing key or a
     label field of the wrong type. Duplicate ids and unknown labels are the checker's business.
@@ -131,27 +391,44 @@ def read_dataset(json_path: str | os.PathLike) -> list[Entry]:
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
         raise DatasetError(f'{json_path}: expected an object with a "data" list')
     base = json_path.resolve().parent
-    entries = []
-    for i, item in enumerate(doc["data"]):
-        where = f"{json_path}: entry {i}"
-        if not isinstance(item, dict):
-            raise DatasetError(f"{where}: expected an object, got {type(item).__name__}")
-        missing = [k for k in REQUIRED_KEYS if k not in item]
-        if missing:
-            raise DatasetError(f"{where} ({item.get('video_id', '?')}): missing keys {missing}")
+    items = doc["data"]
+    vocab: dict[str, int] = {}
+    ids, wavs, video_paths, label_ids = [], [], [], []
+    counts = np.zeros(len(items), np.int64)
+    setdefault = vocab.setdefault
+    # A 2M-clip list runs this loop 2M times: the checks are done by the exceptions they raise,
+    # and paths are resolved only when relative.
+    for i, item in enumerate(items):
         try:
-            labels = parse_labels(item["labels"])
-        except TypeError as e:
-            raise DatasetError(f"{where} ({item['video_id']}): {e}") from None
-        entries.append(
-            Entry(
-                video_id=str(item["video_id"]),
-                wav=_resolve(str(item["wav"]), base),
-                video_path=_resolve(str(item["video_path"]), base),
-                labels=labels,
+            vid, wav, video, value = (
+                item["video_id"],
+                item["wav"],
+                item["video_path"],
+                item["labels"],
             )
-        )
-    return entries
+            if value.__class__ is str:
+                labels = [m for m in map(str.strip, value.split(",")) if m]
+            else:
+                labels = parse_labels(value)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise _entry_error(json_path, i, item, e) from None
+        ids.append(vid if vid.__class__ is str else str(vid))
+        wav = wav if wav.__class__ is str else str(wav)
+        video = video if video.__class__ is str else str(video)
+        wavs.append(wav if wav.startswith("/") else _resolve(wav, base))
+        video_paths.append(video if video.startswith("/") else _resolve(video, base))
+        label_ids += [setdefault(m, len(vocab)) for m in labels]
+        counts[i] = len(labels)
+    del doc, items  # the parsed JSON is the largest thing here: free it before building columns
+    ptr = _offsets(counts)
+    return EntryTable(
+        _Strings.build(ids),
+        _Paths.build(wavs),
+        _Paths.build(video_paths),
+        tuple(vocab),
+        ptr,
+        np.asarray(label_ids, np.int32),
+    )
 
 
 def write_dataset(
