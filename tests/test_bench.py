@@ -489,6 +489,7 @@ def test_startup_smoke_writes_a_valid_result(synth_small, tmp_path):
     checks = [row for row in result["rows"] if row["phase"] == "check"]
     assert list(rows) == ["read", "source", "loader"]
     assert rows["read"]["entries"] == rows["loader"]["entries"] == 2000
+    assert 0 < rows["read"]["cached_s"]
     assert rows["source"]["pickle_mib"] * 2**20 / 2000 < 150  # bytes per entry
     assert rows["loader"]["children"] >= 1 and rows["loader"]["rank_pss_mib"] > 0
     assert [c["entries"] for c in checks] == [c["usable"] for c in checks] == [40, 200]

@@ -259,6 +259,27 @@ def test_write_clean_keeps_weights_in_step(data: Path, tmp_path: Path) -> None:
     assert not np.allclose(expected, weights[[0, 2, 4, 5]])  # recomputing is a real difference
 
 
+def test_parsed_list_is_cached_beside_the_check(data: Path, monkeypatch) -> None:
+    """A long list is parsed once: later checks load the table from its .npz; a rewritten
+    JSON, or a damaged cache file, is read from the JSON again."""
+    src = data / "train.json"
+    first = run_check(src, use_cache=True)
+    (npz,) = (data / ".equiav-cache").glob("entries-train-*.npz")
+
+    def no_parse(path):
+        raise AssertionError(f"parsed {path} again")
+
+    with monkeypatch.context() as m:
+        m.setattr(check, "read_dataset", no_parse)
+        again = run_check(src, use_cache=True)
+    assert list(again.entries) == list(first.entries) == list(read_dataset(src))
+    entries = list(read_dataset(src))
+    write_dataset(src, entries[:4])  # rewritten: another size and mtime
+    assert len(run_check(src, use_cache=True).entries) == 4
+    npz.write_bytes(b"not a zip")
+    assert len(run_check(src, use_cache=True).entries) == 4
+
+
 def test_trusted_cache_is_taken_without_stat(data: Path, monkeypatch) -> None:
     """``trust_cache`` (ranks after the first, once rank 0 has checked): a matching cache's
     results are taken as they are, no media file is stat-ed; without a cache it checks."""

@@ -94,10 +94,13 @@ def test_table_is_a_sequence_of_its_entries() -> None:
     assert entries[42] in table and table.index(entries[42]) == 42
 
 
-def test_table_survives_pickle_and_writes_back(tmp_path: Path) -> None:
+def test_table_survives_pickle_arrays_and_writes_back(tmp_path: Path) -> None:
     entries = _entries(200, seed=1)
     table = EntryTable.from_entries(entries)
     assert pickle.loads(pickle.dumps(table)) == entries
+    np.savez(tmp_path / "t.npz", **table.to_arrays())
+    with np.load(tmp_path / "t.npz", allow_pickle=False) as arrays:
+        assert EntryTable.from_arrays(dict(arrays)) == entries
     write_dataset(tmp_path / "d.json", table, relative=False)
     assert read_dataset(tmp_path / "d.json") == entries
 

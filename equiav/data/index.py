@@ -28,7 +28,7 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -260,6 +260,43 @@ class EntryTable(Sequence[Entry]):
             self.vocabulary,
             ptr,
             label_ids,
+        )
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The table as plain arrays (``np.savez`` without pickle); ``from_arrays`` inverts it."""
+
+        def strings(prefix: str, column: _Strings) -> dict[str, np.ndarray]:
+            data = np.frombuffer(column.data, np.uint8)
+            return {f"{prefix}_data": data, f"{prefix}_offsets": column.offsets}
+
+        out = {"label_ptr": self.label_ptr, "label_ids": self.label_ids}
+        out |= strings("ids", self.video_ids)
+        out |= strings("vocabulary", _Strings.build(self.vocabulary))
+        for name, paths in (("wavs", self.wavs), ("videos", self.video_paths)):
+            out |= strings(f"{name}_names", paths.names)
+            out |= strings(f"{name}_folders", _Strings.build(paths.folders))
+            out[f"{name}_codes"] = paths.codes
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> EntryTable:
+        """The table ``to_arrays`` wrote."""
+
+        def strings(prefix: str) -> _Strings:
+            data = np.asarray(arrays[f"{prefix}_data"], np.uint8).tobytes()
+            return _Strings(data, np.asarray(arrays[f"{prefix}_offsets"]))
+
+        def paths(name: str) -> _Paths:
+            folders = tuple(strings(f"{name}_folders"))
+            return _Paths(folders, np.asarray(arrays[f"{name}_codes"]), strings(f"{name}_names"))
+
+        return cls(
+            strings("ids"),
+            paths("wavs"),
+            paths("videos"),
+            tuple(strings("vocabulary")),
+            np.asarray(arrays["label_ptr"]),
+            np.asarray(arrays["label_ids"]),
         )
 
     def __add__(self, other: Iterable[Entry]) -> EntryTable:
