@@ -45,6 +45,7 @@ import argparse
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tempfile
@@ -356,7 +357,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "check": _phase_check,
         }[a.phase]
         _emit(handler(a))
-        # The loader phase leaves DALI's workers and threads running: end without waiting.
+        # The loader phase leaves DALI's source workers and threads running: stop the workers
+        # (an orphan would keep the runner's pipe open) and end without waiting for the rest.
+        for pid in _children(os.getpid()):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         os._exit(0)
     from bench.end_to_end import dataset_paths, ensure_dataset
 
