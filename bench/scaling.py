@@ -215,18 +215,23 @@ def media_bytes_per_sample(json_path: str | os.PathLike, views: int = 2) -> floa
     return wav + views * statistics.fmean(frames)
 
 
-def _gpu_results(results_dir: str | os.PathLike | None, pattern: str):
-    """(file name, result) of every readable GPU result in `results_dir` matching `pattern`."""
-    from bench.common import DEFAULT_RESULTS_DIR, ResultError, ran_on_gpu, read_result
+def _results(results_dir: str | os.PathLike | None, pattern: str):
+    """(file name, result) of every readable result in `results_dir` matching `pattern`."""
+    from bench.common import DEFAULT_RESULTS_DIR, ResultError, read_result
 
     directory = Path(results_dir) if results_dir is not None else DEFAULT_RESULTS_DIR
     for path in sorted(directory.glob(pattern)):
         try:
-            result = read_result(path)
+            yield path.name, read_result(path)
         except ResultError:
             continue
-        if ran_on_gpu(result):
-            yield path.name, result
+
+
+def _gpu_results(results_dir: str | os.PathLike | None, pattern: str):
+    """(file name, result) of every readable GPU result in `results_dir` matching `pattern`."""
+    from bench.common import ran_on_gpu
+
+    return ((name, r) for name, r in _results(results_dir, pattern) if ran_on_gpu(r))
 
 
 def gpu_step_rate(results_dir: str | os.PathLike | None) -> tuple[float, str] | None:
@@ -268,23 +273,16 @@ def gpu_loader_rate(results_dir: str | os.PathLike | None) -> tuple[float, str] 
 
 def rank_host_memory(results_dir: str | os.PathLike | None) -> tuple[float, str] | None:
     """A training rank's host memory (MiB, its processes' proportional sum) at the longest list
-    among `bench.startup` results in `results_dir` (every phase run, not smoke), with where it
+    among `bench.startup` results in `results_dir` (with the loader phase, not smoke), with where it
     came from; None when there is none."""
-    from bench.common import DEFAULT_RESULTS_DIR, ResultError, read_result
-
-    directory = Path(results_dir) if results_dir is not None else DEFAULT_RESULTS_DIR
     best: tuple[int, float, str] | None = None
-    for path in sorted(directory.glob("startup-*.json")):
-        try:
-            result = read_result(path)
-        except ResultError:
-            continue
+    for name, result in _results(results_dir, "startup-*.json"):
         summary, config = result["summary"], result["config"]
         if config.get("smoke") or "rank_pss_mib" not in summary:
             continue
         if best is None or summary["entries"] > best[0]:
             source = (
-                f"measured: {path.name}, a rank with {config.get('py_workers')} source workers "
+                f"measured: {name}, a rank with {config.get('py_workers')} source workers "
                 f"and a {summary['entries']}-clip list ({config.get('classes')} classes)"
             )
             best = (summary["entries"], float(summary["rank_pss_mib"]), source)

@@ -59,27 +59,26 @@ from bench.common import write_result
 PHASES = ("read", "source", "loader", "check")
 
 
-def _status_mib(pid: int | str = "self") -> dict[str, float]:
-    """VmRSS (resident now) and VmHWM (peak resident) of a process, in MiB (Linux)."""
+def _proc_mib(pid: int | str, file: str, keys: Sequence[str]) -> dict[str, float]:
+    """The `keys` lines of `/proc/{pid}/{file}` (kB values), in MiB (Linux)."""
     out = {}
-    with open(f"/proc/{pid}/status") as f:
+    with open(f"/proc/{pid}/{file}") as f:
         for line in f:
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in keys:
                 out[key] = int(value.split()[0]) / 1024
     return out
 
 
+def _status_mib() -> dict[str, float]:
+    """VmRSS (resident now) and VmHWM (peak resident) of this process, in MiB."""
+    return _proc_mib("self", "status", ("VmRSS", "VmHWM"))
+
+
 def _memory_mib(pid: int | str = "self") -> dict[str, float]:
-    """Resident (Rss), proportional (Pss: shared pages split among their users) and anonymous
-    (heap: what the process itself allocated) memory of a process, in MiB (Linux)."""
-    out = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("Rss", "Pss", "Anonymous"):
-                out[key.lower()] = int(value.split()[0]) / 1024
-    return out
+    """Rss (resident), Pss (proportional: shared pages split among their users) and Anonymous
+    (heap: what the process itself allocated) memory of a process, in MiB."""
+    return _proc_mib(pid, "smaps_rollup", ("Rss", "Pss", "Anonymous"))
 
 
 def _children(pid: int) -> list[int]:
@@ -150,7 +149,7 @@ def _phase_read(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _source(a: argparse.Namespace):
+def _phase_source(a: argparse.Namespace) -> dict[str, Any]:
     from dali_pipelines.sources import SampleSource, Shard, SourceSpec
     from equiav.config import AugmentConfig
     from equiav.data.index import read_dataset, read_label_csv
@@ -159,14 +158,9 @@ def _source(a: argparse.Namespace):
     spec = SourceSpec(
         table, read_label_csv(a.labels), a.batch_size, Shard(), "pretrain", augment=AugmentConfig()
     )
-    return table, SampleSource, spec
-
-
-def _phase_source(a: argparse.Namespace) -> dict[str, Any]:
-    table, sample_source, spec = _source(a)
     before = _status_mib()["VmRSS"]
     t = time.perf_counter()
-    source = sample_source(spec)
+    source = SampleSource(spec)
     len(source)  # the first epoch's order
     seconds = time.perf_counter() - t
     added = _status_mib()["VmRSS"] - before
@@ -213,11 +207,11 @@ def _phase_loader(a: argparse.Namespace) -> dict[str, Any]:
         "entries": len(table),
         "seconds": seconds,
         "py_workers": a.py_workers,
-        "process_rss_mib": own["rss"],
-        "process_anon_mib": own["anonymous"],
+        "process_rss_mib": own["Rss"],
+        "process_anon_mib": own["Anonymous"],
         "children": len(children),
-        "children_anon_mib": sum(c["anonymous"] for c in children),
-        "rank_pss_mib": own["pss"] + sum(c["pss"] for c in children),
+        "children_anon_mib": sum(c["Anonymous"] for c in children),
+        "rank_pss_mib": own["Pss"] + sum(c["Pss"] for c in children),
     }
 
 
@@ -243,9 +237,8 @@ def _phase_check(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _emit(row: dict[str, Any]) -> int:
+def _emit(row: dict[str, Any]) -> None:
     print("STARTUP-ROW " + json.dumps(row), flush=True)
-    return 0
 
 
 def _run_phase(phase: str, list_path: Path, labels: Path, a: argparse.Namespace) -> dict[str, Any]:
@@ -330,7 +323,7 @@ def summarize(rows: Sequence[dict[str, Any]], gpus_per_node: int) -> dict[str, A
     worker pool's start and the cache file) extrapolated linearly. Parts whose phases did not
     run are left out."""
     summary: dict[str, Any] = {"device": "cpu", "gpus_per_node": gpus_per_node}
-    n = max(r["entries"] for r in rows if r["phase"] != "check") if rows else None
+    n = max((r["entries"] for r in rows if r["phase"] != "check"), default=None)
     summary["entries"] = n
     loader = next((r for r in rows if r["phase"] == "loader"), None)
     if loader is not None:

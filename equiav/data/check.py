@@ -157,7 +157,7 @@ class CheckReport:
     json_path: str
     label_csv: str | None
     deep: bool
-    entries: Sequence[Entry]
+    entries: EntryTable
     issues: list[Issue]
     audio_info: list[_Audio | None]
     video_codec: list[str | None]
@@ -184,11 +184,9 @@ class CheckReport:
         c = Counter((i.severity != ERROR, i.kind) for i in self.issues)
         return {kind: n for (_, kind), n in sorted(c.items())}
 
-    def clean_entries(self) -> Sequence[Entry]:
-        """The usable entries, in file order (a table when ``entries`` is one)."""
-        if isinstance(self.entries, EntryTable):
-            return self.entries.take(self.usable)
-        return [self.entries[i] for i in self.usable]
+    def clean_entries(self) -> EntryTable:
+        """The usable entries, in file order."""
+        return self.entries.take(self.usable)
 
     def clean_weights(self) -> np.ndarray:
         """Weights of the usable entries: the given weights' rows, else recomputed over them."""
@@ -549,18 +547,7 @@ def _read_entries(json_path: Path) -> EntryTable:
         except (OSError, ValueError, KeyError, EOFError):
             continue  # absent, half-written or of another format: read the JSON
     table = read_dataset(json_path)
-    for d in dirs:
-        tmp = d / f".{name}.tmp{os.getpid()}.npz"
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            np.savez(tmp, key=np.array(key), **table.to_arrays())
-            os.replace(tmp, d / name)  # atomic: concurrent ranks never read half a file
-            break
-        except OSError:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
+    _write_first(dirs, name, lambda tmp: np.savez(tmp, key=np.array(key), **table.to_arrays()))
     return table
 
 
@@ -590,6 +577,26 @@ class _Media:
             self.found[i] = other.found[i]
 
 
+def _write_first(dirs: Sequence[Path], name: str, write: Callable[[Path], None]) -> Path | None:
+    """``write(tmp)`` a cache file in the first of ``dirs`` that takes it, then rename it to
+    ``name`` there (atomic: concurrent ranks never read a half-written cache); its path, or
+    None when no folder is writable."""
+    for d in dirs:
+        path = d / name
+        tmp = d / f".{name}.tmp{os.getpid()}{path.suffix}"  # np.savez wants its suffix
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            write(tmp)
+            os.replace(tmp, path)
+            return path
+        except OSError:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+    return None
+
+
 def _save_cache(dirs: Sequence[Path], name: str, key: dict, media: _Media) -> Path | None:
     doc = {
         "format": CACHE_FORMAT,
@@ -600,21 +607,7 @@ def _save_cache(dirs: Sequence[Path], name: str, key: dict, media: _Media) -> Pa
         "found": {str(i): f for i, f in media.found.items()},
     }
     text = json.dumps(doc, separators=(",", ":"))
-    for d in dirs:
-        path = d / name
-        tmp = d / f".{name}.tmp{os.getpid()}"
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, path)  # atomic: concurrent ranks never read a half-written cache
-            return path
-        except OSError:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
-    return None
+    return _write_first(dirs, name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _media_from_cache(doc: dict) -> _Media:
@@ -636,7 +629,7 @@ def _label_issues(
     # By column: building 2M entries to look at their ids and labels would cost seconds.
     ids = list(entries.video_ids)
     counts = np.diff(entries.label_ptr)
-    rows: dict[int, list[str]] = {int(i): [] for i in np.flatnonzero(counts == 0)}
+    empty = set(np.flatnonzero(counts == 0).tolist())
     unknown_at: dict[int, list[str]] = {}
     if labels is not None:
         vocab = entries.vocabulary
@@ -651,9 +644,9 @@ def _label_issues(
         if first.setdefault(vid, i) != i:
             duplicate_of[i] = first[vid]
     out: dict[int, list[Issue]] = {}
-    for i in sorted(rows.keys() | unknown_at.keys() | duplicate_of.keys()):
+    for i in sorted(empty | unknown_at.keys() | duplicate_of.keys()):
         found = []
-        if i in rows:
+        if i in empty:
             found.append(Issue(ERROR, "empty_labels", i, ids[i], json_path, "no labels"))
         if i in unknown_at:
             msg = f"label ids {unknown_at[i]} not in {label_csv}"

@@ -130,12 +130,6 @@ class _Strings:
         parts = [data[o[i] : o[i + 1]] for i in indices.tolist()]
         return _Strings(b"".join(parts), _offsets([len(b) for b in parts]))
 
-    def __getstate__(self) -> tuple[bytes, np.ndarray]:
-        return self.data, self.offsets
-
-    def __setstate__(self, state: tuple[bytes, np.ndarray]) -> None:
-        self.data, self.offsets = state
-
 
 class _Paths:
     """Paths as (folder, name): each distinct folder stored once, a folder code and the name
@@ -171,12 +165,6 @@ class _Paths:
     def take(self, indices: np.ndarray) -> _Paths:
         return _Paths(self.folders, self.codes[indices], self.names.take(indices))
 
-    def __getstate__(self) -> tuple[tuple[str, ...], np.ndarray, _Strings]:
-        return self.folders, self.codes, self.names
-
-    def __setstate__(self, state: tuple[tuple[str, ...], np.ndarray, _Strings]) -> None:
-        self.folders, self.codes, self.names = state
-
 
 class EntryTable(Sequence[Entry]):
     """A dataset list stored by column; ``table[i]`` builds the ``Entry`` on demand.
@@ -203,19 +191,35 @@ class EntryTable(Sequence[Entry]):
         self.label_ptr, self.label_ids = label_ptr, label_ids
 
     @classmethod
+    def from_columns(
+        cls,
+        video_ids: Sequence[str],
+        wavs: Sequence[str],
+        video_paths: Sequence[str],
+        labels: Sequence[Sequence[str]],
+    ) -> EntryTable:
+        """A table of entry i = (video_ids[i], wavs[i], video_paths[i], labels[i])."""
+        vocab: dict[str, int] = {}
+        setdefault = vocab.setdefault
+        ids = [setdefault(m, len(vocab)) for row in labels for m in row]
+        return cls(
+            _Strings.build(video_ids),
+            _Paths.build(wavs),
+            _Paths.build(video_paths),
+            tuple(vocab),
+            _offsets([len(row) for row in labels]),
+            np.asarray(ids, np.int32),
+        )
+
+    @classmethod
     def from_entries(cls, entries: Iterable[Entry]) -> EntryTable:
         """A table of ``entries`` (any iterable of ``Entry``), in order."""
         entries = list(entries)
-        vocab: dict[str, int] = {}
-        ids = [vocab.setdefault(m, len(vocab)) for e in entries for m in e.labels]
-        ptr = _offsets([len(e.labels) for e in entries])
-        return cls(
-            _Strings.build(e.video_id for e in entries),
-            _Paths.build(e.wav for e in entries),
-            _Paths.build(e.video_path for e in entries),
-            tuple(vocab),
-            ptr,
-            np.asarray(ids, np.int32),
+        return cls.from_columns(
+            [e.video_id for e in entries],
+            [e.wav for e in entries],
+            [e.video_path for e in entries],
+            [e.labels for e in entries],
         )
 
     def __len__(self) -> int:
@@ -330,24 +334,16 @@ class LabelRows:
     def build(cls, entries: Sequence[Entry], labels: LabelSet) -> LabelRows:
         """Map each entry's label ids through ``labels``; an id missing from it raises
         ``KeyError`` naming the entry and the id."""
-        if isinstance(entries, EntryTable):
-            ptr = entries.label_ptr
-            lookup = np.array([labels.index.get(m, -1) for m in entries.vocabulary], np.int64)
-            classes = lookup[entries.label_ids]
-            bad = np.flatnonzero(classes < 0)
-            if bad.size:
-                row = int(np.searchsorted(ptr, bad[0], side="right")) - 1
-                mid = entries.vocabulary[entries.label_ids[bad[0]]]
-                raise KeyError(f"{entries[row].video_id}: label {mid!r} is not in the label set")
-        else:
-            ptr = _offsets([len(e.labels) for e in entries])
-            found = []
-            for e in entries:
-                for m in e.labels:
-                    if m not in labels.index:
-                        raise KeyError(f"{e.video_id}: label {m!r} is not in the label set")
-                    found.append(labels.index[m])
-            classes = np.asarray(found, np.int64)
+        if not isinstance(entries, EntryTable):
+            entries = EntryTable.from_entries(entries)
+        ptr = entries.label_ptr
+        lookup = np.array([labels.index.get(m, -1) for m in entries.vocabulary], np.int64)
+        classes = lookup[entries.label_ids]
+        bad = np.flatnonzero(classes < 0)
+        if bad.size:
+            row = int(np.searchsorted(ptr, bad[0], side="right")) - 1
+            mid = entries.vocabulary[entries.label_ids[bad[0]]]
+            raise KeyError(f"{entries[row].video_id}: label {mid!r} is not in the label set")
         width = np.int16 if len(labels) < 2**15 else np.int32
         return cls(ptr, classes.astype(width), len(labels))
 
@@ -429,10 +425,7 @@ def read_dataset(json_path: str | os.PathLike) -> EntryTable:
         raise DatasetError(f'{json_path}: expected an object with a "data" list')
     base = json_path.resolve().parent
     items = doc["data"]
-    vocab: dict[str, int] = {}
-    ids, wavs, video_paths, label_ids = [], [], [], []
-    counts = np.zeros(len(items), np.int64)
-    setdefault = vocab.setdefault
+    ids, wavs, video_paths, label_lists = [], [], [], []
     # A 2M-clip list runs this loop 2M times: the checks are done by the exceptions they raise,
     # and paths are resolved only when relative.
     for i, item in enumerate(items):
@@ -454,18 +447,9 @@ def read_dataset(json_path: str | os.PathLike) -> EntryTable:
         video = video if video.__class__ is str else str(video)
         wavs.append(wav if wav.startswith("/") else _resolve(wav, base))
         video_paths.append(video if video.startswith("/") else _resolve(video, base))
-        label_ids += [setdefault(m, len(vocab)) for m in labels]
-        counts[i] = len(labels)
+        label_lists.append(labels)
     del doc, items  # the parsed JSON is the largest thing here: free it before building columns
-    ptr = _offsets(counts)
-    return EntryTable(
-        _Strings.build(ids),
-        _Paths.build(wavs),
-        _Paths.build(video_paths),
-        tuple(vocab),
-        ptr,
-        np.asarray(label_ids, np.int32),
-    )
+    return EntryTable.from_columns(ids, wavs, video_paths, label_lists)
 
 
 def write_dataset(
