@@ -19,11 +19,11 @@ FORMAT ?= all
 
 .PHONY: setup test lint format demo synth shard check preview pretrain pretrain-demo finetune \
 	evaluate retrieval bench bench-loader bench-step bench-e2e bench-scaling bench-startup \
-	bench-profile bench-report help
+	bench-profile bench-report gpu-wheels help
 help:
 	@echo "targets: setup test lint format demo synth shard check preview pretrain pretrain-demo"
 	@echo "         finetune evaluate retrieval bench bench-loader bench-step bench-e2e"
-	@echo "         bench-scaling bench-startup bench-profile bench-report"
+	@echo "         bench-scaling bench-startup bench-profile bench-report gpu-wheels"
 	@echo "(see README.md)"
 
 # Training: CONFIG picks the preset, NPROC the processes per node (default: all local GPUs, or
@@ -34,6 +34,16 @@ FINETUNE_CONFIG ?= configs/finetune_as20k.yaml
 ARGS ?=
 
 setup: $(SETUP)
+
+# The GPU machine (bench/GPU-SESSIONS.md) has no network and lacks PyAV and soundfile: their
+# Python 3.12 wheels (and soundfile's cffi, pycparser) go into .whl, which a device call carries.
+# This machine is fresh each session, so run it before each GPU session's first call.
+GPU_WHEELS ?= av==18.1.0 soundfile==0.13.1 cffi==2.1.1 pycparser==3.12
+gpu-wheels:
+	rm -rf .whl && python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	ls -l .whl
 
 # Idempotent: the stamp names the requirements' hash, so a second run does nothing and a changed
 # requirements.txt reinstalls.

@@ -87,8 +87,15 @@ def validation(cfg: Config, dist: DistInfo):
 
     def run(model):
         if "loader" not in cache:  # built once, on first use (after the training loader)
+            # A held-out part of the training list, which the training loader has checked:
+            # its check's cache is taken as it is.
             cache["loader"] = build_loader(
-                cfg, "val", "eval", Shard(dist.rank, dist.world_size), dist.device
+                cfg,
+                "val",
+                "eval",
+                Shard(dist.rank, dist.world_size),
+                dist.device,
+                recheck=cfg.data.val_fraction <= 0,
             )
         loader = cache["loader"]
         return evaluate_model(

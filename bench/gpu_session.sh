@@ -8,11 +8,12 @@
 # Stages: env, bench-data + wait-data (the loader's data rendered in the background),
 # bench-data-b64 + wait-b64 (e2e-b64's), cuda-tests, cuda-tests-quick, tests (the whole suite),
 # loader, loader-quick, loader-nvdec, loader-workers, step, step-compile, step-grid, step-modes,
-# step-sdpa, step-master, step-master-bf16, step-master-256, step-coordesc,
-# step-autotune-master, e2e,
+# step-sdpa, step-master, step-master-bf16, step-master-256, step-coordesc, step-coordesc-256,
+# step-gemm-autotune, step-autotune-master, e2e,
 # e2e-eager, e2e-fast, e2e-fast-pretrain, e2e-b64, e2e-graphs, e2e-thread,
 # e2e-quick, e2e-ft-quick, e2e-ft-nothread-quick, e2e-graphs-quick, profile-stage, profile-e2e,
-# profile-e2e-ft, profile-step, profile-step-master, scaling, demo, train-graphs,
+# profile-e2e-ft, profile-step, profile-step-master, profile-step-fp16, scaling, demo,
+# train-graphs,
 # pack (archives every result so far into $OUT/results.tgz, as the tool returns at most 8 files;
 # after each long stage, so that a call cut off at its limit still returns what it finished).
 set -u
@@ -190,8 +191,10 @@ for s in "$@"; do
         mkdir -p "$RESULTS/train-graphs"
         cp runs/train-graphs/tb/metrics.jsonl "$RESULTS/train-graphs/" ;;
     step-sdpa)  # the attention kernel: FlashAttention-2 and memory-efficient attention instead
-        # of torch's default (cuDNN), bf16-master, compiled, batch 128 (~60 s each on an H200):
-        # against `step-master`, the same step with the default kernel
+        # of torch's default (cuDNN), bf16-master, compiled, batch 128, against `step-master`,
+        # the same step with the default kernel. Each compiles afresh (~75 s on an H200): a
+        # forced kernel bypasses the compile cache, which would hand back the default's graph
+        # (bench.step.forced_attention; the rows of 2026-11-26's fifth session were that)
         for kernel in flash efficient; do
             fixed_step "step-sdpa-$kernel" 240 --precision bf16-master --batch-size 128 \
                 --sdpa "$kernel"
@@ -201,11 +204,29 @@ for s in "$@"; do
         stage profile-step-master 300 python3 -m bench.profile --what step --compile \
             --precision bf16-master --batch-size 128 --data "$DATA" --steps 5 \
             --name profile-step-master-b128 --results-dir "$RESULTS" ;;
+    profile-step-fp16)  # fp16 with fused AdamW ran 80.8 ms per eager batch-16 step on an H200,
+        # unfused 70.8 (bf16: 64.4 fused, 70.5 unfused): where the fused step's 10 ms go
+        for optimizer in fused unfused; do
+            flag=$([ "$optimizer" = unfused ] && echo --unfused)
+            stage "profile-step-fp16-$optimizer" 240 python3 -m bench.profile --what step \
+                --precision fp16 $flag --data "$DATA" --steps 5 \
+                --name "profile-step-fp16-$optimizer" --results-dir "$RESULTS"
+        done ;;
     step-coordesc)  # inductor's coordinate-descent tuning of the Triton kernels it generates
         # (LayerNorm, GELU, residual adds: the memory-bound quarter of the step) without GEMM
-        # autotuning; bf16-master, batch 128, against `step-master`
-        fixed_step step-coordesc 300 --precision bf16-master --batch-size 128 \
+        # autotuning; bf16-master, batch 128, against `step-master`. It ran past 300 s on an
+        # H200 (compilation and tuning; the tuning is lost with the machine): a call of its own
+        fixed_step step-coordesc 560 --precision bf16-master --batch-size 128 \
             --compile-mode coordinate-descent ;;
+    step-coordesc-256)  # the same tuning at batch 256 (an H200's memory), against the
+        # 43.5 % MFU of `step-master-256`; a call of its own too
+        fixed_step step-coordesc-256 560 --precision bf16-master --batch-size 256 \
+            --compile-mode coordinate-descent ;;
+    step-gemm-autotune)  # inductor's GEMM autotuning alone (Triton templates against cuBLAS,
+        # GELU into fc1's epilogue where a template wins), bf16-master, batch 128, against
+        # `step-master`: a call of its own
+        fixed_step step-gemm-autotune 560 --precision bf16-master --batch-size 128 \
+            --compile-mode gemm-autotune ;;
     step-autotune-master)  # Triton GEMM templates with fused epilogues (max-autotune without
         # CUDA graphs), bf16-master, batch 128: > 200 s of autotuning, so a call of its own
         fixed_step step-autotune-master 560 --precision bf16-master --batch-size 128 \

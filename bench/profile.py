@@ -2,7 +2,8 @@
 or of DALI-fed training steps, summarised as numbers a person can compare between runs.
 
 ``python -m bench.profile --what step|stage|e2e [--mode pretrain] [--size full|tiny]
-[--batch-size B] [--compile] [--py-workers W] [--cores C] [--steps N] [--data DIR] [--smoke]``
+[--batch-size B] [--compile] [--precision P] [--unfused] [--py-workers W] [--cores C] [--steps N]
+[--data DIR] [--smoke]``
 
 For the profiled window (``--steps`` iterations after ``--warmup`` unprofiled ones) it records
 the wall time, the host time of the ops the loop called, the device time of the kernels
@@ -218,7 +219,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(a.cores)
     torch.manual_seed(0)
     iterations = a.steps
-    setup = StepSetup(a.mode, cfg.train.precision, True, a.compile, a.compile_mode)
+    setup = StepSetup(a.mode, cfg.train.precision, not a.unfused, a.compile, a.compile_mode)
     if a.what == "step":
         step = TrainStep(setup, cfg, device)
         batch = synthetic_batch(a.mode, cfg, batch_size, device)
@@ -263,6 +264,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "cores": a.cores,
         "device": str(device),
         "precision": cfg.train.precision,
+        "optimizer": "unfused" if a.unfused else "fused",
     }
     row = {**config, **{k: v for k, v in summary.items() if not k.startswith("top_")}}
     return {
@@ -277,6 +279,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             "cores": a.cores,
             "device": str(device),
             "precision": cfg.train.precision,
+            "optimizer": "unfused" if a.unfused else "fused",
             "steps": a.steps,
             "warmup_steps": a.warmup,
             "smoke": a.smoke,
@@ -297,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--py-workers", type=int, default=0)
     p.add_argument("--thread-prefetch", type=int, default=0, help="e2e: data.thread_prefetch")
     add_precision_argument(p)
+    p.add_argument(
+        "--unfused", action="store_true", help="step, e2e: torch's unfused AdamW (default: fused)"
+    )
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3)

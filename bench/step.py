@@ -38,8 +38,8 @@ import itertools
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,29 @@ SDPA_BACKENDS = {
     "math": SDPBackend.MATH,
 }
 PAPER_BATCH = {"pretrain": 16, "finetune": 32}  # per GPU, as in the paper
+
+
+@contextmanager
+def forced_attention(sdpa: str) -> Iterator[None]:
+    """Run under `sdpa`'s attention kernel ("default": torch's own choice).
+
+    A forced kernel also turns AOTAutograd's compile cache off: its key leaves out the SDPA
+    backend flags (torch 2.9.1 on the CPU; 2.11 on the H200 by its results), so a step compiled
+    after another setting's step, in this process or an earlier one, silently runs the first
+    setting's kernel: the `step-sdpa` rows of the fifth GPU session (GPU-SESSIONS.md) measured
+    cuDNN's kernel three times (tests/test_bench.py shows it with the CPU's flash and math
+    kernels).
+    """
+    if sdpa == "default":
+        yield
+        return
+    with (
+        sdpa_kernel(SDPA_BACKENDS[sdpa]),
+        torch._functorch.config.patch(enable_autograd_cache=False),
+    ):
+        yield
+
+
 SMOKE_BATCH = {"pretrain": 4, "finetune": 8}
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets. Matched in
@@ -210,9 +233,7 @@ class TrainStep:
     def __call__(self, batch: dict[str, torch.Tensor]) -> None:
         """One training step on `batch`, as `equiav.train.loop.train` runs it (the same
         `optimizer_step`: with fused AdamW in bf16/fp32 the host never waits for the device)."""
-        sdpa = self.setup.sdpa
-        attention = sdpa_kernel(SDPA_BACKENDS[sdpa]) if sdpa != "default" else nullcontext()
-        with autocast(self.setup.precision, self.device), attention:
+        with autocast(self.setup.precision, self.device), forced_attention(self.setup.sdpa):
             loss, _ = self.task.loss(self.net, batch)
         scale = self.scaler.get_scale() if self.scaler is not None else None
         self.last = optimizer_step(

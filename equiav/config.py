@@ -210,9 +210,14 @@ class OptimConfig:
 #: ``coordinate-descent``: the default mode plus inductor's coordinate-descent tuning of the
 #: Triton kernels it generates (block sizes of the pointwise and reduction kernels, LayerNorm and
 #: GELU among them, benchmarked at compile time); unlike ``max-autotune-no-cudagraphs`` no GEMM
-#: autotuning, which took more than 200 s for the pretraining step on an H200.
+#: autotuning, which took more than 200 s for the pretraining step on an H200 (and the
+#: coordinate descent alone more than 300 s). ``gemm-autotune``: the default mode plus inductor's
+#: GEMM autotuning alone (its Triton matmul templates against cuBLAS per shape, where a template
+#: can take the pointwise work after it into its epilogue: fc1's GELU, 12 % of that step) without
+#: the pointwise and reduction autotuning ``max-autotune-no-cudagraphs`` adds.
 COMPILE_OPTIONS: dict[str, dict[str, object]] = {
     "coordinate-descent": {"coordinate_descent_tuning": True},
+    "gemm-autotune": {"max_autotune_gemm": True},
 }
 #: torch.compile's modes and ours (``train.compile_mode``).
 COMPILE_MODES = (
@@ -235,7 +240,8 @@ class TrainConfig:
     precision: Literal["bf16", "bf16-master", "fp16", "fp32"] = "bf16"
     compile: bool = False
     # torch.compile's mode: "default", "reduce-overhead" (CUDA graphs), "max-autotune" or
-    # "max-autotune-no-cudagraphs" (Triton matmul templates tried per shape: long first step).
+    # "max-autotune-no-cudagraphs" (Triton matmul templates tried per shape: long first step),
+    # or one of ours, "coordinate-descent" or "gemm-autotune" (COMPILE_OPTIONS above).
     compile_mode: str = "default"
     channels_last: bool = False
     tf32: bool = True

@@ -34,6 +34,23 @@ def synth_small(tmp_path_factory):
     )
 
 
+@pytest.fixture
+def check_trust(monkeypatch) -> list[bool]:
+    """The ``trust_cache`` argument of every dataset check made while the test runs, in order
+    (the real check runs)."""
+    import equiav.data.check as check
+
+    calls: list[bool] = []
+    real = check.check_dataset
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["trust_cache"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(check, "check_dataset", spy)
+    return calls
+
+
 @pytest.fixture(params=["gather", "where"])
 def selection(request, monkeypatch):
     """How ``kernels.augment`` applies an op to some samples of a batch: as on a CPU (on the

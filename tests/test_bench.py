@@ -17,6 +17,7 @@ import matplotlib.image
 import pytest
 import torch
 from timm.models.vision_transformer import Block
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -246,6 +247,40 @@ def test_step_at_fixed_batches_compiles_one_static_step_per_batch(tmp_path, monk
         step.run(device="cpu", batch_sizes=(0,), results_dir=tmp_path, log=lambda s: None)
 
 
+class Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).reshape(2, 8, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return nn.functional.scaled_dot_product_attention(q, k, v).sum()
+
+
+def attention_ops_of_a_compiled_step(sdpa: str) -> set[str]:
+    """The attention operations one compiled forward + backward runs under `sdpa`."""
+    torch._dynamo.reset()  # as bench.step does between setups
+    compiled = torch.compile(Attention())
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    with step.forced_attention(sdpa):
+        compiled(x).backward()  # compiles
+        with torch.profiler.profile() as prof:
+            compiled(x).backward()
+    return {e.name for e in prof.events() if "attention" in e.name or e.name == "aten::bmm"}
+
+
+def test_a_forced_attention_kernel_is_compiled_in_after_another_kernel(tmp_path, monkeypatch):
+    """AOTAutograd's compile cache keys a graph without the SDPA backend flags, so a step compiled
+    after another kernel's step would reuse that kernel (what the H200's `step-sdpa` rows did):
+    `forced_attention` must compile the kernel it names. On the CPU: flash (torch's choice), then
+    math (matmuls, no fused attention op)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # an empty cache to start with
+    flash = "aten::_scaled_dot_product_flash_attention_for_cpu"
+    assert flash in attention_ops_of_a_compiled_step("default")
+    math_ops = attention_ops_of_a_compiled_step("math")
+    assert flash not in math_ops and "aten::bmm" in math_ops, math_ops
+
+
 def test_step_eager_grid_from_the_command_line(tmp_path):
     """`--grid eager`: every precision x fused/unfused AdamW, none compiled."""
     argv = ["--grid", "eager", "--mode", "finetune", "--device", "cpu", "--steps", "1"]
@@ -415,11 +450,13 @@ def test_profile_smoke_writes_a_valid_result(synth_small, tmp_path, what):
     from bench.report import write_report
 
     args = ["--what", what, "--smoke", "--data", str(synth_small.root), "--seconds", "4"]
+    args += ["--unfused"] if what == "step" else []  # the step with torch's unfused AdamW
     assert main(args + ["--cores", "1", "--results-dir", str(tmp_path / "results")]) == 0
     (path,) = (tmp_path / "results").glob(f"profile-{what}-*.json")
     result = json.loads(path.read_text())
     (row,) = result["rows"]
     assert row["what"] == what and row["wall_ms_per_iter"] > 0
+    assert row["optimizer"] == ("unfused" if what == "step" else "fused")
     assert row["syncs_per_iter"] == 0 and row["launches_per_iter"] == 0  # no GPU here
     if what == "stage":  # the filterbank, masks, crops and colour ops: hundreds of aten ops
         assert row["dispatched_ops_per_iter"] > 100

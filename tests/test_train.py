@@ -249,9 +249,19 @@ def test_dry_run_prints_the_parameter_count(capsys):
     assert "trainable parameters: 210963968" in out and "tower_a: 85" in out
 
 
-def test_finetuning_validates_every_epoch_and_keeps_the_best(synth_small, tmp_path):
+@pytest.mark.parametrize("val", ["val_json", "val_fraction"])
+def test_finetuning_validates_every_epoch_and_keeps_the_best(
+    synth_small, tmp_path, check_trust, val
+):
+    """On a validation list of its own, or on a held-out part of the training list, whose
+    dataset check the validation loader takes from the training loader's cache as it is."""
     from train import finetune_task as task_fn
 
+    source = (
+        {"data.val_json": str(synth_small.root / "test.json")}
+        if val == "val_json"
+        else {"data.val_fraction": 0.25}
+    )
     cfg = tiny_config(
         synth_small,
         tmp_path,
@@ -260,19 +270,22 @@ def test_finetuning_validates_every_epoch_and_keeps_the_best(synth_small, tmp_pa
             "train.max_steps": 6,
             "train.batch_size": 4,
             "optim.max_epoch": 10,
-            "data.val_json": str(synth_small.root / "test.json"),
             "model.pretrained_model": None,
             "augment.ft_timem": 96,
+            **source,
         },
     )
     torch.manual_seed(0)
     summary = train(cfg, task_fn(cfg, dist=DIST), DIST)
+    assert check_trust == [False, val == "val_fraction"]  # the training list's check, then val's
     rows = [
         line
         for line in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()
         if "eval/mAP" in line
     ]
-    assert len(rows) == 3  # 2 steps an epoch: after epochs 1, 2 and 3
+    # 2 steps an epoch on the 8 training clips, 1 on the 6 left by the held-out 2: an
+    # evaluation after each epoch of the 6 steps
+    assert len(rows) == {"val_json": 3, "val_fraction": 6}[val]
     assert summary["best_metric"] is not None and 0 < summary["best_metric"] <= 1
     assert (tmp_path / "checkpoints" / "best.pt").exists()
 
@@ -302,10 +315,11 @@ def test_a_compiled_run_follows_the_eager_run(synth_small, tmp_path, monkeypatch
 
 
 def test_compile_modes_of_our_own_reach_torch_compile_as_options(monkeypatch):
-    """`train.compile_mode: coordinate-descent` is torch.compile's default mode with inductor's
-    coordinate-descent tuning, passed as options (torch.compile takes a mode or options, not
-    both); torch's own modes pass as modes. The calls are real: torch.compile checks option
-    names when called (a misspelt one raises), and compiles only on first use."""
+    """`train.compile_mode: coordinate-descent` (`gemm-autotune`) is torch.compile's default mode
+    with inductor's coordinate-descent tuning (GEMM autotuning), passed as options (torch.compile
+    takes a mode or options, not both); torch's own modes pass as modes. The calls are real:
+    torch.compile checks option names when called (a misspelt one raises), and compiles only on
+    first use."""
     from equiav.config import (
         COMPILE_OPTIONS,
         ConfigError,
@@ -325,9 +339,11 @@ def test_compile_modes_of_our_own_reach_torch_compile_as_options(monkeypatch):
     monkeypatch.setattr(torch, "compile", spy)
     module = torch.nn.Linear(2, 2)
     assert compile_model(module, "coordinate-descent") is not module
+    compile_model(module, "gemm-autotune")
     compile_model(module, "reduce-overhead")
     assert calls == [
         {"options": {"coordinate_descent_tuning": True}},
+        {"options": {"max_autotune_gemm": True}},
         {"mode": "reduce-overhead"},
     ]
     monkeypatch.setitem(COMPILE_OPTIONS, "misspelt", {"coordinate_descent_tunin": True})
