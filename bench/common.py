@@ -16,6 +16,7 @@ import platform
 import re
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +166,42 @@ def add_precision_argument(parser: argparse.ArgumentParser) -> None:
 def default_precision(chosen: str | None, cuda: bool) -> str:
     """``chosen``, else bf16 on CUDA and fp32 on the CPU (where bf16 autocast is slow)."""
     return chosen or ("bf16" if cuda else "fp32")
+
+
+#: What a GPU kernel does, from its name as the profiler records it (cuBLAS's `nvjet_*` and
+#: `*gemm*`, cuDNN's attention, inductor's `triton_{poi,per,red,tem}_fused_<ops>_<n>`): the first
+#: match wins, so a Triton GEMM template that took GELU into its epilogue counts as a GEMM, and a
+#: fused LayerNorm with its residual add and casts as a LayerNorm. "optimizer" holds the foreach
+#: kernels too (gradient clipping, master-weight copies); "input_stage" is the loader's device
+#: stage: our Triton kernels (`kernels/fbank.py`, `kernels/augment_triton.py`).
+KERNEL_CLASSES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    (
+        "input_stage",
+        re.compile(
+            r"^_(fbank|jitter|jitter_mean|blur|geometry|roll_mask|finish|flip_transpose)_kernel"
+        ),
+    ),
+    ("attention", re.compile(r"sdpa|flash|fmha|attention|cudnn::fusion", re.I)),
+    ("gemm", re.compile(r"nvjet|gemm|xmma|cutlass|triton_tem_", re.I)),
+    ("gelu", re.compile(r"gelu", re.I)),
+    ("layer_norm", re.compile(r"layer_norm|layernorm", re.I)),
+    ("optimizer", re.compile(r"adam|multi_tensor_apply", re.I)),
+    ("copy", re.compile(r"copy|memcpy|clone|permute|stack|transpose|cat_", re.I)),
+)
+
+
+def kernel_class(name: str) -> str:
+    """The class of a GPU kernel (``KERNEL_CLASSES``), "other" when none matches."""
+    for label, pattern in KERNEL_CLASSES:
+        if pattern.search(name):
+            return label
+    return "other"
+
+
+def device_ms_by_class(kernels: Sequence[tuple[str, float]]) -> dict[str, float]:
+    """Device time per class, largest first, from (kernel name, device ms) pairs."""
+    totals: dict[str, float] = {}
+    for name, ms in kernels:
+        label = kernel_class(name)
+        totals[label] = totals.get(label, 0.0) + ms
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))

@@ -9,7 +9,7 @@
 # bench-data-b64 + wait-b64 (e2e-b64's), cuda-tests, cuda-tests-quick, tests (the whole suite),
 # loader, loader-quick, loader-nvdec, loader-workers, step, step-compile, step-grid, step-modes,
 # step-sdpa, step-master, step-master-bf16, step-master-256, step-coordesc, step-coordesc-256,
-# step-gemm-autotune, step-autotune-master, e2e,
+# step-gemm-autotune, step-gemm-autotune-256, step-autotune-master, e2e,
 # e2e-eager, e2e-fast, e2e-fast-pretrain, e2e-b64, e2e-graphs, e2e-thread,
 # e2e-quick, e2e-ft-quick, e2e-ft-nothread-quick, e2e-graphs-quick, profile-stage, profile-e2e,
 # profile-e2e-ft, profile-step, profile-step-master, profile-step-fp16, scaling, demo,
@@ -226,6 +226,10 @@ for s in "$@"; do
         # GELU into fc1's epilogue where a template wins), bf16-master, batch 128, against
         # `step-master`: a call of its own
         fixed_step step-gemm-autotune 560 --precision bf16-master --batch-size 128 \
+            --compile-mode gemm-autotune ;;
+    step-gemm-autotune-256)  # the same at batch 256 (an H200's memory: 107 GiB), against the
+        # 43.5 % MFU of `step-master-256` (45 % there is 459 ms a step): a call of its own
+        fixed_step step-gemm-autotune-256 560 --precision bf16-master --batch-size 256 \
             --compile-mode gemm-autotune ;;
     step-autotune-master)  # Triton GEMM templates with fused epilogues (max-autotune without
         # CUDA graphs), bf16-master, batch 128: > 200 s of autotuning, so a call of its own

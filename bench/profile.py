@@ -9,7 +9,8 @@ For the profiled window (``--steps`` iterations after ``--warmup`` unprofiled on
 the wall time, the host time of the ops the loop called, the device time of the kernels
 (``gpu_busy_frac`` = kernel time / wall time: 1 means the GPU never waited), the number of kernel
 launches and of host synchronisations (stream, device and event synchronisation, blocking copies)
-per iteration, and the top kernels and ops by device time. Writes
+per iteration, the device time by kernel class (``bench.common.KERNEL_CLASSES``: GEMMs, attention,
+GELU, LayerNorm, ...), and the top kernels and ops by device time. Writes
 ``bench/results/profile-<what>-<host>.json`` and prints the tables. Meant for a GPU; on a CPU it
 runs (``--smoke``) and records host times, and for ``--what stage`` also the stage's aten ops
 and Triton launches as a GPU would run it (``gpu_policy_*``, see ``gpu_policy_counts``).
@@ -33,7 +34,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.common import add_precision_argument, default_precision
+from bench.common import add_precision_argument, default_precision, device_ms_by_class
 from bench.end_to_end import bench_config, ensure_dataset, forever
 from bench.step import PAPER_BATCH, StepSetup, TrainStep, synthetic_batch
 from equiav.config import COMPILE_MODES
@@ -60,9 +61,12 @@ def summarize_profile(prof, wall_s: float, iterations: int, top: int = 25) -> di
             blocking_copies += e.count
         self_device = getattr(e, "self_device_time_total", 0.0) or 0.0
         # Only the device's own events: host ops named after their kernel (inductor's) carry the
-        # kernel's time too, and "Command Buffer Full" is the host waiting for a full queue.
+        # kernel's time too, "Command Buffer Full" is the host waiting for a full queue, and a
+        # user annotation on the device's timeline (`Optimizer.step#AdamW.step`) spans kernels
+        # counted already (as torch's own tables leave it out).
         on_device = e.device_type == torch.autograd.DeviceType.CUDA
-        if on_device and key != "Command Buffer Full":
+        annotation = bool(getattr(e, "is_user_annotation", False))
+        if on_device and key != "Command Buffer Full" and not annotation:
             device_us += self_device
             kernels.append((self_device, e.count, key))
         elif key.startswith("aten::"):
@@ -79,6 +83,9 @@ def summarize_profile(prof, wall_s: float, iterations: int, top: int = 25) -> di
         "launches_per_iter": launches / iterations,
         "syncs_per_iter": syncs / iterations,
         "blocking_copies_per_iter": blocking_copies / iterations,
+        "device_ms_by_class": device_ms_by_class(
+            [(k, t / 1e3 / iterations) for t, _, k in kernels]
+        ),
         "top_kernels": [
             {"name": k[:120], "device_ms_per_iter": t / 1e3 / iterations, "calls": c}
             for t, c, k in kernels[:top]
@@ -332,6 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{s['blocking_copies_per_iter']:.1f} blocking copies per iteration"
         + (f", {s['dispatched_ops_per_iter']} aten ops" if "dispatched_ops_per_iter" in s else "")
     )
+    if s["device_ms_by_class"]:
+        print("  " + ", ".join(f"{c} {ms:.1f} ms" for c, ms in s["device_ms_by_class"].items()))
     for k in s["top_kernels"][:15]:
         print(f"  {k['device_ms_per_iter']:8.2f} ms  x{k['calls']:<5} {k['name']}")
     for o in s["top_ops"][:15]:

@@ -56,7 +56,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import DEFAULT_RESULTS_DIR, ResultError, ran_on_gpu, read_result
+from bench.common import (
+    DEFAULT_RESULTS_DIR,
+    ResultError,
+    device_ms_by_class,
+    ran_on_gpu,
+    read_result,
+)
 
 NOT_ON_GPU = "not yet measured on a GPU"
 
@@ -386,16 +392,43 @@ def _summary_lines(kind: str, summary: dict[str, Any]) -> list[str]:
             lines = []  # not the model's shape: shown as JSON like any summary
     if kind == "profile":
         lines += _profile_lines(summary)
-        summary = {k: v for k, v in summary.items() if k not in ("top_kernels", "top_ops")}
+        shown = ("top_kernels", "top_ops", "device_ms_by_class")
+        summary = {k: v for k, v in summary.items() if k not in shown}
     if summary:
         lines += ["Summary: `" + json.dumps(summary, sort_keys=True) + "`", ""]
     return lines
 
 
 def _profile_lines(summary: dict[str, Any], top: int = 12) -> list[str]:
-    """A profile's top kernels and ops as two small tables (per iteration)."""
+    """A profile's device time by kernel class, top kernels and top ops as small tables (per
+    iteration). Profiles recorded before the classes were: the classes of their top kernels."""
     lines: list[str] = []
     kernels = summary.get("top_kernels") or []
+    classes = summary.get("device_ms_by_class")
+    source = "every kernel"
+    if classes is None and kernels:
+        # By name: the profiles of 2026-11-25 list an inductor kernel twice (its host op
+        # carried the kernel's time), with the same time. Not kernels: the host waiting for a
+        # full queue and user annotations (`Optimizer.step#AdamW.step`), which older profiles
+        # listed among them.
+        named = {
+            k["name"]: k["device_ms_per_iter"]
+            for k in kernels
+            if k["name"] != "Command Buffer Full" and "#" not in k["name"]
+        }
+        classes = device_ms_by_class(list(named.items()))
+        source = f"its top {len(named)} kernels only"
+    total = summary.get("device_ms_per_iter") or 0
+    if classes:
+        lines += [
+            f"| kernel class ({source}) | device ms / iter | share of device time |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {c} | {ms:.2f} | {100 * ms / total:.1f} % |" if total else f"| {c} | {ms:.2f} | - |"
+            for c, ms in classes.items()
+        ]
+        lines.append("")
     if kernels:
         lines += ["| kernel | device ms / iter | calls |", "|---|---|---|"]
         lines += [

@@ -467,8 +467,66 @@ def test_profile_smoke_writes_a_valid_result(synth_small, tmp_path, what):
         assert launches["fbank"] == 1 and launches["fbank_geometry"] == 1
     ops = {o["name"] for o in result["summary"]["top_ops"]}
     assert ("aten::addmm" in ops or "aten::mm" in ops) if what != "stage" else ops
+    assert result["summary"]["device_ms_by_class"] == {}  # no device kernel on a CPU
     report = write_report(tmp_path / "results", tmp_path)
     assert "Profiles: where the time goes" in report.read_text()
+
+
+def test_kernel_classes_of_gpu_profiles(tmp_path):
+    """The kernel names of the H200's compiled bf16-master step (a committed profile) fall
+    into the classes `bench.profile` sums and the report shows: cuBLAS GEMMs, cuDNN attention
+    and its helper kernels, inductor's fused GELU / LayerNorm / layout-copy kernels, the fused
+    AdamW's foreach kernel; the loader stage's own kernels (the H200's stage profile) are the
+    input stage."""
+    from bench.common import DEFAULT_RESULTS_DIR, device_ms_by_class, kernel_class
+    from bench.report import write_report
+
+    source = DEFAULT_RESULTS_DIR / "profile-step-master-b128-h200.json"
+    summary = read_result(source)["summary"]
+    kernels = summary["top_kernels"]
+    classes = {k["name"]: kernel_class(k["name"]) for k in kernels}
+    want = {
+        "nvjet_sm90_tst_192x192_64x3_1x2_h_bz_coopB_splitK_NTN": "gemm",
+        "triton_poi_fused_gelu_gelu_backward_view_57": "gelu",
+        "triton_poi_fused_clone_permute_stack_61": "copy",
+        "triton_red_fused_sum_view_43": "other",
+    }
+    assert {name: classes[name] for name in want} == want
+    by_prefix = {name[:40]: label for name, label in classes.items()}
+    assert by_prefix["cudnn_generated_fort_native_sdpa_sm90_fl"] == "attention"
+    assert by_prefix["void cudnn::fusion::convert_dq_to_16bits"] == "attention"
+    assert by_prefix["triton_per_fused__to_copy_add_native_lay"] == "layer_norm"  # not a copy
+    assert by_prefix["void at::native::(anonymous namespace)::"] == "optimizer"
+    assert kernel_class("triton_tem_fused_addmm_gelu_7") == "gemm"  # GELU in a GEMM epilogue
+    stage = read_result(DEFAULT_RESULTS_DIR / "profile-stage-h200.json")["summary"]
+    stage_classes = {k["name"]: kernel_class(k["name"]) for k in stage["top_kernels"]}
+    assert stage_classes["_jitter_kernel"] == stage_classes["_fbank_kernel"] == "input_stage"
+    assert stage_classes["Memcpy HtoD (Pinned -> Device)"] == "copy"
+    kernels = [k for k in kernels if "#" not in k["name"]]  # not the AdamW.step annotation
+    totals = device_ms_by_class([(k["name"], k["device_ms_per_iter"]) for k in kernels])
+    assert list(totals)[:3] == ["gemm", "attention", "gelu"]  # largest first
+    assert sum(totals.values()) == pytest.approx(sum(k["device_ms_per_iter"] for k in kernels))
+    # The report shows the classes: of the top kernels for a profile recorded before them.
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / source.name).write_text(source.read_text())
+    text = write_report(tmp_path / "results", tmp_path).read_text()
+    assert f"| kernel class (its top {len(kernels)} kernels only) |" in text
+    gemm_row = next(line for line in text.splitlines() if line.startswith("| gemm |"))
+    share = 100 * totals["gemm"] / summary["device_ms_per_iter"]
+    assert gemm_row == f"| gemm | {totals['gemm']:.2f} | {share:.1f} % |"
+    # An H100 profile of 2026-11-25 lists inductor's kernels twice (host op and kernel, the same
+    # time) and the host's "Command Buffer Full" waits: the report counts each kernel once.
+    old = DEFAULT_RESULTS_DIR / "profile-step-compiled-b128-h100.json"
+    (tmp_path / "results" / old.name).write_text(old.read_text())
+    listed = read_result(old)["summary"]["top_kernels"]
+    (waits,) = [k["device_ms_per_iter"] for k in listed if k["name"] == "Command Buffer Full"]
+    listed = [k for k in listed if k["name"] != "Command Buffer Full"]
+    once = {k["name"]: k["device_ms_per_iter"] for k in listed}
+    assert len(once) < len(listed)
+    text = write_report(tmp_path / "results", tmp_path).read_text()
+    assert f"| kernel class (its top {len(once)} kernels only) |" in text
+    layer_norm = device_ms_by_class(list(once.items()))["layer_norm"]
+    assert f"| layer_norm | {layer_norm:.2f} |" in text and f"| other | {waits:.2f} |" not in text
 
 
 def test_report_states_the_targets_against_the_best_measurements(tmp_path):
