@@ -9,7 +9,8 @@
 # bench-data-b64 + wait-b64 (e2e-b64's), cuda-tests, cuda-tests-quick, tests (the whole suite),
 # loader, loader-quick, loader-nvdec, loader-workers, step, step-compile, step-grid, step-modes,
 # step-sdpa, step-master, step-master-bf16, step-master-256, step-coordesc, step-coordesc-256,
-# step-gemm-autotune, step-gemm-autotune-256, step-autotune-master, e2e,
+# step-gemm-autotune, step-gemm-autotune-256, gelu-tests, step-gelu, step-gelu-256,
+# step-autotune-master, e2e,
 # e2e-eager, e2e-fast, e2e-fast-pretrain, e2e-b64, e2e-graphs, e2e-thread,
 # e2e-quick, e2e-ft-quick, e2e-ft-nothread-quick, e2e-graphs-quick, profile-stage, profile-e2e,
 # profile-e2e-ft, profile-step, profile-step-master, profile-step-fp16, scaling, demo,
@@ -231,6 +232,14 @@ for s in "$@"; do
         # 43.5 % MFU of `step-master-256` (45 % there is 459 ms a step): a call of its own
         fixed_step step-gemm-autotune-256 560 --precision bf16-master --batch-size 256 \
             --compile-mode gemm-autotune ;;
+    gelu-tests)  # kernels/gelu.py on the GPU (fast exp2 and division) and on the interpreter
+        stage gelu-tests 180 python3 -m pytest -q tests/test_gelu.py -rs ;;
+    step-gelu)  # the towers' GELU as our Triton kernels (model.gelu=triton, kernels/gelu.py:
+        # 34 / 40 instructions per element against inductor's 44 / 56), bf16-master, compiled,
+        # batch 128, against `step-master` (~75 s on an H200)
+        fixed_step step-gelu 300 --precision bf16-master --batch-size 128 --gelu triton ;;
+    step-gelu-256)  # the same at batch 256 (an H200's memory), against `step-master-256`
+        fixed_step step-gelu-256 360 --precision bf16-master --batch-size 256 --gelu triton ;;
     step-autotune-master)  # Triton GEMM templates with fused epilogues (max-autotune without
         # CUDA graphs), bf16-master, batch 128: > 200 s of autotuning, so a call of its own
         fixed_step step-autotune-master 560 --precision bf16-master --batch-size 128 \

@@ -136,12 +136,13 @@ class StepSetup:
     compile: bool  # torch.compile the model
     compile_mode: str = "default"  # torch.compile's mode (train.compile_mode)
     sdpa: str = "default"  # attention kernel: torch's choice, or one of SDPA_BACKENDS
+    gelu: str = "torch"  # the towers' GELU: model.gelu
 
 
 def run_config(setup: StepSetup, smoke: bool) -> Config:
     """The trainer's configuration for `setup` (paper defaults; the tiny model in smoke mode)."""
     cfg = default_config(setup.mode)
-    model = dataclasses.replace(cfg.model, **(SMOKE_MODEL if smoke else {}))
+    model = dataclasses.replace(cfg.model, **(SMOKE_MODEL if smoke else {}), gelu=setup.gelu)
     data = dataclasses.replace(cfg.data, **(SMOKE_DATA if smoke else {}))
     optim = dataclasses.replace(cfg.optim, fused=setup.fused)
     train = dataclasses.replace(
@@ -324,6 +325,7 @@ def measure(step: TrainStep, batch_size: int, steps: int, warmup: int) -> dict[s
         "compile": setup.compile,
         "compile_mode": setup.compile_mode if setup.compile else None,
         "sdpa": setup.sdpa,
+        "gelu": setup.gelu,
         "batch_size": batch_size,
         "status": "ok",
         "steps": steps,
@@ -435,10 +437,11 @@ def setups(
     compiled: Sequence[bool],
     compile_mode: str = "default",
     sdpa: str = "default",
+    gelu: str = "torch",
 ) -> list[StepSetup]:
     """Every combination, mode outermost."""
     combos = itertools.product(modes, precisions, fused, compiled)
-    return [StepSetup(*c, compile_mode=compile_mode, sdpa=sdpa) for c in combos]
+    return [StepSetup(*c, compile_mode=compile_mode, sdpa=sdpa, gelu=gelu) for c in combos]
 
 
 def _best(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -459,6 +462,7 @@ def run(
     compiled: Sequence[bool] = (False,),
     compile_mode: str = "default",
     sdpa: str = "default",
+    gelu: str = "torch",
     device: str | torch.device | None = None,
     smoke: bool = False,
     steps: int | None = None,
@@ -501,7 +505,7 @@ def run(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    combos = setups(modes, precisions, fused, compiled, compile_mode, sdpa)
+    combos = setups(modes, precisions, fused, compiled, compile_mode, sdpa, gelu)
     rows: list[dict[str, Any]] = []
     for setup in combos:
         log(f"bench.step: {setup} on {device}{' (smoke)' if smoke else ''}")
@@ -526,6 +530,7 @@ def run(
             "compile": list(compiled),
             "compile_mode": compile_mode,
             "sdpa": sdpa,
+            "gelu": gelu,
             "smoke": smoke,
             "device": str(device),
             "steps": steps,
@@ -583,6 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
     parser.add_argument("--sdpa", default="default", choices=("default", *SDPA_BACKENDS))
     parser.add_argument(
+        "--gelu", default="torch", choices=("torch", "triton"), help="the towers' GELU (model.gelu)"
+    )
+    parser.add_argument(
         "--grid",
         nargs="?",
         const="full",
@@ -622,6 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         compiled=compiled,
         compile_mode=args.compile_mode,
         sdpa=args.sdpa,
+        gelu=args.gelu,
         device=args.device,
         smoke=args.smoke,
         steps=args.steps,

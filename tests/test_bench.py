@@ -568,6 +568,27 @@ def test_report_states_the_targets_against_the_best_measurements(tmp_path):
     assert mfu[3].endswith("(batch 64, bf16-master, compiled) |")
 
 
+def test_startup_check_cost_extrapolates_a_cost_per_entry_never_below_zero():
+    """The checker's cost at the list's length: the slope between the two check sizes, taken
+    as 0 where noise made it negative (both sizes a few milliseconds)."""
+    from bench.startup import summarize
+
+    def check(entries: int, cold: float, cached: float) -> dict:
+        return {"phase": "check", "entries": entries, "cold_s": cold, "cached_s": cached,
+                "trusted_s": cached / 2}  # fmt: skip
+
+    rows = [
+        {"phase": "read", "entries": 2000},
+        check(40, cold=0.5, cached=0.010),
+        check(200, cold=1.3, cached=0.008),  # cached: 2 ms less for more entries
+    ]
+    summary = summarize(rows, gpus_per_node=8)
+    assert summary["check_cold_us_per_entry"] == pytest.approx(1e6 * 0.8 / 160)
+    assert summary["check_cold_s_at_entries"] == pytest.approx(1.3 + 0.8 / 160 * 1800)
+    assert summary["check_cached_us_per_entry"] == 0
+    assert summary["check_cached_s_at_entries"] == 0.008
+
+
 def test_startup_smoke_writes_a_valid_result(synth_small, tmp_path):
     """Every phase runs in its own process on a list over the synthetic clips; the source a
     DALI worker receives is the list's columns, not per-entry objects or a dense label matrix."""

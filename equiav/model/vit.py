@@ -22,6 +22,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from equiav.config import DataConfig, ModelConfig
+from kernels.gelu import GELU as TritonGELU
 
 
 def sincos_pos_embed_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -109,6 +110,7 @@ class ViTTower(nn.Module):
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
         in_chans: int = 3,
+        act_layer: type[nn.Module] = nn.GELU,
     ) -> None:
         super().__init__()
         height, width = input_size
@@ -136,6 +138,7 @@ class ViTTower(nn.Module):
                 qkv_bias=True,
                 drop_path=drop_path,
                 norm_layer=nn.LayerNorm,
+                act_layer=act_layer,
             )
             for _ in range(depth)
         )
@@ -174,6 +177,8 @@ def _tower(name: str, size: tuple[int, int], model: ModelConfig) -> ViTTower:
         num_heads=model.num_heads,
         mlp_ratio=model.mlp_ratio,
         drop_path=model.drop_path,
+        # The same exact GELU either way; "triton": our kernels on CUDA (kernels/gelu.py)
+        act_layer=TritonGELU if model.gelu == "triton" else nn.GELU,
     )
 
 
