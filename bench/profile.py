@@ -163,8 +163,8 @@ def gpu_policy_counts(fn: Callable[[], None]) -> dict[str, Any]:
         (KF, "_fbank_kernel"): _LaunchCounter("fbank", launches),
         (K, "whole_batch_ops"): lambda x: True,
         (fused, "fused_path"): lambda x: True,
-        (fused, "_interpreting"): lambda: True,
-        (KF, "_interpreting"): lambda: True,
+        (fused, "triton_interpreting"): lambda: True,
+        (KF, "triton_interpreting"): lambda: True,
         (audio, "fbank"): lambda wave, lengths=None: KF.fbank_triton(wave, lengths),
     }
     if fused.triton is None or KF.triton is None:

@@ -64,29 +64,6 @@ SDPA_BACKENDS = {
     "math": SDPBackend.MATH,
 }
 PAPER_BATCH = {"pretrain": 16, "finetune": 32}  # per GPU, as in the paper
-
-
-@contextmanager
-def forced_attention(sdpa: str) -> Iterator[None]:
-    """Run under `sdpa`'s attention kernel ("default": torch's own choice).
-
-    A forced kernel also turns AOTAutograd's compile cache off: its key leaves out the SDPA
-    backend flags (torch 2.9.1 on the CPU; 2.11 on the H200 by its results), so a step compiled
-    after another setting's step, in this process or an earlier one, silently runs the first
-    setting's kernel: the `step-sdpa` rows of the fifth GPU session (GPU-SESSIONS.md) measured
-    cuDNN's kernel three times (tests/test_bench.py shows it with the CPU's flash and math
-    kernels).
-    """
-    if sdpa == "default":
-        yield
-        return
-    with (
-        sdpa_kernel(SDPA_BACKENDS[sdpa]),
-        torch._functorch.config.patch(enable_autograd_cache=False),
-    ):
-        yield
-
-
 SMOKE_BATCH = {"pretrain": 4, "finetune": 8}
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets. Matched in
@@ -124,6 +101,27 @@ def peak_bf16_tflops(device_name: str | None) -> float | None:
         if all(n in device_name for n in needles):
             return peak
     return None
+
+
+@contextmanager
+def forced_attention(sdpa: str) -> Iterator[None]:
+    """Run under `sdpa`'s attention kernel ("default": torch's own choice).
+
+    A forced kernel also turns AOTAutograd's compile cache off: its key leaves out the SDPA
+    backend flags (torch 2.9.1 on the CPU; 2.11 on the H200 by its results), so a step compiled
+    after another setting's step, in this process or an earlier one, silently runs the first
+    setting's kernel: the `step-sdpa` rows of the fifth GPU session (GPU-SESSIONS.md) measured
+    cuDNN's kernel three times (tests/test_bench.py shows it with the CPU's flash and math
+    kernels).
+    """
+    if sdpa == "default":
+        yield
+        return
+    with (
+        sdpa_kernel(SDPA_BACKENDS[sdpa]),
+        torch._functorch.config.patch(enable_autograd_cache=False),
+    ):
+        yield
 
 
 @dataclass(frozen=True)

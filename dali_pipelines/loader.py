@@ -348,7 +348,8 @@ def checked_entries(
     )
     if dist and rank != 0:
         torch.distributed.barrier()  # wait for rank 0 to fill the cache
-    # Rank 0 has just checked every file: the others take its cache as it is.
+    # Rank 0 has just checked every file: the others take its cache as it is (rank 0 too
+    # with trust_cache, for a list another loader of this run has checked).
     report = check_dataset(
         json_path, progress=progress and rank == 0, trust_cache=trust_cache or rank != 0, **kwargs
     )

@@ -38,11 +38,11 @@ crops, weights rounded differently: ~5e-7); libdevice's division and floor flush
 from __future__ import annotations
 
 import contextlib
-import os
 
 import numpy as np
 import torch
 
+from kernels import triton_interpreting
 from kernels.transfer import to_device
 
 try:
@@ -64,17 +64,12 @@ def fused_path(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda
 
 
-def _interpreting() -> bool:
-    """Whether Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1, the tests)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _require_backend(name: str, x: torch.Tensor) -> None:
     """Raise unless ``name``'s kernel can run on x: triton importable, x on CUDA (or a CPU
     tensor under the interpreter)."""
     if triton is None:
         raise RuntimeError(f"{name} needs triton, which is not importable")
-    if not x.is_cuda and not _interpreting():
+    if not x.is_cuda and not triton_interpreting():
         raise ValueError(f"{name} needs a CUDA tensor (or TRITON_INTERPRET=1), got {x.device}")
 
 
@@ -302,7 +297,7 @@ def color_jitter_triton(
     if batch == 0 or height * width == 0:
         return out
     pixels = height * width
-    block = block or (8192 if _interpreting() else _BLOCK)
+    block = block or (8192 if triton_interpreting() else _BLOCK)
     tiles = -(-pixels // block)
     # Every tile of an image needs the image's whole mean: the sums go through a small buffer
     # between two launches (one program per image instead kept 16 of an H100's 132 SMs busy:
@@ -410,7 +405,7 @@ def gaussian_blur_triton(
     out = source if in_place else torch.empty_like(source)
     if out.numel() == 0:
         return out
-    block_h, block_w = tile or ((256, 256) if _interpreting() else (16, 64))
+    block_h, block_w = tile or ((256, 256) if triton_interpreting() else (16, 64))
     grid = (batch * channels, triton.cdiv(height, block_h), triton.cdiv(width, block_w))
     params = to_device(torch.from_numpy(params), x.device)
     middle = torch.empty_like(source)
@@ -543,7 +538,7 @@ def _fbank_tiles(kernel, name: str, x: torch.Tensor, params: torch.Tensor, tile,
     out = torch.empty_like(source)
     if out.numel() == 0:
         return out
-    block_h, block_w = tile or ((256, 128) if _interpreting() else (32, 64))
+    block_h, block_w = tile or ((256, 128) if triton_interpreting() else (32, 64))
     grid = (batch, triton.cdiv(frames, block_h), triton.cdiv(bins, block_w))
     params = to_device(params.contiguous(), x.device)
     _launch(
@@ -658,7 +653,7 @@ def finish_visual_triton(
     if out.numel() == 0:
         return out
     params = torch.from_numpy(np.stack([flip, gray], axis=1).astype(np.float32))
-    block_h, block_w = tile or ((256, 256) if _interpreting() else (16, 64))
+    block_h, block_w = tile or ((256, 256) if triton_interpreting() else (16, 64))
     grid = (batch, triton.cdiv(height, block_h), triton.cdiv(width, block_w))
     _launch(
         _finish_kernel,
@@ -725,7 +720,7 @@ def flip_transpose_triton(
         return
     source = x.contiguous()
     params = torch.from_numpy(np.stack([rows, flip], axis=1).astype(np.float32))
-    block_f, block_t = tile or ((128, 256) if _interpreting() else (32, 64))
+    block_f, block_t = tile or ((128, 256) if triton_interpreting() else (32, 64))
     grid = (n, triton.cdiv(bins, block_f), triton.cdiv(frames, block_t))
     _launch(
         _flip_transpose_kernel,

@@ -37,11 +37,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 from typing import NamedTuple
 
 import torch
 
+from kernels import triton_interpreting
 from kernels.transfer import to_device
 
 try:
@@ -261,11 +261,6 @@ def fbank_torch(wave: torch.Tensor, lengths: torch.Tensor | None = None) -> Fban
     return Fbank(_zero_invalid_frames(feats, num_frames), num_frames)
 
 
-def _interpreting() -> bool:
-    """Whether Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @functools.lru_cache(maxsize=8)
 def _triton_constants(device: torch.device) -> tuple[torch.Tensor, ...]:
     """Read-only kernel inputs per device: DFT cos/sin (400, 256), window (400,), mel (256, 128).
@@ -360,7 +355,7 @@ def fbank_triton(wave: torch.Tensor, lengths: torch.Tensor | None = None) -> Fba
     """
     if triton is None:
         raise RuntimeError("fbank_triton needs triton, which is not importable")
-    if not wave.is_cuda and not _interpreting():
+    if not wave.is_cuda and not triton_interpreting():
         raise ValueError(
             f"fbank_triton needs a CUDA tensor (or TRITON_INTERPRET=1), got {wave.device}"
         )

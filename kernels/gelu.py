@@ -23,11 +23,11 @@ kernels run on CPU tensors (the tests).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kernels import triton_interpreting
 
 try:
     import triton
@@ -40,17 +40,13 @@ _NUM_WARPS = 4
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def triton_path(x: torch.Tensor) -> bool:
     """Whether ``gelu`` runs the Triton kernels on x: triton importable, x on CUDA (or any
     device under TRITON_INTERPRET=1), a float32/bfloat16/float16 tensor of fewer than 2^31
     elements (the kernels index with int32, as inductor's do below that size)."""
     return (
         triton is not None
-        and (x.is_cuda or _interpreting())
+        and (x.is_cuda or triton_interpreting())
         and x.dtype in _DTYPES
         and x.numel() < 2**31
     )
