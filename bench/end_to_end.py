@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from bench.common import add_precision_argument, default_precision
-from bench.step import PAPER_BATCH, SMOKE_MODEL, StepSetup, TrainStep
+from bench.step import GELUS, PAPER_BATCH, SMOKE_MODEL, StepSetup, TrainStep
 from equiav.config import COMPILE_MODES, Config, apply_overrides, default_config, resolve
 
 MODES = ("pretrain", "finetune")
@@ -115,8 +115,11 @@ def bench_config(
     compile: bool = False,
     compile_mode: str = "default",
     thread_prefetch: int = 0,
+    fused: bool = True,
+    gelu: str = "torch",
 ) -> Config:
-    """The trainer's configuration for one benchmark run on the synthetic dataset in `data_dir`.
+    """The trainer's configuration for one benchmark run on the synthetic dataset in `data_dir`
+    (`fused`: the fused AdamW on CUDA, else torch's default; `gelu`: model.gelu).
 
     `size` "tiny": `TINY_MODEL` (with `smoke`: also `SMOKE_OVERRIDES`); "full": the paper's
     model and data geometry. Frames per clip follow the clip length (one per second, at most 10).
@@ -141,6 +144,8 @@ def bench_config(
         "train.precision": precision,
         "train.compile": compile,
         "train.compile_mode": compile_mode,
+        "optim.fused": fused,
+        "model.gelu": gelu,
     }
     if size == "tiny":
         overrides.update({f"model.{k}": v for k, v in TINY_MODEL.items()})
@@ -327,8 +332,7 @@ def measure_model(
     """Rows step-only, dali-<layout> and baseline-<layout> for one model (`cfg`): one model and
     optimizer, built once and seeded, serve all three. Both loaders get `cfg.data.num_threads`
     cores (DALI threads, DataLoader workers)."""
-    t = cfg.train
-    setup = StepSetup(mode, t.precision, cfg.optim.fused, t.compile, t.compile_mode)
+    setup = StepSetup.of(mode, cfg)
     step = TrainStep(setup, cfg, device)
     base = {
         "mode": mode,
@@ -343,6 +347,7 @@ def measure_model(
         "thread_prefetch": cfg.data.thread_prefetch,
         "compile": cfg.train.compile,
         "compile_mode": cfg.train.compile_mode if cfg.train.compile else None,
+        "gelu": cfg.model.gelu,
         "device": str(device),
     }
     step_only, dali = _dali_timings(step, cfg, mode, device, steps, warmup)
@@ -427,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile)")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
+    p.add_argument("--gelu", default="torch", choices=GELUS, help="the towers' GELU (model.gelu)")
     p.add_argument(
         "--thread-prefetch",
         type=int,
@@ -497,6 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     compile=a.compile,
                     compile_mode=a.compile_mode,
                     thread_prefetch=a.thread_prefetch,
+                    gelu=a.gelu,
                 )
                 torch.manual_seed(0)
                 rows += measure_model(cfg, mode, size, device, size_steps, size_warmup, a.layout)

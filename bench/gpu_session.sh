@@ -10,10 +10,12 @@
 # loader, loader-quick, loader-nvdec, loader-workers, step, step-compile, step-grid, step-modes,
 # step-sdpa, step-master, step-master-bf16, step-master-256, step-coordesc, step-coordesc-256,
 # step-gemm-autotune, step-gemm-autotune-256, gelu-tests, step-gelu, step-gelu-256,
+# step-gelu-bias, step-gelu-bias-256,
 # step-autotune-master, e2e,
-# e2e-eager, e2e-fast, e2e-fast-pretrain, e2e-b64, e2e-graphs, e2e-thread,
+# e2e-eager, e2e-fast, e2e-fast-pretrain, e2e-b64, e2e-b64-gelu, e2e-graphs, e2e-thread,
 # e2e-quick, e2e-ft-quick, e2e-ft-nothread-quick, e2e-graphs-quick, profile-stage, profile-e2e,
-# profile-e2e-ft, profile-step, profile-step-master, profile-step-fp16, scaling, demo,
+# profile-e2e-ft, profile-step, profile-step-master, profile-step-gelu, profile-step-fp16,
+# scaling, demo,
 # train-graphs,
 # pack (archives every result so far into $OUT/results.tgz, as the tool returns at most 8 files;
 # after each long stage, so that a call cut off at its limit still returns what it finished).
@@ -174,6 +176,11 @@ for s in "$@"; do
             --full-batch-size 64 --precision bf16-master --compile --data "$DATA_B64" \
             --clips 1700 --cores "$CORES" --py-workers 2 --thread-prefetch 2 --steps 20 \
             --results-dir "$RESULTS/b64" ;;
+    e2e-b64-gelu)  # e2e-b64 with our Triton GELU (model.gelu=triton: the step 2.6 % faster)
+        stage e2e-b64-gelu 450 python3 -m bench.end_to_end --mode pretrain --size full \
+            --full-batch-size 64 --precision bf16-master --compile --gelu triton \
+            --data "$DATA_B64" --clips 1700 --cores "$CORES" --py-workers 2 --thread-prefetch 2 \
+            --steps 20 --results-dir "$RESULTS/b64-gelu" ;;
     train-graphs)  # a real training run (train.py, full size, the synthetic set) with CUDA
         # graphs and bf16-master, 60 steps, then resumed to 80: before either becomes a preset's
         # default (~5 minutes: two compilations; checkpoints of ~2.5 GB stay under runs/)
@@ -192,19 +199,28 @@ for s in "$@"; do
         mkdir -p "$RESULTS/train-graphs"
         cp runs/train-graphs/tb/metrics.jsonl "$RESULTS/train-graphs/" ;;
     step-sdpa)  # the attention kernel: FlashAttention-2 and memory-efficient attention instead
-        # of torch's default (cuDNN), bf16-master, compiled, batch 128, against `step-master`,
-        # the same step with the default kernel. Each compiles afresh (~75 s on an H200): a
-        # forced kernel bypasses the compile cache, which would hand back the default's graph
-        # (bench.step.forced_attention; the rows of 2026-11-26's fifth session were that)
+        # of torch's default (cuDNN), in the best step so far (bf16-master, compiled, batch 128,
+        # our Triton GELU), against `step-gelu`, the same step with the default kernel. Each
+        # compiles afresh (~75 s on an H200): a forced kernel bypasses the compile cache, which
+        # would hand back the default's graph (bench.step.forced_attention; the rows of
+        # 2026-11-26's fifth session were that)
         for kernel in flash efficient; do
             fixed_step "step-sdpa-$kernel" 240 --precision bf16-master --batch-size 128 \
-                --sdpa "$kernel"
+                --gelu triton --sdpa "$kernel"
         done ;;
     profile-step-master)  # the kernels of the best step so far (bf16-master, compiled, batch
         # 128, 42.5 % MFU on an H200): which of them hold it below 45 %
         stage profile-step-master 300 python3 -m bench.profile --what step --compile \
             --precision bf16-master --batch-size 128 --data "$DATA" --steps 5 \
             --name profile-step-master-b128 --results-dir "$RESULTS" ;;
+    profile-step-gelu)  # the kernels of the best steps (bf16-master, compiled, batch 128, our
+        # Triton GELU: 245.6 ms against 252.0 without on one H200; and with fc1's bias in it):
+        # what GELU and fc1's bias gradient cost now (~35 s each)
+        for gelu in triton triton-bias; do
+            stage "profile-step-$gelu" 300 python3 -m bench.profile --what step --compile \
+                --precision bf16-master --batch-size 128 --gelu "$gelu" --data "$DATA" \
+                --steps 5 --name "profile-step-$gelu-b128" --results-dir "$RESULTS"
+        done ;;
     profile-step-fp16)  # fp16 with fused AdamW ran 80.8 ms per eager batch-16 step on an H200,
         # unfused 70.8 (bf16: 64.4 fused, 70.5 unfused): where the fused step's 10 ms go
         for optimizer in fused unfused; do
@@ -238,6 +254,14 @@ for s in "$@"; do
         # 34 / 40 instructions per element against inductor's 44 / 56), bf16-master, compiled,
         # batch 128, against `step-master` (~75 s on an H200)
         fixed_step step-gelu 300 --precision bf16-master --batch-size 128 --gelu triton ;;
+    step-gelu-bias)  # model.gelu=triton-bias: our GELU with fc1's bias add in the forward kernel
+        # and its gradient summed in the backward kernel (inductor sums it in a second pass over
+        # the 65k x 3072 gradient of each batch-128 audio block), against `step-gelu`
+        fixed_step step-gelu-bias 300 --precision bf16-master --batch-size 128 \
+            --gelu triton-bias ;;
+    step-gelu-bias-256)  # the same at batch 256 (an H200's memory), against `step-gelu-256`
+        fixed_step step-gelu-bias-256 360 --precision bf16-master --batch-size 256 \
+            --gelu triton-bias ;;
     step-gelu-256)  # the same at batch 256 (an H200's memory), against `step-master-256`
         fixed_step step-gelu-256 360 --precision bf16-master --batch-size 256 --gelu triton ;;
     step-autotune-master)  # Triton GEMM templates with fused epilogues (max-autotune without

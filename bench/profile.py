@@ -2,8 +2,8 @@
 or of DALI-fed training steps, summarised as numbers a person can compare between runs.
 
 ``python -m bench.profile --what step|stage|e2e [--mode pretrain] [--size full|tiny]
-[--batch-size B] [--compile] [--precision P] [--unfused] [--py-workers W] [--cores C] [--steps N]
-[--data DIR] [--smoke]``
+[--batch-size B] [--compile] [--precision P] [--unfused] [--gelu G] [--py-workers W] [--cores C]
+[--steps N] [--data DIR] [--smoke]``
 
 For the profiled window (``--steps`` iterations after ``--warmup`` unprofiled ones) it records
 the wall time, the host time of the ops the loop called, the device time of the kernels
@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.common import add_precision_argument, default_precision, device_ms_by_class
 from bench.end_to_end import bench_config, ensure_dataset, forever
-from bench.step import PAPER_BATCH, StepSetup, TrainStep, synthetic_batch
+from bench.step import GELUS, PAPER_BATCH, StepSetup, TrainStep, synthetic_batch
 from equiav.config import COMPILE_MODES
 
 WHATS = ("step", "stage", "e2e")
@@ -222,11 +222,13 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         compile=a.compile,
         compile_mode=a.compile_mode,
         thread_prefetch=a.thread_prefetch,
+        fused=not a.unfused,
+        gelu=a.gelu,
     )
     torch.set_num_threads(a.cores)
     torch.manual_seed(0)
     iterations = a.steps
-    setup = StepSetup(a.mode, cfg.train.precision, not a.unfused, a.compile, a.compile_mode)
+    setup = StepSetup.of(a.mode, cfg)
     if a.what == "step":
         step = TrainStep(setup, cfg, device)
         batch = synthetic_batch(a.mode, cfg, batch_size, device)
@@ -266,13 +268,16 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "batch_size": batch_size,
         "compile": a.compile,
         "compile_mode": a.compile_mode if a.compile else None,
+        "gelu": cfg.model.gelu,
         "py_workers": a.py_workers,
         "thread_prefetch": a.thread_prefetch,
         "cores": a.cores,
         "device": str(device),
         "precision": cfg.train.precision,
-        "optimizer": "unfused" if a.unfused else "fused",
+        "optimizer": "fused" if cfg.optim.fused else "unfused",
     }
+    # The AdamW that ran ("fused", "foreach", "for-loop"): "optimizer" is what was asked for.
+    config["optimizer_impl"] = step.optimizer_impl if a.what != "stage" else None
     row = {**config, **{k: v for k, v in summary.items() if not k.startswith("top_")}}
     return {
         "rows": [row],
@@ -286,7 +291,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             "cores": a.cores,
             "device": str(device),
             "precision": cfg.train.precision,
-            "optimizer": "unfused" if a.unfused else "fused",
+            "optimizer": "fused" if cfg.optim.fused else "unfused",
             "steps": a.steps,
             "warmup_steps": a.warmup,
             "smoke": a.smoke,
@@ -304,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="default: the paper's")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
+    p.add_argument("--gelu", default="torch", choices=GELUS, help="the towers' GELU (model.gelu)")
     p.add_argument("--py-workers", type=int, default=0)
     p.add_argument("--thread-prefetch", type=int, default=0, help="e2e: data.thread_prefetch")
     add_precision_argument(p)

@@ -350,7 +350,7 @@ def _rank_numbers(a: argparse.Namespace, info) -> dict[str, Any]:
     del probe
     gc.collect()
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    setup = StepSetup("pretrain", cfg.train.precision, cfg.optim.fused, False)
+    setup = StepSetup.of("pretrain", cfg)
     step = TrainStep(setup, cfg, device)
     # The step runs what `net` is: the model under DDP, as the trainer wraps it.
     step.net = DistributedDataParallel(

@@ -57,6 +57,8 @@ from train import finetune_task, pretrain_task
 
 MODES = ("pretrain", "finetune")
 # Attention kernels `--sdpa` can force (torch picks cuDNN's on an H100 by default).
+GELUS = ("torch", "triton", "triton-bias")  # model.gelu's choices
+
 SDPA_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -136,6 +138,14 @@ class StepSetup:
     sdpa: str = "default"  # attention kernel: torch's choice, or one of SDPA_BACKENDS
     gelu: str = "torch"  # the towers' GELU: model.gelu
 
+    @classmethod
+    def of(cls, mode: str, cfg: Config) -> StepSetup:
+        """The setup that `cfg` describes (its precision, optimizer, compilation and GELU)."""
+        t = cfg.train
+        return cls(
+            mode, t.precision, cfg.optim.fused, t.compile, t.compile_mode, gelu=cfg.model.gelu
+        )
+
 
 def run_config(setup: StepSetup, smoke: bool) -> Config:
     """The trainer's configuration for `setup` (paper defaults; the tiny model in smoke mode)."""
@@ -197,10 +207,30 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
+def check_setup(setup: StepSetup, cfg: Config) -> None:
+    """Raise ValueError where `setup` and `cfg` disagree: the model and optimizer come from
+    `cfg`, the step's precision and compilation from `setup`, so a benchmark whose two disagree
+    would measure one thing and record another."""
+    pairs = {
+        "precision": (setup.precision, cfg.train.precision),
+        "fused": (setup.fused, cfg.optim.fused),
+        "compile": (setup.compile, cfg.train.compile),
+        "gelu": (setup.gelu, cfg.model.gelu),
+    }
+    if setup.compile:
+        pairs["compile_mode"] = (setup.compile_mode, cfg.train.compile_mode)
+    wrong = [
+        f"{k}: {a!r} in the setup, {b!r} in the config" for k, (a, b) in pairs.items() if a != b
+    ]
+    if wrong:
+        raise ValueError("the step's setup and its config disagree: " + "; ".join(wrong))
+
+
 class TrainStep:
     """The trainer's step for one configuration: model, optimizer and scaler built once."""
 
     def __init__(self, setup: StepSetup, cfg: Config, device: torch.device) -> None:
+        check_setup(setup, cfg)
         self.setup, self.cfg, self.device = setup, cfg, device
         torch.manual_seed(0)
         build = pretrain_task if setup.mode == "pretrain" else finetune_task
@@ -586,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
     parser.add_argument("--sdpa", default="default", choices=("default", *SDPA_BACKENDS))
     parser.add_argument(
-        "--gelu", default="torch", choices=("torch", "triton"), help="the towers' GELU (model.gelu)"
+        "--gelu", default="torch", choices=GELUS, help="the towers' GELU (model.gelu)"
     )
     parser.add_argument(
         "--grid",

@@ -182,9 +182,11 @@ class ModelConfig:
     temperature: float = 0.07
     drop_path: float = 0.0  # finetuning: 0.1
     # The towers' MLP activation, exact GELU either way: "torch" (nn.GELU; inductor's kernels
-    # when compiled) or "triton" (kernels/gelu.py on CUDA: fewer instructions per element than
-    # inductor's erf; torch's GELU on the CPU). Weights and checkpoints are the same.
-    gelu: Literal["torch", "triton"] = "torch"
+    # when compiled), "triton" (kernels/gelu.py on CUDA: fewer instructions per element than
+    # inductor's erf) or "triton-bias" (the same with fc1's bias: its add in the forward kernel,
+    # its gradient summed in the backward kernel instead of a second pass over the gradient);
+    # torch's GELU on the CPU. Weights and checkpoints are the same.
+    gelu: Literal["torch", "triton", "triton-bias"] = "torch"
     ftmode: Literal["multimodal", "audio_only", "video_only"] = "multimodal"
     ft_proj_dim: int = 512  # multimodal finetuning: Linear(embed_dim, 512) per modality
     pretrained_model: str | None = None  # EquiAV checkpoint to finetune / evaluate

@@ -180,6 +180,21 @@ def test_train_step_changes_every_parameter(precision):
     assert unchanged == []
 
 
+def test_train_step_refuses_a_setup_its_config_contradicts():
+    """The model and optimizer come from the config, precision and compilation from the setup:
+    a mismatch (a profile asking for the unfused AdamW of a config with the fused one) would
+    record one thing and measure another."""
+    setup = step.StepSetup("pretrain", "bf16", False, False)
+    cfg = step.run_config(setup, smoke=True)
+    assert step.StepSetup.of("pretrain", cfg) == setup
+    fused = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, fused=True))
+    with pytest.raises(ValueError, match="fused: False in the setup, True in the config"):
+        step.TrainStep(setup, fused, torch.device("cpu"))
+    gelu = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, gelu="triton"))
+    with pytest.raises(ValueError, match="gelu"):
+        step.TrainStep(setup, gelu, torch.device("cpu"))
+
+
 @pytest.fixture(scope="module")
 def step_result(tmp_path_factory):
     """The step benchmark's default run in smoke mode (CPU), written to a temporary directory."""
@@ -450,13 +465,17 @@ def test_profile_smoke_writes_a_valid_result(synth_small, tmp_path, what):
     from bench.report import write_report
 
     args = ["--what", what, "--smoke", "--data", str(synth_small.root), "--seconds", "4"]
-    args += ["--unfused"] if what == "step" else []  # the step with torch's unfused AdamW
+    # the step with torch's unfused AdamW and our GELU with fc1's bias (torch's GELU on a CPU)
+    args += ["--unfused", "--gelu", "triton-bias"] if what == "step" else []
     assert main(args + ["--cores", "1", "--results-dir", str(tmp_path / "results")]) == 0
     (path,) = (tmp_path / "results").glob(f"profile-{what}-*.json")
     result = json.loads(path.read_text())
     (row,) = result["rows"]
     assert row["what"] == what and row["wall_ms_per_iter"] > 0
     assert row["optimizer"] == ("unfused" if what == "step" else "fused")
+    assert row["gelu"] == ("triton-bias" if what == "step" else "torch")
+    # On the CPU both are torch's for-loop AdamW (fused and foreach need CUDA tensors)
+    assert row["optimizer_impl"] == (None if what == "stage" else "for-loop")
     assert row["syncs_per_iter"] == 0 and row["launches_per_iter"] == 0  # no GPU here
     if what == "stage":  # the filterbank, masks, crops and colour ops: hundreds of aten ops
         assert row["dispatched_ops_per_iter"] > 100
@@ -498,6 +517,8 @@ def test_kernel_classes_of_gpu_profiles(tmp_path):
     assert by_prefix["triton_per_fused__to_copy_add_native_lay"] == "layer_norm"  # not a copy
     assert by_prefix["void at::native::(anonymous namespace)::"] == "optimizer"
     assert kernel_class("triton_tem_fused_addmm_gelu_7") == "gemm"  # GELU in a GEMM epilogue
+    for ours in ("_gelu_kernel", "_gelu_backward_kernel", "_bias_gelu_backward_kernel"):
+        assert kernel_class(ours) == "gelu"  # kernels/gelu.py
     stage = read_result(DEFAULT_RESULTS_DIR / "profile-stage-h200.json")["summary"]
     stage_classes = {k["name"]: kernel_class(k["name"]) for k in stage["top_kernels"]}
     assert stage_classes["_jitter_kernel"] == stage_classes["_fbank_kernel"] == "input_stage"
@@ -548,6 +569,8 @@ def test_report_states_the_targets_against_the_best_measurements(tmp_path):
                 "optimizer": "fused", "compile": True, "step_time_ms": 100.0}  # fmt: skip
     result("step-a", {}, gpu, {**step_row, "precision": "bf16", "mfu": 0.30},
            {**step_row, "precision": "bf16-master", "mfu": 0.36},
+           {**step_row, "precision": "bf16-master", "mfu": 0.38, "gelu": "triton",
+            "sdpa": "flash"},
            {**step_row, "precision": "fp32", "mfu": 0.50},
            {**step_row, "mode": "finetune", "precision": "bf16", "mfu": 0.60})  # fmt: skip
     text = report.write_report(tmp_path, tmp_path / "out").read_text()
@@ -564,8 +587,8 @@ def test_report_states_the_targets_against_the_best_measurements(tmp_path):
     ]
     assert table["CPU (2 cores): loader, DALI / paper-style, JPEG frames"][1:3] == ["1.50x", "no"]
     mfu = table["GPU: pretraining step MFU, bf16"]
-    assert mfu[1:3] == ["36.0 %", "no"] and mfu[3].startswith("`step-a-")
-    assert mfu[3].endswith("(batch 64, bf16-master, compiled) |")
+    assert mfu[1:3] == ["38.0 %", "no"] and mfu[3].startswith("`step-a-")
+    assert mfu[3].endswith("(batch 64, bf16-master, compiled, Triton GELU, flash attention) |")
 
 
 def test_startup_check_cost_extrapolates_a_cost_per_entry_never_below_zero():

@@ -18,11 +18,14 @@ whatever that switch says.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from equiav.config import DataConfig, ModelConfig
 from kernels.gelu import GELU as TritonGELU
+from kernels.gelu import bias_gelu
 
 
 def sincos_pos_embed_1d(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -92,6 +95,24 @@ def force_fused_attention(blocks: nn.ModuleList) -> None:
         block.attn.fused_attn = True
 
 
+class BiasGELUMlp(Mlp):
+    """timm's Mlp (the same parameters and state dict) with fc1's bias and the exact GELU in
+    one op, `kernels.gelu.bias_gelu`: on CUDA its backward kernel also sums fc1's bias gradient,
+    which a separate reduction over the (tokens, hidden) gradient would read again."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **{**kwargs, "act_layer": nn.Identity})  # GELU is in bias_gelu
+        if self.fc1.bias is None or not isinstance(self.fc1, nn.Linear):
+            raise ValueError("BiasGELUMlp needs fc1 as a Linear layer with a bias")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias)
+        x = self.drop1(x)
+        x = self.norm(x)
+        x = self.fc2(x)
+        return self.drop2(x)
+
+
 class ViTTower(nn.Module):
     """Patch embedding + fixed sin-cos positions + learned modality vector + transformer blocks.
 
@@ -111,6 +132,7 @@ class ViTTower(nn.Module):
         drop_path: float = 0.0,
         in_chans: int = 3,
         act_layer: type[nn.Module] = nn.GELU,
+        mlp_layer: type[nn.Module] = Mlp,
     ) -> None:
         super().__init__()
         height, width = input_size
@@ -139,6 +161,7 @@ class ViTTower(nn.Module):
                 drop_path=drop_path,
                 norm_layer=nn.LayerNorm,
                 act_layer=act_layer,
+                mlp_layer=mlp_layer,
             )
             for _ in range(depth)
         )
@@ -177,8 +200,10 @@ def _tower(name: str, size: tuple[int, int], model: ModelConfig) -> ViTTower:
         num_heads=model.num_heads,
         mlp_ratio=model.mlp_ratio,
         drop_path=model.drop_path,
-        # The same exact GELU either way; "triton": our kernels on CUDA (kernels/gelu.py)
+        # The same exact GELU either way; "triton", "triton-bias": our kernels on CUDA
+        # (kernels/gelu.py)
         act_layer=TritonGELU if model.gelu == "triton" else nn.GELU,
+        mlp_layer=BiasGELUMlp if model.gelu == "triton-bias" else Mlp,
     )
 
 
