@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from bench.common import add_precision_argument, default_precision
-from bench.step import GELUS, PAPER_BATCH, SMOKE_MODEL, StepSetup, TrainStep
+from bench.step import GELUS, PAPER_BATCH, QKVS, SMOKE_MODEL, StepSetup, TrainStep
 from equiav.config import COMPILE_MODES, Config, apply_overrides, default_config, resolve
 
 MODES = ("pretrain", "finetune")
@@ -117,9 +117,11 @@ def bench_config(
     thread_prefetch: int = 0,
     fused: bool = True,
     gelu: str = "torch",
+    qkv: str = "packed",
 ) -> Config:
     """The trainer's configuration for one benchmark run on the synthetic dataset in `data_dir`
-    (`fused`: the fused AdamW on CUDA, else torch's default; `gelu`: model.gelu).
+    (`fused`: the fused AdamW on CUDA, else torch's default; `gelu`, `qkv`: model.gelu and
+    model.qkv).
 
     `size` "tiny": `TINY_MODEL` (with `smoke`: also `SMOKE_OVERRIDES`); "full": the paper's
     model and data geometry. Frames per clip follow the clip length (one per second, at most 10).
@@ -146,6 +148,7 @@ def bench_config(
         "train.compile_mode": compile_mode,
         "optim.fused": fused,
         "model.gelu": gelu,
+        "model.qkv": qkv,
     }
     if size == "tiny":
         overrides.update({f"model.{k}": v for k, v in TINY_MODEL.items()})
@@ -348,6 +351,7 @@ def measure_model(
         "compile": cfg.train.compile,
         "compile_mode": cfg.train.compile_mode if cfg.train.compile else None,
         "gelu": cfg.model.gelu,
+        "qkv": cfg.model.qkv,
         "device": str(device),
     }
     step_only, dali = _dali_timings(step, cfg, mode, device, steps, warmup)
@@ -433,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile)")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
     p.add_argument("--gelu", default="torch", choices=GELUS, help="the towers' GELU (model.gelu)")
+    p.add_argument("--qkv", default="packed", choices=QKVS, help="the q, k, v GEMMs (model.qkv)")
     p.add_argument(
         "--thread-prefetch",
         type=int,
@@ -504,6 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     compile_mode=a.compile_mode,
                     thread_prefetch=a.thread_prefetch,
                     gelu=a.gelu,
+                    qkv=a.qkv,
                 )
                 torch.manual_seed(0)
                 rows += measure_model(cfg, mode, size, device, size_steps, size_warmup, a.layout)

@@ -10,7 +10,8 @@
 # loader, loader-quick, loader-nvdec, loader-workers, step, step-compile, step-grid, step-modes,
 # step-sdpa, step-master, step-master-bf16, step-master-256, step-coordesc, step-coordesc-256,
 # step-gemm-autotune, step-gemm-autotune-256, gelu-tests, step-gelu, step-gelu-256,
-# step-gelu-bias, step-gelu-bias-256,
+# step-gelu-bias, step-gelu-bias-256, qkv-tests, step-qkv-split, step-qkv-split-256,
+# step-bias-split, step-bias-split-256,
 # step-autotune-master, e2e,
 # e2e-eager, e2e-fast, e2e-fast-pretrain, e2e-b64, e2e-b64-gelu, e2e-graphs, e2e-thread,
 # e2e-quick, e2e-ft-quick, e2e-ft-nothread-quick, e2e-graphs-quick, profile-stage, profile-e2e,
@@ -264,6 +265,24 @@ for s in "$@"; do
             --gelu triton-bias ;;
     step-gelu-256)  # the same at batch 256 (an H200's memory), against `step-master-256`
         fixed_step step-gelu-256 360 --precision bf16-master --batch-size 256 --gelu triton ;;
+    qkv-tests)  # model.qkv=split on the GPU: compiled, no kernel stacking attention's
+        # gradients, the same values as timm's attention (and the CPU tests of it, ~20 s)
+        stage qkv-tests 180 python3 -m pytest -q tests/test_model.py -k split -rs ;;
+    step-qkv-split)  # model.qkv=split (q, k, v as three GEMMs: no copy of attention's
+        # gradients into one (B, N, 3, H, D) gradient, 5.4 ms of `profile-step-master`) with our
+        # Triton GELU, bf16-master, compiled, batch 128, against `step-gelu`
+        fixed_step step-qkv-split 300 --precision bf16-master --batch-size 128 \
+            --gelu triton --qkv split ;;
+    step-qkv-split-256)  # the same at batch 256 (an H200's memory), against `step-gelu-256`
+        fixed_step step-qkv-split-256 360 --precision bf16-master --batch-size 256 \
+            --gelu triton --qkv split ;;
+    step-bias-split)  # both: model.gelu=triton-bias and model.qkv=split, batch 128, against
+        # `step-gelu`, `step-gelu-bias` and `step-qkv-split`
+        fixed_step step-bias-split 300 --precision bf16-master --batch-size 128 \
+            --gelu triton-bias --qkv split ;;
+    step-bias-split-256)  # the same at batch 256 (an H200's memory), against `step-gelu-256`
+        fixed_step step-bias-split-256 360 --precision bf16-master --batch-size 256 \
+            --gelu triton-bias --qkv split ;;
     step-autotune-master)  # Triton GEMM templates with fused epilogues (max-autotune without
         # CUDA graphs), bf16-master, batch 128: > 200 s of autotuning, so a call of its own
         fixed_step step-autotune-master 560 --precision bf16-master --batch-size 128 \

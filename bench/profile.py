@@ -2,8 +2,8 @@
 or of DALI-fed training steps, summarised as numbers a person can compare between runs.
 
 ``python -m bench.profile --what step|stage|e2e [--mode pretrain] [--size full|tiny]
-[--batch-size B] [--compile] [--precision P] [--unfused] [--gelu G] [--py-workers W] [--cores C]
-[--steps N] [--data DIR] [--smoke]``
+[--batch-size B] [--compile] [--precision P] [--unfused] [--gelu G] [--qkv Q] [--py-workers W]
+[--cores C] [--steps N] [--data DIR] [--smoke]``
 
 For the profiled window (``--steps`` iterations after ``--warmup`` unprofiled ones) it records
 the wall time, the host time of the ops the loop called, the device time of the kernels
@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.common import add_precision_argument, default_precision, device_ms_by_class
 from bench.end_to_end import bench_config, ensure_dataset, forever
-from bench.step import GELUS, PAPER_BATCH, StepSetup, TrainStep, synthetic_batch
+from bench.step import GELUS, PAPER_BATCH, QKVS, StepSetup, TrainStep, synthetic_batch
 from equiav.config import COMPILE_MODES
 
 WHATS = ("step", "stage", "e2e")
@@ -224,6 +224,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         thread_prefetch=a.thread_prefetch,
         fused=not a.unfused,
         gelu=a.gelu,
+        qkv=a.qkv,
     )
     torch.set_num_threads(a.cores)
     torch.manual_seed(0)
@@ -269,6 +270,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "compile": a.compile,
         "compile_mode": a.compile_mode if a.compile else None,
         "gelu": cfg.model.gelu,
+        "qkv": cfg.model.qkv,
         "py_workers": a.py_workers,
         "thread_prefetch": a.thread_prefetch,
         "cores": a.cores,
@@ -310,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
     p.add_argument("--gelu", default="torch", choices=GELUS, help="the towers' GELU (model.gelu)")
+    p.add_argument("--qkv", default="packed", choices=QKVS, help="the q, k, v GEMMs (model.qkv)")
     p.add_argument("--py-workers", type=int, default=0)
     p.add_argument("--thread-prefetch", type=int, default=0, help="e2e: data.thread_prefetch")
     add_precision_argument(p)

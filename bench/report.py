@@ -491,8 +491,10 @@ def _setting(row: dict[str, Any], config: dict[str, Any]) -> str:
     if row.get("compile"):
         mode = row.get("compile_mode") or config.get("compile_mode") or "default"
         words.append("compiled" if mode == "default" else f"compiled, {mode}")
-    if row.get("gelu") == "triton":
-        words.append("Triton GELU")
+    if row.get("gelu") in ("triton", "triton-bias"):
+        words.append("Triton GELU" + (" with fc1's bias" if row["gelu"] == "triton-bias" else ""))
+    if row.get("qkv") == "split":
+        words.append("split q/k/v GEMMs")
     if row.get("sdpa") not in (None, "default"):
         words.append(f"{row['sdpa']} attention")
     return ", ".join(words)

@@ -58,6 +58,7 @@ from train import finetune_task, pretrain_task
 MODES = ("pretrain", "finetune")
 # Attention kernels `--sdpa` can force (torch picks cuDNN's on an H100 by default).
 GELUS = ("torch", "triton", "triton-bias")  # model.gelu's choices
+QKVS = ("packed", "split")  # model.qkv's choices
 
 SDPA_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -137,20 +138,24 @@ class StepSetup:
     compile_mode: str = "default"  # torch.compile's mode (train.compile_mode)
     sdpa: str = "default"  # attention kernel: torch's choice, or one of SDPA_BACKENDS
     gelu: str = "torch"  # the towers' GELU: model.gelu
+    qkv: str = "packed"  # the towers' q, k, v projections: model.qkv
 
     @classmethod
     def of(cls, mode: str, cfg: Config) -> StepSetup:
-        """The setup that `cfg` describes (its precision, optimizer, compilation and GELU)."""
-        t = cfg.train
+        """The setup that `cfg` describes (its precision, optimizer, compilation, GELU and
+        q, k, v projections)."""
+        t, m = cfg.train, cfg.model
         return cls(
-            mode, t.precision, cfg.optim.fused, t.compile, t.compile_mode, gelu=cfg.model.gelu
+            mode, t.precision, cfg.optim.fused, t.compile, t.compile_mode, gelu=m.gelu, qkv=m.qkv
         )
 
 
 def run_config(setup: StepSetup, smoke: bool) -> Config:
     """The trainer's configuration for `setup` (paper defaults; the tiny model in smoke mode)."""
     cfg = default_config(setup.mode)
-    model = dataclasses.replace(cfg.model, **(SMOKE_MODEL if smoke else {}), gelu=setup.gelu)
+    model = dataclasses.replace(
+        cfg.model, **(SMOKE_MODEL if smoke else {}), gelu=setup.gelu, qkv=setup.qkv
+    )
     data = dataclasses.replace(cfg.data, **(SMOKE_DATA if smoke else {}))
     optim = dataclasses.replace(cfg.optim, fused=setup.fused)
     train = dataclasses.replace(
@@ -216,6 +221,7 @@ def check_setup(setup: StepSetup, cfg: Config) -> None:
         "fused": (setup.fused, cfg.optim.fused),
         "compile": (setup.compile, cfg.train.compile),
         "gelu": (setup.gelu, cfg.model.gelu),
+        "qkv": (setup.qkv, cfg.model.qkv),
     }
     if setup.compile:
         pairs["compile_mode"] = (setup.compile_mode, cfg.train.compile_mode)
@@ -354,6 +360,7 @@ def measure(step: TrainStep, batch_size: int, steps: int, warmup: int) -> dict[s
         "compile_mode": setup.compile_mode if setup.compile else None,
         "sdpa": setup.sdpa,
         "gelu": setup.gelu,
+        "qkv": setup.qkv,
         "batch_size": batch_size,
         "status": "ok",
         "steps": steps,
@@ -466,10 +473,11 @@ def setups(
     compile_mode: str = "default",
     sdpa: str = "default",
     gelu: str = "torch",
+    qkv: str = "packed",
 ) -> list[StepSetup]:
     """Every combination, mode outermost."""
     combos = itertools.product(modes, precisions, fused, compiled)
-    return [StepSetup(*c, compile_mode=compile_mode, sdpa=sdpa, gelu=gelu) for c in combos]
+    return [StepSetup(*c, compile_mode=compile_mode, sdpa=sdpa, gelu=gelu, qkv=qkv) for c in combos]
 
 
 def _best(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -491,6 +499,7 @@ def run(
     compile_mode: str = "default",
     sdpa: str = "default",
     gelu: str = "torch",
+    qkv: str = "packed",
     device: str | torch.device | None = None,
     smoke: bool = False,
     steps: int | None = None,
@@ -533,7 +542,7 @@ def run(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    combos = setups(modes, precisions, fused, compiled, compile_mode, sdpa, gelu)
+    combos = setups(modes, precisions, fused, compiled, compile_mode, sdpa, gelu, qkv)
     rows: list[dict[str, Any]] = []
     for setup in combos:
         log(f"bench.step: {setup} on {device}{' (smoke)' if smoke else ''}")
@@ -559,6 +568,7 @@ def run(
             "compile_mode": compile_mode,
             "sdpa": sdpa,
             "gelu": gelu,
+            "qkv": qkv,
             "smoke": smoke,
             "device": str(device),
             "steps": steps,
@@ -619,6 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--gelu", default="torch", choices=GELUS, help="the towers' GELU (model.gelu)"
     )
     parser.add_argument(
+        "--qkv", default="packed", choices=QKVS, help="the towers' q, k, v GEMMs (model.qkv)"
+    )
+    parser.add_argument(
         "--grid",
         nargs="?",
         const="full",
@@ -659,6 +672,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         compile_mode=args.compile_mode,
         sdpa=args.sdpa,
         gelu=args.gelu,
+        qkv=args.qkv,
         device=args.device,
         smoke=args.smoke,
         steps=args.steps,

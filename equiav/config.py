@@ -187,6 +187,10 @@ class ModelConfig:
     # its gradient summed in the backward kernel instead of a second pass over the gradient);
     # torch's GELU on the CPU. Weights and checkpoints are the same.
     gelu: Literal["torch", "triton", "triton-bias"] = "torch"
+    # The towers' q, k, v projections: "packed" (timm's one GEMM) or "split" (three GEMMs on
+    # thirds of the same weight, so that attention's gradients need no copy back into one
+    # layout: equiav.model.vit.SplitQKVAttention). The same function and checkpoints.
+    qkv: Literal["packed", "split"] = "packed"
     ftmode: Literal["multimodal", "audio_only", "video_only"] = "multimodal"
     ft_proj_dim: int = 512  # multimodal finetuning: Linear(embed_dim, 512) per modality
     pretrained_model: str | None = None  # EquiAV checkpoint to finetune / evaluate

@@ -193,6 +193,10 @@ def test_train_step_refuses_a_setup_its_config_contradicts():
     gelu = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, gelu="triton"))
     with pytest.raises(ValueError, match="gelu"):
         step.TrainStep(setup, gelu, torch.device("cpu"))
+    split = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, qkv="split"))
+    with pytest.raises(ValueError, match="qkv: 'packed' in the setup, 'split' in the config"):
+        step.TrainStep(setup, split, torch.device("cpu"))
+    assert step.StepSetup.of("pretrain", split) == dataclasses.replace(setup, qkv="split")
 
 
 @pytest.fixture(scope="module")
@@ -465,8 +469,9 @@ def test_profile_smoke_writes_a_valid_result(synth_small, tmp_path, what):
     from bench.report import write_report
 
     args = ["--what", what, "--smoke", "--data", str(synth_small.root), "--seconds", "4"]
-    # the step with torch's unfused AdamW and our GELU with fc1's bias (torch's GELU on a CPU)
-    args += ["--unfused", "--gelu", "triton-bias"] if what == "step" else []
+    # the step with torch's unfused AdamW, our GELU with fc1's bias (torch's GELU on a CPU) and
+    # split q, k, v GEMMs
+    args += ["--unfused", "--gelu", "triton-bias", "--qkv", "split"] if what == "step" else []
     assert main(args + ["--cores", "1", "--results-dir", str(tmp_path / "results")]) == 0
     (path,) = (tmp_path / "results").glob(f"profile-{what}-*.json")
     result = json.loads(path.read_text())
@@ -474,6 +479,7 @@ def test_profile_smoke_writes_a_valid_result(synth_small, tmp_path, what):
     assert row["what"] == what and row["wall_ms_per_iter"] > 0
     assert row["optimizer"] == ("unfused" if what == "step" else "fused")
     assert row["gelu"] == ("triton-bias" if what == "step" else "torch")
+    assert row["qkv"] == ("split" if what == "step" else "packed")
     # On the CPU both are torch's for-loop AdamW (fused and foreach need CUDA tensors)
     assert row["optimizer_impl"] == (None if what == "stage" else "for-loop")
     assert row["syncs_per_iter"] == 0 and row["launches_per_iter"] == 0  # no GPU here
@@ -569,8 +575,8 @@ def test_report_states_the_targets_against_the_best_measurements(tmp_path):
                 "optimizer": "fused", "compile": True, "step_time_ms": 100.0}  # fmt: skip
     result("step-a", {}, gpu, {**step_row, "precision": "bf16", "mfu": 0.30},
            {**step_row, "precision": "bf16-master", "mfu": 0.36},
-           {**step_row, "precision": "bf16-master", "mfu": 0.38, "gelu": "triton",
-            "sdpa": "flash"},
+           {**step_row, "precision": "bf16-master", "mfu": 0.38, "gelu": "triton-bias",
+            "sdpa": "flash", "qkv": "split"},
            {**step_row, "precision": "fp32", "mfu": 0.50},
            {**step_row, "mode": "finetune", "precision": "bf16", "mfu": 0.60})  # fmt: skip
     text = report.write_report(tmp_path, tmp_path / "out").read_text()
@@ -588,7 +594,10 @@ def test_report_states_the_targets_against_the_best_measurements(tmp_path):
     assert table["CPU (2 cores): loader, DALI / paper-style, JPEG frames"][1:3] == ["1.50x", "no"]
     mfu = table["GPU: pretraining step MFU, bf16"]
     assert mfu[1:3] == ["38.0 %", "no"] and mfu[3].startswith("`step-a-")
-    assert mfu[3].endswith("(batch 64, bf16-master, compiled, Triton GELU, flash attention) |")
+    assert mfu[3].endswith(
+        "(batch 64, bf16-master, compiled, Triton GELU with fc1's bias, split q/k/v GEMMs, "
+        "flash attention) |"
+    )
 
 
 def test_startup_check_cost_extrapolates_a_cost_per_entry_never_below_zero():

@@ -270,16 +270,18 @@ def test_report_renders_end_to_end_and_scaling(e2e_result, scaling_result, resul
     assert "| pretrain | tiny | frames |" in e2e_part and "dali-frames" in e2e_part
 
 
-def test_bench_config_carries_source_workers_compile_optimizer_and_gelu(synth_small):
-    """--py-workers, --compile, --unfused and --gelu reach the trainer's config (data.py_workers,
-    train.compile, optim.fused, model.gelu), and the step built from it runs that model."""
+def test_bench_config_carries_source_workers_compile_optimizer_gelu_and_qkv(synth_small):
+    """--py-workers, --compile, --unfused, --gelu and --qkv reach the trainer's config
+    (data.py_workers, train.compile, optim.fused, model.gelu, model.qkv), and the step built
+    from it runs that model."""
     from bench.step import StepSetup, TrainStep
+    from equiav.model.vit import SplitQKVAttention
     from kernels.gelu import GELU
 
     common = dict(mode="pretrain", size="tiny", smoke=True, batch_size=2, threads=1)
     cfg = end_to_end.bench_config(synth_small.root, **common, precision="fp32", seconds=4.0)
     assert cfg.data.py_workers == 0 and not cfg.train.compile
-    assert cfg.optim.fused and cfg.model.gelu == "torch"
+    assert cfg.optim.fused and cfg.model.gelu == "torch" and cfg.model.qkv == "packed"
     cfg = end_to_end.bench_config(
         synth_small.root,
         **common,
@@ -289,11 +291,13 @@ def test_bench_config_carries_source_workers_compile_optimizer_and_gelu(synth_sm
         compile=True,
         fused=False,
         gelu="triton",
+        qkv="split",
     )
     assert cfg.data.py_workers == 2 and cfg.train.compile
-    assert not cfg.optim.fused and cfg.model.gelu == "triton"
+    assert not cfg.optim.fused and cfg.model.gelu == "triton" and cfg.model.qkv == "split"
     step = TrainStep(StepSetup.of("pretrain", cfg), cfg, torch.device("cpu"))
     assert any(isinstance(m, GELU) for m in step.model.modules())
+    assert any(isinstance(m, SplitQKVAttention) for m in step.model.modules())
 
 
 def test_capacity_inputs_come_from_gpu_results(tmp_path):

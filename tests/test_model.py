@@ -257,9 +257,11 @@ def test_tower_rejects_wrong_input_shape(demo_cfg):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cen_mean", [True, False])
-def test_outputs_equal_reference(demo_cfg, cen_mean):
-    model_cfg, data = tiny(demo_cfg, cen_mean=cen_mean)
+@pytest.mark.parametrize(
+    ("cen_mean", "qkv"), [(True, "packed"), (False, "packed"), (True, "split")]
+)
+def test_outputs_equal_reference(demo_cfg, cen_mean, qkv):
+    model_cfg, data = tiny(demo_cfg, cen_mean=cen_mean, qkv=qkv)
     torch.manual_seed(0)
     model = EquiAVPretrain(model_cfg, data).double().eval()
     x = inputs(model_cfg, data, dtype=torch.float64)
@@ -706,3 +708,139 @@ def test_patch_embedding_equals_timms_convolution(size):
     b.square().sum().backward()
     torch.testing.assert_close(ours.proj.weight.grad, ref.proj.weight.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ours.proj.bias.grad, ref.proj.bias.grad, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# model.qkv: split
+# ---------------------------------------------------------------------------------------------
+
+
+def test_split_qkv_is_the_same_model_with_the_same_gradients(demo_cfg):
+    """`model.qkv: split` (q, k, v as three GEMMs on thirds of `qkv`) keeps the parameters, the
+    state dict, the outputs and every gradient of timm's one-GEMM attention."""
+    from timm.layers import Attention
+
+    from equiav.model.vit import SplitQKVAttention
+
+    packed_cfg, split_cfg = tiny(demo_cfg), tiny(demo_cfg, qkv="split")
+    torch.manual_seed(0)
+    packed = EquiAVPretrain(*packed_cfg)
+    torch.manual_seed(0)
+    split = EquiAVPretrain(*split_cfg)
+    kinds = {type(m) for m in split.tower_a.modules() if isinstance(m, Attention)}
+    assert kinds == {SplitQKVAttention}
+    assert not any(isinstance(m, SplitQKVAttention) for m in packed.modules())
+    assert len([m for m in split.modules() if isinstance(m, SplitQKVAttention)]) == 4
+    split.load_state_dict(packed.state_dict())  # strict: the same keys and shapes
+    x = inputs(*packed_cfg)
+    readout = torch.randn(packed_cfg[0].head_out, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for model in (packed, split):
+        out = model(**x)
+        sum((z * readout).sum() for z in out.values()).backward()
+        outs.append(out)
+    for key in outs[0]:
+        torch.testing.assert_close(outs[1][key], outs[0][key], rtol=1e-5, atol=1e-6, msg=key)
+    grads = dict(split.named_parameters())
+    for name, p in packed.named_parameters():
+        assert p.grad is not None and grads[name].grad is not None, name
+        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    qkv_grad = split.tower_a.blocks[0].attn.qkv.weight.grad
+    assert qkv_grad.abs().amax(dim=1).min() > 0  # every third of the weight gets its gradient
+
+
+def test_split_qkv_rejects_what_it_does_not_implement():
+    from equiav.model.vit import SplitQKVAttention
+
+    with pytest.raises(ValueError, match="q_norm"):
+        SplitQKVAttention(64, num_heads=4, qkv_bias=True, qk_norm=True, norm_layer=nn.LayerNorm)
+    with pytest.raises(ValueError, match="without a bias"):
+        SplitQKVAttention(64, num_heads=4, qkv_bias=False)
+    from equiav.config import apply_overrides, default_config, validate
+
+    with pytest.raises(Exception, match="model.qkv"):
+        validate(apply_overrides(default_config("pretrain"), {"model.qkv": "fused"}))
+
+
+@pytest.mark.parametrize("kernel", ["cudnn", "flash", "efficient"])
+def test_split_qkv_gradients_come_back_as_the_linear_layers_gradients(kernel):
+    """Why `model.qkv: split` exists. The GPU attention kernels' backward (their meta functions:
+    what torch.compile plans its buffers by; run here on meta tensors, no GPU needed) returns
+    dq, dk, dv as three buffers in q's dense layout. With split q, k, v, each of those IS its
+    linear layer's (B*N, H*D) output gradient; with timm's one GEMM they are not slices of its
+    (B, N, 3, H, D) gradient, which must then be copied together (stack and permute)."""
+    aten = torch.ops.aten
+    b, n, h, d = 2, 16, 12, 64
+
+    def meta(*shape):
+        return torch.empty(*shape, device="meta", dtype=torch.bfloat16)
+
+    def grads(q, k, v):
+        if kernel == "cudnn":
+            o = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)
+            return aten._scaled_dot_product_cudnn_attention_backward(
+                o[0], q, k, v, o[0], o[1], o[6], o[7], None, None, None, n, n, 0.0, False
+            )
+        if kernel == "flash":
+            o = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)
+            return aten._scaled_dot_product_flash_attention_backward(
+                o[0], q, k, v, o[0], o[1], o[2], o[3], o[4], o[5], 0.0, False, o[6], o[7]
+            )
+        o = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False)
+        g = aten._scaled_dot_product_efficient_attention_backward(
+            o[0], q, k, v, meta(0), o[0], o[1], o[2], o[3], 0.0, [True] * 3 + [False], False
+        )
+        return g[:3]
+
+    split = [meta(b, n, h, d).transpose(1, 2) for _ in range(3)]  # (B, H, N, D) views
+    for g in grads(*split):
+        assert g.shape == (b, h, n, d)
+        # (B, N, H, D) in memory: its (B*N, H*D) view is the linear's gradient, no copy
+        assert g.transpose(1, 2).is_contiguous()
+    packed = meta(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    assert packed[0].stride(2) == 3 * h * d
+    for g in grads(*packed):
+        assert g.stride(2) == h * d  # its own buffer, not a slice of the (B, N, 3, H, D) one
+
+
+@pytest.mark.cuda
+def test_split_qkv_on_cuda_computes_the_same_block_without_the_gradient_copy():
+    """On the GPU, compiled under bf16 autocast as the trainer runs it: timm's block with one
+    q, k, v GEMM has a kernel that stacks attention's gradients into that GEMM's gradient, the
+    block with split q, k, v has none, and the two compute the same values and gradients."""
+    from timm.models.vision_transformer import Block
+    from torch.profiler import ProfilerActivity, profile
+
+    from equiav.model.vit import SplitQKVAttention
+
+    def run(split: bool) -> tuple[set[str], list[torch.Tensor]]:
+        torch.manual_seed(0)
+        extra = {"attn_layer": SplitQKVAttention} if split else {}
+        block = Block(768, 12, qkv_bias=True, norm_layer=nn.LayerNorm, **extra).cuda()
+        block.attn.fused_attn = True
+        assert isinstance(block.attn, SplitQKVAttention) == split
+        x = torch.randn(8, 512, 768, device="cuda").requires_grad_()
+        compiled = torch.compile(block)
+
+        def step() -> torch.Tensor:
+            with torch.autocast("cuda", torch.bfloat16):
+                y = compiled(x)
+            y.float().square().mean().backward()
+            return y
+
+        step()  # compiles
+        x.grad = None
+        block.zero_grad()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            y = step()
+            torch.cuda.synchronize()
+        kernels = {e.key for e in prof.key_averages() if e.key.startswith("triton_")}
+        qkv = block.attn.qkv
+        return kernels, [y.detach().float(), x.grad, qkv.weight.grad, qkv.bias.grad]
+
+    packed_kernels, packed = run(split=False)
+    split_kernels, split = run(split=True)
+    assert any("stack" in k for k in packed_kernels), sorted(packed_kernels)
+    assert not any("stack" in k for k in split_kernels), sorted(split_kernels)
+    for a, b in zip(split, packed, strict=True):
+        assert float((a - b).norm() / b.norm()) < 2e-2  # bf16 GEMMs grouped differently

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp
+from timm.layers import Attention, Mlp
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -113,6 +113,57 @@ class BiasGELUMlp(Mlp):
         return self.drop2(x)
 
 
+class SplitQKVAttention(Attention):
+    """timm's Attention (the same parameters and state dict) with q, k and v as three GEMMs on
+    thirds of `qkv` instead of one, then `scaled_dot_product_attention`.
+
+    Why: with one GEMM, q, k and v are strided views into its (B, N, 3, H, D) output, but the
+    GPU attention kernels return their gradients as three buffers of their own (dense, in q's
+    dimension order), so stacking those into the GEMM's (B, N, 3, H, D) gradient is a copy of
+    3 x tokens x 768 values per block (5.4 ms of a compiled batch-128 pretraining step on an
+    H200: `clone_permute_stack` in `bench/results/profile-step-master-b128-h200.json`). Here
+    each of q, k, v is a dense (B, N, H, D) tensor seen as (B, H, N, D): its gradient comes back
+    in that layout, which is its linear's (B*N, H*D) output gradient as it lies. The cost: three
+    GEMMs of 768 outputs instead of one of 2304 (forward, input and weight gradients). It
+    always calls `scaled_dot_product_attention` (the towers force timm's `fused_attn` anyway).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        extras = [
+            name
+            for name in ("q_norm", "k_norm", "norm")
+            if not isinstance(getattr(self, name, nn.Identity()), nn.Identity)
+        ]
+        if getattr(self, "gate", None) is not None:
+            extras.append("gate")
+        if extras or self.qkv.bias is None:
+            raise ValueError(
+                f"SplitQKVAttention is for ViT-B's plain attention with a qkv bias; got "
+                f"{', '.join(extras) or 'qkv without a bias'}"
+            )
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        b, n, _ = x.shape
+        h, d = self.num_heads, self.head_dim
+        q, k, v = (
+            F.linear(x, w, bias).view(b, n, h, d).transpose(1, 2)
+            for w, bias in zip(self.qkv.weight.chunk(3), self.qkv.bias.chunk(3), strict=True)
+        )
+        x = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.attn_drop.p if self.training else 0.0,
+            is_causal=is_causal,
+        )
+        x = x.transpose(1, 2).reshape(b, n, h * d)
+        return self.proj_drop(self.proj(x))
+
+
 class ViTTower(nn.Module):
     """Patch embedding + fixed sin-cos positions + learned modality vector + transformer blocks.
 
@@ -133,6 +184,7 @@ class ViTTower(nn.Module):
         in_chans: int = 3,
         act_layer: type[nn.Module] = nn.GELU,
         mlp_layer: type[nn.Module] = Mlp,
+        attn_layer: type[nn.Module] | None = None,
     ) -> None:
         super().__init__()
         height, width = input_size
@@ -162,6 +214,8 @@ class ViTTower(nn.Module):
                 norm_layer=nn.LayerNorm,
                 act_layer=act_layer,
                 mlp_layer=mlp_layer,
+                # passed for split only: the default is timm's attention, whatever Block takes
+                **({"attn_layer": attn_layer} if attn_layer is not None else {}),
             )
             for _ in range(depth)
         )
@@ -204,6 +258,7 @@ def _tower(name: str, size: tuple[int, int], model: ModelConfig) -> ViTTower:
         # (kernels/gelu.py)
         act_layer=TritonGELU if model.gelu == "triton" else nn.GELU,
         mlp_layer=BiasGELUMlp if model.gelu == "triton-bias" else Mlp,
+        attn_layer=SplitQKVAttention if model.qkv == "split" else None,  # None: timm's
     )
 
 
