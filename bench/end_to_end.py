@@ -118,10 +118,11 @@ def bench_config(
     fused: bool = True,
     gelu: str = "torch",
     qkv: str = "packed",
+    hw_decoder_load: float = 0.65,
 ) -> Config:
     """The trainer's configuration for one benchmark run on the synthetic dataset in `data_dir`
     (`fused`: the fused AdamW on CUDA, else torch's default; `gelu`, `qkv`: model.gelu and
-    model.qkv).
+    model.qkv; `hw_decoder_load`: data.hw_decoder_load).
 
     `size` "tiny": `TINY_MODEL` (with `smoke`: also `SMOKE_OVERRIDES`); "full": the paper's
     model and data geometry. Frames per clip follow the clip length (one per second, at most 10).
@@ -142,6 +143,7 @@ def bench_config(
         "data.num_threads": threads,
         "data.py_workers": py_workers,
         "data.thread_prefetch": thread_prefetch,
+        "data.hw_decoder_load": hw_decoder_load,
         "train.batch_size": batch_size,
         "train.precision": precision,
         "train.compile": compile,
@@ -348,6 +350,7 @@ def measure_model(
         "cores": cfg.data.num_threads,
         "py_workers": cfg.data.py_workers,
         "thread_prefetch": cfg.data.thread_prefetch,
+        "hw_decoder_load": cfg.data.hw_decoder_load,
         "compile": cfg.train.compile,
         "compile_mode": cfg.train.compile_mode if cfg.train.compile else None,
         "gelu": cfg.model.gelu,
@@ -439,6 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gelu", default="torch", choices=GELUS, help="the towers' GELU (model.gelu)")
     p.add_argument("--qkv", default="packed", choices=QKVS, help="the q, k, v GEMMs (model.qkv)")
     p.add_argument(
+        "--hw-decoder-load",
+        type=float,
+        default=0.65,
+        help="JPEG frames to the GPU's hardware decoder (data.hw_decoder_load)",
+    )
+    p.add_argument(
         "--thread-prefetch",
         type=int,
         default=0,
@@ -510,6 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     thread_prefetch=a.thread_prefetch,
                     gelu=a.gelu,
                     qkv=a.qkv,
+                    hw_decoder_load=a.hw_decoder_load,
                 )
                 torch.manual_seed(0)
                 rows += measure_model(cfg, mode, size, device, size_steps, size_warmup, a.layout)

@@ -11,7 +11,7 @@
 # step-sdpa, step-master, step-master-bf16, step-master-256, step-coordesc, step-coordesc-256,
 # step-gemm-autotune, step-gemm-autotune-256, gelu-tests, step-gelu, step-gelu-256,
 # step-gelu-bias, step-gelu-bias-256, qkv-tests, step-qkv-split, step-qkv-split-256,
-# step-bias-split, step-bias-split-256,
+# step-bias-split, step-bias-split-256, loader-hw, e2e-b64-hw,
 # step-autotune-master, e2e,
 # e2e-eager, e2e-fast, e2e-fast-pretrain, e2e-b64, e2e-b64-gelu, e2e-graphs, e2e-thread,
 # e2e-quick, e2e-ft-quick, e2e-ft-nothread-quick, e2e-graphs-quick, profile-stage, profile-e2e,
@@ -95,6 +95,14 @@ for s in "$@"; do
         stage loader-quick 300 python3 -m bench.loader --data "$DATA" --cores "$CORES" \
             --device cuda --layouts frames,webm --repeats 3 --batches 24 \
             --results-dir "$RESULTS" ;;
+    loader-hw)  # JPEG frames with all of them on the GPU's hardware JPEG decoder
+        # (data.hw_decoder_load=1.0) and with DALI's default share (0.65: the rest on nvJPEG's
+        # hybrid path, Huffman decoding on the 2 CPU threads), one after the other, 2 rounds
+        for load in 0.65 1.0; do
+            stage "loader-hw-$load" 150 python3 -m bench.loader --data "$DATA" \
+                --cores "$CORES" --device cuda --layouts frames --repeats 2 --batches 24 \
+                --hw-decoder-load "$load" --results-dir "$RESULTS/loader-hw-$load"
+        done ;;
     loader-nvdec)  # video files through NVDEC (data.video_decoder=gpu), the earlier default
         stage loader-nvdec 240 python3 -m bench.loader --data "$DATA" --cores "$CORES" \
             --device cuda --layouts webm --repeats 1 --video-decoder gpu \
@@ -182,6 +190,13 @@ for s in "$@"; do
             --full-batch-size 64 --precision bf16-master --compile --gelu triton \
             --data "$DATA_B64" --clips 1700 --cores "$CORES" --py-workers 2 --thread-prefetch 2 \
             --steps 20 --results-dir "$RESULTS/b64-gelu" ;;
+    e2e-b64-hw)  # e2e-b64 with every JPEG frame on the hardware decoder (data.hw_decoder_load
+        # =1.0): DALI-fed steps ran 5 % slower than step-only, and the hybrid path's CUDA
+        # kernels run beside the step
+        stage e2e-b64-hw 450 python3 -m bench.end_to_end --mode pretrain --size full \
+            --full-batch-size 64 --precision bf16-master --compile --hw-decoder-load 1.0 \
+            --data "$DATA_B64" --clips 1700 --cores "$CORES" --py-workers 2 --thread-prefetch 2 \
+            --steps 20 --results-dir "$RESULTS/b64-hw" ;;
     train-graphs)  # a real training run (train.py, full size, the synthetic set) with CUDA
         # graphs and bf16-master, 60 steps, then resumed to 80: before either becomes a preset's
         # default (~5 minutes: two compilations; checkpoints of ~2.5 GB stay under runs/)

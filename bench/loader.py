@@ -248,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="data.video_decoder on a GPU: auto (CPU on excerpts for VP9), cpu, gpu (NVDEC)",
     )
+    parser.add_argument(
+        "--hw-decoder-load",
+        type=float,
+        default=0.65,
+        help="on a GPU, JPEG frames to its hardware decoder (data.hw_decoder_load)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny run for tests")
     parser.add_argument("--results-dir", default=None)
     return parser
@@ -293,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                 "data.eval_frame": frames // 2,
                 "train.batch_size": args.batch_size,
                 "data.video_decoder": args.video_decoder,
+                "data.hw_decoder_load": args.hw_decoder_load,
             },
         )
     )
@@ -419,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats,
             "stage_threads": args.stage_threads,
             "video_decoder": args.video_decoder,
+            "hw_decoder_load": args.hw_decoder_load,
             # Process-wide once the first DALI loader is built: the baseline's workers, forked
             # later, inherit it too.
             "keep_freed_memory": cfg.data.keep_freed_memory,

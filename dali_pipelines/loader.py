@@ -75,6 +75,7 @@ class LoaderConfig:
     # With a CUDA device, where video files are decoded: "gpu" (NVDEC) or "cpu" (DALI's CPU
     # decoder on keyframe excerpts, frames copied to the GPU); see video_decoder_for.
     video_decoder: str = "gpu"
+    hw_decoder_load: float = 0.65  # GPU: JPEG frames to the hardware decoder (data.*)
 
 
 # glibc's mallopt parameters (malloc.h).
@@ -175,6 +176,7 @@ class DaliLoader:
             image_size=cfg.image_size,
             py_workers=cfg.py_workers,
             video_device="cpu" if self._video_on_cpu else "gpu",
+            hw_decoder_load=cfg.hw_decoder_load,
         )
         self.pipe = build_pipeline(self.source, self.opts)
         # After the pipeline is built: starting source workers pickles the source (the whole
@@ -484,6 +486,7 @@ def build_loader(
         image_std=data.image_std,
         keep_freed_memory=data.keep_freed_memory,
         video_decoder=decoder,
+        hw_decoder_load=data.hw_decoder_load,
     )
     loader = DaliLoader(entries, read_label_csv(data.label_csv), lcfg, shard, device, state)
     if data.thread_prefetch > 0:

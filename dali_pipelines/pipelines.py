@@ -48,6 +48,7 @@ class PipelineOptions:
     image_size: int = 224
     py_workers: int = 0  # >0: read files in that many Python worker processes
     video_device: str = "gpu"  # with a device id: decode video files there ("cpu" or "gpu")
+    hw_decoder_load: float = 0.65  # on a GPU: JPEG frames to the hardware decoder (nvJPEG)
 
 
 def output_names(source: SampleSource) -> tuple[str, ...]:
@@ -56,14 +57,15 @@ def output_names(source: SampleSource) -> tuple[str, ...]:
     return names + ("visual_aug",) if source.spec.mode == "pretrain" else names
 
 
-def _decode(src: dict, view: int, video_files: bool, device: str, video_device: str):
+def _decode(src: dict, view: int, video_files: bool, device: str, opts: PipelineOptions):
     """Decode one view's frame on ``device``: JPEG bytes, or video bytes and a frame number
-    (decoded on ``video_device``, then moved to ``device``)."""
+    (decoded on ``opts.video_device``, then moved to ``device``)."""
+    video_device = "cpu" if device == "cpu" else opts.video_device
     if video_files:  # a view without its own bytes is a frame of view 0's file (pretraining)
         data = src.get(f"frame{view}", src["frame0"])
         frame = video.decode_video_frame(data, src[f"frame{view}_index"], video_device)
         return frame.gpu() if video_device != device else frame
-    return video.decode_jpeg(src[f"frame{view}"], device)
+    return video.decode_jpeg(src[f"frame{view}"], device, opts.hw_decoder_load)
 
 
 def _augmented_crop(frame, crop, image_size: int, device: str):
@@ -128,13 +130,13 @@ def _pipeline(source: SampleSource, opts: PipelineOptions):
         if device == "gpu":
             frame, aug_frame = frame.gpu(), aug_frame.gpu()
     else:
-        frame = _decode(src, 0, source.video_files, device, vdev)
+        frame = _decode(src, 0, source.video_files, device, opts)
         if mode == "pretrain":
-            aug_frame = _decode(src, 1, source.video_files, device, vdev)
+            aug_frame = _decode(src, 1, source.video_files, device, opts)
     visual = video.clean_view(frame, device, opts.image_size)
     if mode == "finetune":  # frames mixed after normalisation, as the original does
         partner = video.clean_view(
-            _decode(src, 1, source.video_files, device, vdev), device, opts.image_size
+            _decode(src, 1, source.video_files, device, opts), device, opts.image_size
         )
         lam = src["lam"].gpu() if device == "gpu" else src["lam"]
         visual = visual * lam + partner * (1.0 - lam)

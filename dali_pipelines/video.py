@@ -66,9 +66,18 @@ def _decoder_device(device: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def decode_jpeg(jpeg_bytes: DataNode, device: str) -> DataNode:
-    """Decode JPEG bytes (CPU node) to an HWC uint8 RGB image on ``device`` (nvJPEG on GPU)."""
-    return fn.decoders.image(jpeg_bytes, device=_decoder_device(device), output_type=types.RGB)
+def decode_jpeg(jpeg_bytes: DataNode, device: str, hw_decoder_load: float = 0.65) -> DataNode:
+    """Decode JPEG bytes (CPU node) to an HWC uint8 RGB image on ``device`` (nvJPEG on GPU).
+
+    ``hw_decoder_load``: on the GPU, the share of images for the hardware JPEG decoder
+    (A100/H100/H200; the rest take nvJPEG's hybrid path: Huffman decoding on the CPU threads);
+    DALI's own default. The CPU decoder has no such choice and is not given it.
+    """
+    if not 0.0 <= hw_decoder_load <= 1.0:
+        raise ValueError(f"hw_decoder_load must be in [0, 1], got {hw_decoder_load}")
+    backend = _decoder_device(device)
+    extra = {"hw_decoder_load": hw_decoder_load} if backend == "mixed" else {}
+    return fn.decoders.image(jpeg_bytes, device=backend, output_type=types.RGB, **extra)
 
 
 def decode_video_frame(video_bytes: DataNode, frame_index: DataNode, device: str) -> DataNode:

@@ -96,6 +96,10 @@ class DataConfig:
     # excerpts when every codec of the list decodes there: VP8, VP9, MJPEG; else NVDEC), "cpu"
     # or "gpu" (dali_pipelines.loader.video_decoder_for). Without a GPU always the CPU.
     video_decoder: Literal["auto", "cpu", "gpu"] = "auto"
+    # On a GPU, the share of JPEG frames nvJPEG sends to the GPU's hardware JPEG decoder
+    # (A100, H100, H200) rather than its hybrid path (Huffman decoding on the CPU threads, the
+    # rest in CUDA kernels beside the step): DALI's default 0.65 (fn.decoders.image).
+    hw_decoder_load: float = 0.65
 
     def resolved_n_classes(self) -> int:
         """Label count: `n_classes` if set, else the dataset's (synthetic: rows of `label_csv`)."""
@@ -702,6 +706,7 @@ def validate(cfg: Config) -> Config:
     need(d.py_workers >= 0, "data.py_workers must be >= 0")
     need(d.video_decoder in ("auto", "cpu", "gpu"), "data.video_decoder must be auto, cpu or gpu")
     need(d.thread_prefetch >= 0, "data.thread_prefetch must be >= 0")
+    need(0.0 <= d.hw_decoder_load <= 1.0, "data.hw_decoder_load must be in [0, 1]")
     need(d.clip_seconds > 0, "data.clip_seconds must be > 0")
     need(0 <= d.eval_frame < d.frames_per_clip, "data.eval_frame must be in [0, frames_per_clip)")
     need(0.0 <= d.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")

@@ -431,10 +431,13 @@ def test_loader_benchmark_smoke_writes_a_valid_result(synth_small, tmp_path):
         "frames,webm,frames-shards",
         "--repeats",
         "2",
+        "--hw-decoder-load",
+        "1.0",  # recorded; the CPU decoder has no hardware path
     ]
     assert main(args) == 0
     (path,) = tmp_path.glob("loader-smoke-*.json")
     result = json.loads(path.read_text())
+    assert result["config"]["hw_decoder_load"] == 1.0
     pipelines = {row["pipeline"] for row in result["rows"]}
     assert pipelines == {
         "dali-frames",

@@ -408,6 +408,39 @@ def test_gpu_device_stage_makes_no_host_synchronisation(synth_small, mode):
         assert batch["audio"].is_cuda and torch.isfinite(batch["audio"]).all()
 
 
+def test_the_hardware_jpeg_share_reaches_the_gpu_decoder_only(synth_small, monkeypatch):
+    """data.hw_decoder_load goes through the loader to nvJPEG's (mixed) decoder on a GPU; the
+    CPU decoder, which has no hardware path, is built without it."""
+    from nvidia.dali import types
+
+    import dali_pipelines.video as video
+    from dali_pipelines.loader import build_loader
+    from equiav.config import apply_overrides, validate
+
+    calls = []
+    real = video.fn.decoders.image
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(video.fn.decoders, "image", recording)
+    cfg = apply_overrides(_config(synth_small.root), {"data.hw_decoder_load": 1.0})
+    loader = build_loader(cfg, "train", "eval")
+    assert loader.opts.hw_decoder_load == 1.0
+    batch = next(iter(loader))
+    assert batch["visual"].shape[0] == 2
+    assert calls and all(c["device"] == "cpu" and "hw_decoder_load" not in c for c in calls)
+    calls.clear()
+    monkeypatch.setattr(video.fn.decoders, "image", lambda *a, **kw: calls.append(kw))
+    video.decode_jpeg(None, "gpu", 1.0)  # the graph node only: no GPU needed to define it
+    assert calls == [{"device": "mixed", "output_type": types.RGB, "hw_decoder_load": 1.0}]
+    with pytest.raises(ValueError, match="hw_decoder_load"):
+        video.decode_jpeg(None, "gpu", 1.5)
+    with pytest.raises(Exception, match=r"data.hw_decoder_load must be in \[0, 1\]"):
+        validate(apply_overrides(_config(synth_small.root), {"data.hw_decoder_load": -0.1}))
+
+
 def test_val_fraction_holds_out_part_of_the_training_list(synth_small, check_trust):
     from dali_pipelines.loader import build_loader
     from equiav.config import apply_overrides

@@ -455,11 +455,14 @@ def test_gpu_decodes_bframe_mp4_at_presentation_index(clip):
 
 
 @pytest.mark.cuda
-def test_gpu_clean_view_and_jpeg_match_cpu(clip):
+@pytest.mark.parametrize("hw_decoder_load", [0.0, 0.65, 1.0])  # hybrid only, DALI's, hardware
+def test_gpu_clean_view_and_jpeg_match_cpu(clip, hw_decoder_load):
     paths = [frame_path(clip["frames"], clip["video_id"], k) for k in (0, 9)]
     data = [[read_bytes(p) for p in paths]]
     cpu = run_dali(lambda b: (clean_view(decode_jpeg(b, "cpu"), "cpu"),), data)[0]
-    gpu = run_dali(lambda b: (clean_view(decode_jpeg(b, "gpu"), "gpu"),), data, gpu=True)[0]
+    gpu = run_dali(
+        lambda b: (clean_view(decode_jpeg(b, "gpu", hw_decoder_load), "gpu"),), data, gpu=True
+    )[0]
     std = np.asarray(IMAGENET_STD)[:, None, None]
     for a, b in zip(cpu, gpu, strict=True):
         assert b.shape == (3, 224, 224)
