@@ -15,7 +15,8 @@
 # step-autotune-master, e2e,
 # e2e-eager, e2e-fast, e2e-fast-pretrain, e2e-b64, e2e-b64-gelu, e2e-graphs, e2e-thread,
 # e2e-quick, e2e-ft-quick, e2e-ft-nothread-quick, e2e-graphs-quick, profile-stage, profile-e2e,
-# profile-e2e-ft, profile-step, profile-step-master, profile-step-gelu, profile-step-fp16,
+# profile-e2e-ft, profile-step, profile-step-master, profile-step-gelu, profile-step-split,
+# profile-step-fp16,
 # scaling, demo,
 # train-graphs,
 # pack (archives every result so far into $OUT/results.tgz, as the tool returns at most 8 files;
@@ -237,6 +238,12 @@ for s in "$@"; do
                 --precision bf16-master --batch-size 128 --gelu "$gelu" --data "$DATA" \
                 --steps 5 --name "profile-step-$gelu-b128" --results-dir "$RESULTS"
         done ;;
+    profile-step-split)  # the kernels of the step with both new levers (model.gelu=
+        # triton-bias, model.qkv=split; bf16-master, compiled, batch 128): no stack copy, the
+        # bias gradients where they went (~35 s)
+        stage profile-step-split 300 python3 -m bench.profile --what step --compile \
+            --precision bf16-master --batch-size 128 --gelu triton-bias --qkv split \
+            --data "$DATA" --steps 5 --name profile-step-split-b128 --results-dir "$RESULTS" ;;
     profile-step-fp16)  # fp16 with fused AdamW ran 80.8 ms per eager batch-16 step on an H200,
         # unfused 70.8 (bf16: 64.4 fused, 70.5 unfused): where the fused step's 10 ms go
         for optimizer in fused unfused; do
