@@ -762,6 +762,53 @@ def test_split_qkv_rejects_what_it_does_not_implement():
         validate(apply_overrides(default_config("pretrain"), {"model.qkv": "fused"}))
 
 
+def test_split_qkv_backward_graph_copies_no_activation_gradient():
+    """The compiled backward (AOTAutograd's graph, as torch.compile hands it to inductor): timm's
+    one-GEMM block stacks the three (B, H, N, D) attention gradients into the GEMM's gradient
+    (a copy); the split block has no stack, permute or clone, and its only concatenations are
+    of the parameter-sized gradients of `qkv`'s thirds. A split that chunks one GEMM's output
+    instead fails this."""
+    from functorch.compile import make_boxed_func
+    from timm.models.vision_transformer import Block
+    from torch._dynamo.backends.common import aot_autograd
+
+    from equiav.model.vit import SplitQKVAttention
+
+    def backward_ops(split: bool) -> list[tuple[str, list[tuple[int, ...]]]]:
+        graphs = []
+
+        def keep(gm, _inputs):
+            graphs.append(gm)
+            return make_boxed_func(gm.forward)
+
+        torch.manual_seed(0)
+        extra = {"attn_layer": SplitQKVAttention} if split else {}
+        block = Block(64, 4, qkv_bias=True, norm_layer=nn.LayerNorm, **extra)
+        block.attn.fused_attn = True
+        x = torch.randn(2, 16, 64, requires_grad=True)
+        torch._dynamo.reset()
+        compiled = torch.compile(block, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+        compiled(x).sum().backward()
+        ops = []
+        for node in graphs[-1].graph.nodes:  # the backward graph
+            if node.op == "call_function":
+                args = node.args[0] if node.args and isinstance(node.args[0], list) else node.args
+                values = [getattr(a, "meta", {}).get("val") for a in args]
+                shapes = [tuple(v.shape) for v in values if isinstance(v, torch.Tensor)]
+                target = str(node.target)  # "aten.stack.default" -> "stack"
+                ops.append((target.split(".")[1] if target.startswith("aten.") else target, shapes))
+        return ops
+
+    packed = backward_ops(split=False)
+    (stacked,) = [shapes for name, shapes in packed if name == "stack"]  # then permuted, copied
+    assert stacked == [(2, 4, 16, 16)] * 3  # dq, dk, dv: (B, heads, N, head_dim)
+    split = backward_ops(split=True)
+    names = [name for name, _ in split]
+    assert not {"stack", "permute", "clone"} & set(names)
+    cats = [shapes for name, shapes in split if name == "cat"]
+    assert sorted(cats) == [[(64,)] * 3, [(64, 64)] * 3]  # qkv.bias and qkv.weight thirds
+
+
 @pytest.mark.parametrize("kernel", ["cudnn", "flash", "efficient"])
 def test_split_qkv_gradients_come_back_as_the_linear_layers_gradients(kernel):
     """Why `model.qkv: split` exists. The GPU attention kernels' backward (their meta functions:
