@@ -38,6 +38,7 @@ import itertools
 import statistics
 import sys
 import time
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,17 +50,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.common import write_result
 from bench.flops import FlopCount, finetune_flops, pretrain_flops
-from equiav.config import COMPILE_MODES, Config, default_config
+from equiav.config import COMPILE_MODES, Config, ModelConfig, default_config
 from equiav.train.loop import compile_model
 from equiav.train.optim import PRECISIONS, autocast, build_optimizer, make_scaler, master_weights
 from equiav.train.step import optimizer_step
 from train import finetune_task, pretrain_task
 
 MODES = ("pretrain", "finetune")
+# model.gelu's and model.qkv's choices, as the config declares them
+GELUS = typing.get_args(typing.get_type_hints(ModelConfig)["gelu"])
+QKVS = typing.get_args(typing.get_type_hints(ModelConfig)["qkv"])
 # Attention kernels `--sdpa` can force (torch picks cuDNN's on an H100 by default).
-GELUS = ("torch", "triton", "triton-bias")  # model.gelu's choices
-QKVS = ("packed", "split")  # model.qkv's choices
-
 SDPA_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "flash": SDPBackend.FLASH_ATTENTION,
