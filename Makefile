@@ -19,11 +19,11 @@ FORMAT ?= all
 
 .PHONY: setup test lint format demo synth shard check preview pretrain pretrain-demo finetune \
 	evaluate retrieval bench bench-loader bench-step bench-e2e bench-scaling bench-startup \
-	bench-profile bench-report gpu-wheels help
+	bench-profile bench-fbank bench-report gpu-wheels help
 help:
 	@echo "targets: setup test lint format demo synth shard check preview pretrain pretrain-demo"
 	@echo "         finetune evaluate retrieval bench bench-loader bench-step bench-e2e"
-	@echo "         bench-scaling bench-startup bench-profile bench-report gpu-wheels"
+	@echo "         bench-scaling bench-startup bench-profile bench-fbank bench-report gpu-wheels"
 	@echo "(see README.md)"
 
 # Training: CONFIG picks the preset, NPROC the processes per node (default: all local GPUs, or
@@ -129,6 +129,10 @@ bench-startup: $(SETUP)
 
 bench-profile: $(SETUP)
 	$(PY) -m bench.profile $(ARGS)
+
+# The device stage's filterbank alone by backend (Triton IEEE / tf32x3, torch); for a GPU.
+bench-fbank: $(SETUP)
+	$(PY) -m bench.fbank $(ARGS)
 
 bench-report: $(SETUP)
 	$(PY) -m bench.report

@@ -173,7 +173,11 @@ def default_precision(chosen: str | None, cuda: bool) -> str:
 #: match wins, so a Triton GEMM template that took GELU into its epilogue counts as a GEMM, and a
 #: fused LayerNorm with its residual add and casts as a LayerNorm. "optimizer" holds the foreach
 #: kernels too (gradient clipping, master-weight copies); "input_stage" is the loader's device
-#: stage: our Triton kernels (`kernels/fbank.py`, `kernels/augment_triton.py`).
+#: stage: our Triton kernels (`kernels/fbank.py`, `kernels/augment_triton.py`); "dali" the
+#: loader's other GPU work, DALI's own kernels and those of the codecs it calls (nvJPEG's hybrid
+#: decoding, nvImageCodec's conversions), by namespace: in a profile of DALI-fed steps the two
+#: loader classes are what the input pipeline takes from the step's GPU. Both come first, since
+#: DALI's kernel names hold words of the other classes (`dali::kernels::transpose_impl::...`).
 KERNEL_CLASSES: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         "input_stage",
@@ -181,6 +185,7 @@ KERNEL_CLASSES: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"^_(fbank|jitter|jitter_mean|blur|geometry|roll_mask|finish|flip_transpose)_kernel"
         ),
     ),
+    ("dali", re.compile(r"\b(?:dali|nvjpeg|nvimgcodec)::")),
     ("attention", re.compile(r"sdpa|flash|fmha|attention|cudnn::fusion", re.I)),
     ("gemm", re.compile(r"nvjet|gemm|xmma|cutlass|triton_tem_", re.I)),
     ("gelu", re.compile(r"gelu", re.I)),

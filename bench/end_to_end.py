@@ -50,6 +50,7 @@ import torch
 from bench.common import add_precision_argument, default_precision
 from bench.step import GELUS, PAPER_BATCH, QKVS, SMOKE_MODEL, StepSetup, TrainStep
 from equiav.config import COMPILE_MODES, Config, apply_overrides, default_config, resolve
+from kernels.fbank import BACKENDS as FBANK_BACKENDS
 
 MODES = ("pretrain", "finetune")
 SIZES = ("tiny", "full")
@@ -119,10 +120,11 @@ def bench_config(
     gelu: str = "torch",
     qkv: str = "packed",
     hw_decoder_load: float = 0.65,
+    fbank_backend: str = "auto",
 ) -> Config:
     """The trainer's configuration for one benchmark run on the synthetic dataset in `data_dir`
     (`fused`: the fused AdamW on CUDA, else torch's default; `gelu`, `qkv`: model.gelu and
-    model.qkv; `hw_decoder_load`: data.hw_decoder_load).
+    model.qkv; `hw_decoder_load`, `fbank_backend`: data.hw_decoder_load, data.fbank_backend).
 
     `size` "tiny": `TINY_MODEL` (with `smoke`: also `SMOKE_OVERRIDES`); "full": the paper's
     model and data geometry. Frames per clip follow the clip length (one per second, at most 10).
@@ -144,6 +146,7 @@ def bench_config(
         "data.py_workers": py_workers,
         "data.thread_prefetch": thread_prefetch,
         "data.hw_decoder_load": hw_decoder_load,
+        "data.fbank_backend": fbank_backend,
         "train.batch_size": batch_size,
         "train.precision": precision,
         "train.compile": compile,
@@ -351,6 +354,7 @@ def measure_model(
         "py_workers": cfg.data.py_workers,
         "thread_prefetch": cfg.data.thread_prefetch,
         "hw_decoder_load": cfg.data.hw_decoder_load,
+        "fbank_backend": cfg.data.fbank_backend,
         "compile": cfg.train.compile,
         "compile_mode": cfg.train.compile_mode if cfg.train.compile else None,
         "gelu": cfg.model.gelu,
@@ -448,6 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="JPEG frames to the GPU's hardware decoder (data.hw_decoder_load)",
     )
     p.add_argument(
+        "--fbank-backend",
+        default="auto",
+        choices=FBANK_BACKENDS,
+        help="the device stage's filterbank (data.fbank_backend; Triton ones need a GPU)",
+    )
+    p.add_argument(
         "--thread-prefetch",
         type=int,
         default=0,
@@ -520,6 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     gelu=a.gelu,
                     qkv=a.qkv,
                     hw_decoder_load=a.hw_decoder_load,
+                    fbank_backend=a.fbank_backend,
                 )
                 torch.manual_seed(0)
                 rows += measure_model(cfg, mode, size, device, size_steps, size_warmup, a.layout)

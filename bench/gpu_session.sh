@@ -11,10 +11,12 @@
 # step-sdpa, step-master, step-master-bf16, step-master-256, step-coordesc, step-coordesc-256,
 # step-gemm-autotune, step-gemm-autotune-256, gelu-tests, step-gelu, step-gelu-256,
 # step-gelu-bias, step-gelu-bias-256, qkv-tests, step-qkv-split, step-qkv-split-256,
-# step-bias-split, step-bias-split-256, loader-hw, e2e-b64-hw,
+# step-bias-split, step-bias-split-256, loader-hw, e2e-b64-hw, fbank-tests, fbank-bench,
+# e2e-b64-fbank,
 # step-autotune-master, e2e,
 # e2e-eager, e2e-fast, e2e-fast-pretrain, e2e-b64, e2e-b64-gelu, e2e-graphs, e2e-thread,
 # e2e-quick, e2e-ft-quick, e2e-ft-nothread-quick, e2e-graphs-quick, profile-stage, profile-e2e,
+# profile-e2e-b64,
 # profile-e2e-ft, profile-step, profile-step-master, profile-step-gelu, profile-step-split,
 # profile-step-fp16,
 # scaling, demo,
@@ -132,6 +134,13 @@ for s in "$@"; do
         stage profile-e2e 360 python3 -m bench.profile --what e2e --compile --py-workers 2 \
             --data "$DATA" --cores "$CORES" --steps 10 --name profile-e2e-compiled \
             --results-dir "$RESULTS" ;;
+    profile-e2e-b64)  # e2e-b64's DALI-fed steps (bf16-master, compiled, batch 64, thread
+        # prefetch, its 1700 clips): what the loader's kernels ("dali" and "input_stage" classes)
+        # take from the step's GPU: DALI-fed steps ran ~5 % below step-only with 0.8 % input wait
+        stage profile-e2e-b64 360 python3 -m bench.profile --what e2e --compile \
+            --precision bf16-master --batch-size 64 --py-workers 2 --thread-prefetch 2 \
+            --data "$DATA_B64" --clips 1700 --cores "$CORES" --steps 10 \
+            --name profile-e2e-b64-master --results-dir "$RESULTS" ;;
     profile-e2e-ft)  # DALI-fed eager finetuning with thread prefetch: 69 % of step-only, why?
         stage profile-e2e-ft 240 python3 -m bench.profile --what e2e --mode finetune \
             --py-workers 2 --thread-prefetch 2 --data "$DATA" --cores "$CORES" --steps 10 \
@@ -271,6 +280,21 @@ for s in "$@"; do
         # 43.5 % MFU of `step-master-256` (45 % there is 459 ms a step): a call of its own
         fixed_step step-gemm-autotune-256 560 --precision bf16-master --batch-size 256 \
             --compile-mode gemm-autotune ;;
+    fbank-tests)  # kernels/fbank.py on the GPU: the Triton kernel with IEEE and tf32x3 dots
+        # and cuFFT against torchaudio's Kaldi fbank (and the CPU tests of it, ~30 s)
+        stage fbank-tests 180 python3 -m pytest -q tests/test_fbank_kernel.py -rs ;;
+    fbank-bench)  # the device stage's filterbank alone by backend (Triton IEEE, Triton tf32x3,
+        # cuFFT), batches of 16, 64 and 256 ten-second clips: the largest of the stage's kernels,
+        # run beside the step in DALI-fed training (its own 64 clips, ~10 s to render)
+        stage fbank-bench 180 python3 -m bench.fbank --batch-sizes 16 64 256 \
+            --results-dir "$RESULTS" ;;
+    e2e-b64-fbank)  # e2e-b64 with the filterbank backend $FBANK (default triton-tf32x3; pick
+        # fbank-bench's fastest) against e2e-b64's default
+        stage e2e-b64-fbank 450 python3 -m bench.end_to_end --mode pretrain --size full \
+            --full-batch-size 64 --precision bf16-master --compile \
+            --fbank-backend "${FBANK:-triton-tf32x3}" --data "$DATA_B64" --clips 1700 \
+            --cores "$CORES" --py-workers 2 --thread-prefetch 2 --steps 20 \
+            --results-dir "$RESULTS/b64-fbank" ;;
     gelu-tests)  # kernels/gelu.py on the GPU (fast exp2 and division) and on the interpreter
         stage gelu-tests 180 python3 -m pytest -q tests/test_gelu.py -rs ;;
     step-gelu)  # the towers' GELU as our Triton kernels (model.gelu=triton, kernels/gelu.py:

@@ -3,11 +3,13 @@ or of DALI-fed training steps, summarised as numbers a person can compare betwee
 
 ``python -m bench.profile --what step|stage|e2e [--mode pretrain] [--size full|tiny]
 [--batch-size B] [--compile] [--precision P] [--unfused] [--gelu G] [--qkv Q] [--py-workers W]
-[--cores C] [--steps N] [--data DIR] [--smoke]``
+[--hw-decoder-load L] [--fbank-backend F] [--cores C] [--steps N] [--data DIR] [--smoke]``
 
 For the profiled window (``--steps`` iterations after ``--warmup`` unprofiled ones) it records
 the wall time, the host time of the ops the loop called, the device time of the kernels
-(``gpu_busy_frac`` = kernel time / wall time: 1 means the GPU never waited), the number of kernel
+(``gpu_busy_frac`` = kernel time / wall time: 1 means the GPU never waited; DALI-fed steps with
+a prefetch thread run the loader's kernels on streams of their own, beside the step's, so there
+it can exceed 1), the number of kernel
 launches and of host synchronisations (stream, device and event synchronisation, blocking copies)
 per iteration, the device time by kernel class (``bench.common.KERNEL_CLASSES``: GEMMs, attention,
 GELU, LayerNorm, ...), and the top kernels and ops by device time. Writes
@@ -38,6 +40,7 @@ from bench.common import add_precision_argument, default_precision, device_ms_by
 from bench.end_to_end import bench_config, ensure_dataset, forever
 from bench.step import GELUS, PAPER_BATCH, QKVS, StepSetup, TrainStep, synthetic_batch
 from equiav.config import COMPILE_MODES
+from kernels.fbank import BACKENDS as FBANK_BACKENDS
 
 WHATS = ("step", "stage", "e2e")
 # CUDA runtime/driver calls that make the host wait for the device.
@@ -165,7 +168,11 @@ def gpu_policy_counts(fn: Callable[[], None]) -> dict[str, Any]:
         (fused, "fused_path"): lambda x: True,
         (fused, "triton_interpreting"): lambda: True,
         (KF, "triton_interpreting"): lambda: True,
-        (audio, "fbank"): lambda wave, lengths=None: KF.fbank_triton(wave, lengths),
+        (audio, "fbank"): lambda wave, lengths=None, backend="auto": (
+            KF.fbank_torch(wave, lengths)
+            if backend == "torch"
+            else KF.fbank_triton(wave, lengths, "tf32x3" if backend == "triton-tf32x3" else "ieee")
+        ),
     }
     if fused.triton is None or KF.triton is None:
         raise RuntimeError("gpu_policy_counts needs triton (its kernels are what it counts)")
@@ -225,6 +232,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         fused=not a.unfused,
         gelu=a.gelu,
         qkv=a.qkv,
+        hw_decoder_load=a.hw_decoder_load,
+        fbank_backend=a.fbank_backend,
     )
     torch.set_num_threads(a.cores)
     torch.manual_seed(0)
@@ -271,6 +280,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "compile_mode": a.compile_mode if a.compile else None,
         "gelu": cfg.model.gelu,
         "qkv": cfg.model.qkv,
+        "hw_decoder_load": cfg.data.hw_decoder_load,
+        "fbank_backend": cfg.data.fbank_backend,
         "py_workers": a.py_workers,
         "thread_prefetch": a.thread_prefetch,
         "cores": a.cores,
@@ -315,6 +326,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qkv", default="packed", choices=QKVS, help="the q, k, v GEMMs (model.qkv)")
     p.add_argument("--py-workers", type=int, default=0)
     p.add_argument("--thread-prefetch", type=int, default=0, help="e2e: data.thread_prefetch")
+    p.add_argument(
+        "--hw-decoder-load",
+        type=float,
+        default=0.65,
+        help="stage, e2e: JPEG frames to the GPU's hardware decoder (data.hw_decoder_load)",
+    )
+    p.add_argument(
+        "--fbank-backend",
+        default="auto",
+        choices=FBANK_BACKENDS,
+        help="stage, e2e: the filterbank's backend (data.fbank_backend; Triton ones need a GPU)",
+    )
     add_precision_argument(p)
     p.add_argument(
         "--unfused", action="store_true", help="step, e2e: torch's unfused AdamW (default: fused)"

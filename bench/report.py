@@ -39,6 +39,9 @@ other than "ok" is listed but not plotted):
   rendered as tables: what one node and each node count need from the input pipeline, storage
   and interconnect.
 
+- `fbank` (bench/fbank.py): {"backend", "batch_size", "status", "ms", "ms_min", "clips_per_s",
+  "mean_abs_diff_vs_torch", "max_abs_diff_vs_torch", ...}: one batch of the device stage's
+  filterbank per backend (a table, no plot).
 - `startup` (bench/startup.py): {"phase": "read" | "source" | "loader" | "check", "entries",
   ...}: host-side (CPU time, memory), so never marked as missing a GPU measurement.
 
@@ -265,6 +268,7 @@ TITLES = {
     "scaling": "Scaling",
     "profile": "Profiles: where the time goes",
     "startup": "Loader start-up and host memory at dataset scale",
+    "fbank": "The input stage's filterbank by backend",
 }
 # Kinds that measure the host alone (CPU time, memory): no GPU row is missing from them.
 HOST_ONLY = {
@@ -497,6 +501,10 @@ def _setting(row: dict[str, Any], config: dict[str, Any]) -> str:
         words.append("split q/k/v GEMMs")
     if row.get("sdpa") not in (None, "default"):
         words.append(f"{row['sdpa']} attention")
+    if row.get("hw_decoder_load") not in (None, 0.65):
+        words.append(f"hardware JPEG share {row['hw_decoder_load']:g}")
+    if row.get("fbank_backend") not in (None, "auto"):
+        words.append(f"fbank {row['fbank_backend']}")
     return ", ".join(words)
 
 

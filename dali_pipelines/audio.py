@@ -87,13 +87,15 @@ def features(
     mean: float,
     std: float,
     target_frames: int = TARGET_FRAMES,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Device stage: normalised Kaldi log-mel filterbank, (B, target_frames, 128) float32.
 
     ``wave`` is the DALI stage's output (B, N); rows are zero beyond their frame count, as the
     spec pads after the log, and the padding is normalised like the rest (as the paper does).
+    ``backend``: the filterbank's (``kernels.fbank.fbank``; data.fbank_backend).
     """
-    feats = fbank(wave.float(), lengths.reshape(-1)).feats
+    feats = fbank(wave.float(), lengths.reshape(-1), backend=backend).feats
     t = feats.shape[1]
     if t < target_frames:
         feats = torch.nn.functional.pad(feats, (0, 0, 0, target_frames - t))

@@ -42,6 +42,7 @@ from dali_pipelines.pipelines import PipelineOptions, build_pipeline, output_nam
 from dali_pipelines.sources import SampleSource, Shard, SourceSpec
 from equiav.data.index import Entry, EntryTable, LabelSet, is_video_file, read_label_csv
 from kernels import augment as K
+from kernels.fbank import BACKENDS as FBANK_BACKENDS
 from kernels.transfer import to_device
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class LoaderConfig:
     # decoder on keyframe excerpts, frames copied to the GPU); see video_decoder_for.
     video_decoder: str = "gpu"
     hw_decoder_load: float = 0.65  # GPU: JPEG frames to the hardware decoder (data.*)
+    fbank_backend: str = "auto"  # the device stage's filterbank (data.*, kernels.fbank.BACKENDS)
 
 
 # glibc's mallopt parameters (malloc.h).
@@ -130,6 +132,16 @@ class DaliLoader:
         if cfg.video_decoder not in ("cpu", "gpu"):
             raise ValueError(f"video_decoder must be 'cpu' or 'gpu', got {cfg.video_decoder!r}")
         self._video_on_cpu = self.device.type == "cpu" or cfg.video_decoder == "cpu"
+        if cfg.fbank_backend not in FBANK_BACKENDS:
+            raise ValueError(
+                f"fbank_backend must be one of {FBANK_BACKENDS}, got {cfg.fbank_backend!r}"
+            )
+        if cfg.fbank_backend.startswith("triton") and self.device.type != "cuda":
+            # Said here rather than by the kernel at the first batch, inside the device stage.
+            raise ValueError(
+                f"data.fbank_backend={cfg.fbank_backend} needs a CUDA device, the loader runs on "
+                f"{self.device}: use auto or torch"
+            )
         self.epoch, start_offset = 0, 0
         if state is not None:
             self.epoch, start_offset = self._resume(state)
@@ -261,7 +273,9 @@ class DaliLoader:
         # this stage's launches overlap the previous training step still running on the GPU.
         wave = to_device(out["wave"], dev)
         wave_len = out["wave_len"].reshape(-1)  # on the host: checked there, no device sync
-        feats = audio.features(wave, wave_len, cfg.audio_mean, cfg.audio_std, cfg.target_frames)
+        feats = audio.features(
+            wave, wave_len, cfg.audio_mean, cfg.audio_std, cfg.target_frames, cfg.fbank_backend
+        )
         image = feats.unsqueeze(1)  # (B, 1, T, F): the fbank image, time as height
         batch = {
             "visual": to_device(out["visual"], dev),
@@ -487,6 +501,7 @@ def build_loader(
         keep_freed_memory=data.keep_freed_memory,
         video_decoder=decoder,
         hw_decoder_load=data.hw_decoder_load,
+        fbank_backend=data.fbank_backend,
     )
     loader = DaliLoader(entries, read_label_csv(data.label_csv), lcfg, shard, device, state)
     if data.thread_prefetch > 0:

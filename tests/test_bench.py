@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import socket
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -472,6 +473,8 @@ def test_profile_smoke_writes_a_valid_result(synth_small, tmp_path, what):
     from bench.report import write_report
 
     args = ["--what", what, "--smoke", "--data", str(synth_small.root), "--seconds", "4"]
+    # recorded (the filterbank is torch's on a CPU either way; no JPEG hardware here)
+    args += ["--fbank-backend", "torch", "--hw-decoder-load", "1.0"] if what == "e2e" else []
     # the step with torch's unfused AdamW, our GELU with fc1's bias (torch's GELU on a CPU) and
     # split q, k, v GEMMs
     args += ["--unfused", "--gelu", "triton-bias", "--qkv", "split"] if what == "step" else []
@@ -483,6 +486,8 @@ def test_profile_smoke_writes_a_valid_result(synth_small, tmp_path, what):
     assert row["optimizer"] == ("unfused" if what == "step" else "fused")
     assert row["gelu"] == ("triton-bias" if what == "step" else "torch")
     assert row["qkv"] == ("split" if what == "step" else "packed")
+    assert row["fbank_backend"] == ("torch" if what == "e2e" else "auto")
+    assert row["hw_decoder_load"] == (1.0 if what == "e2e" else 0.65)
     # On the CPU both are torch's for-loop AdamW (fused and foreach need CUDA tensors)
     assert row["optimizer_impl"] == (None if what == "stage" else "for-loop")
     assert row["syncs_per_iter"] == 0 and row["launches_per_iter"] == 0  # no GPU here
@@ -500,12 +505,51 @@ def test_profile_smoke_writes_a_valid_result(synth_small, tmp_path, what):
     assert "Profiles: where the time goes" in report.read_text()
 
 
+def test_fbank_benchmark_smoke_writes_a_valid_result(tmp_path):
+    """bench.fbank on real .wav files of a rendered synthetic set: the torch backend timed, the
+    Triton kernel (tf32x3 dots) run interpreted in a subprocess (TRITON_INTERPRET=1 must be set
+    before triton is imported) and compared with torch's numbers; a JSON the report reads."""
+    import os
+    import subprocess
+    import sys
+
+    from bench.report import write_report
+
+    pytest.importorskip("triton")
+    results = tmp_path / "results"
+    args = ["--smoke", "--data", str(tmp_path / "data"), "--clips", "4", "--seconds", "1"]
+    args += ["--backends", "torch", "triton-tf32x3", "--repeats", "1", "--warmup", "0"]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.fbank", *args, "--results-dir", str(results)],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    (path,) = results.glob("fbank-smoke-*.json")
+    result = read_result(path)
+    assert result["config"]["clips_read"] == 2 and result["config"]["samples_per_clip"] == 16000
+    rows = {r["backend"]: r for r in result["rows"]}
+    assert set(rows) == {"torch", "triton-tf32x3"}
+    assert all(r["status"] == "ok" and r["batch_size"] == 2 and r["ms"] > 0 for r in rows.values())
+    assert all(r["host_ms"] == r["ms"] for r in rows.values())  # a CPU: the wall clock both
+    assert rows["torch"]["frames"] == rows["triton-tf32x3"]["frames"] == 98  # 1 s at 10 ms
+    assert rows["torch"]["mean_abs_diff_vs_torch"] == 0
+    # Interpreted dots are NumPy's float32: the kernel's IEEE numbers (see test_fbank_kernel)
+    assert 0 < rows["triton-tf32x3"]["mean_abs_diff_vs_torch"] < 2e-5
+    assert result["summary"] == {"device": "cpu", "fastest": {"2": "torch"}, "vs_triton": {}}
+    text = write_report(results, tmp_path).read_text()
+    assert "## The input stage's filterbank by backend (`fbank-*`)" in text
+
+
 def test_kernel_classes_of_gpu_profiles(tmp_path):
     """The kernel names of the H200's compiled bf16-master step (a committed profile) fall
     into the classes `bench.profile` sums and the report shows: cuBLAS GEMMs, cuDNN attention
     and its helper kernels, inductor's fused GELU / LayerNorm / layout-copy kernels, the fused
     AdamW's foreach kernel; the loader stage's own kernels (the H200's stage profile) are the
-    input stage."""
+    input stage, DALI's and nvJPEG's are "dali"."""
     from bench.common import DEFAULT_RESULTS_DIR, device_ms_by_class, kernel_class
     from bench.report import write_report
 
@@ -532,6 +576,16 @@ def test_kernel_classes_of_gpu_profiles(tmp_path):
     stage_classes = {k["name"]: kernel_class(k["name"]) for k in stage["top_kernels"]}
     assert stage_classes["_jitter_kernel"] == stage_classes["_fbank_kernel"] == "input_stage"
     assert stage_classes["Memcpy HtoD (Pinned -> Device)"] == "copy"
+    # DALI's kernels and its codecs' (names as the profiler demangles them, from the libraries
+    # of the DALI 2.4 wheel): the loader's, whatever words of other classes they hold.
+    for name in (
+        "void dali::kernels::transpose_impl::TransposeTiledBatch<int4>"
+        "(dali::kernels::transpose_impl::TiledTransposeDesc<int4> const*)",
+        "void nvjpeg::dctQuantInvJpegKernel<ushort2, 1, 32, 8>(nvjpeg::InvDctParams)",
+        "void nvimgcodec::ConvertKernel<float, float, nvimgcodec::Gray_to_RGB_Converter<float, "
+        "float> >(nvimgcodec::Surface<2, float>, nvimgcodec::Surface<2, float>)",
+    ):
+        assert kernel_class(name) == "dali", name
     kernels = [k for k in kernels if "#" not in k["name"]]  # not the AdamW.step annotation
     totals = device_ms_by_class([(k["name"], k["device_ms_per_iter"]) for k in kernels])
     assert list(totals)[:3] == ["gemm", "attention", "gelu"]  # largest first
@@ -582,6 +636,15 @@ def test_report_states_the_targets_against_the_best_measurements(tmp_path):
             "sdpa": "flash", "qkv": "split"},
            {**step_row, "precision": "fp32", "mfu": 0.50},
            {**step_row, "mode": "finetune", "precision": "bf16", "mfu": 0.60})  # fmt: skip
+    e2e_row = {"mode": "pretrain", "model": "full", "status": "ok", "batch_size": 64,
+               "precision": "bf16-master", "cores": 2, "samples_per_s": 500.0,
+               "step_only_samples_per_s": 520.0}  # fmt: skip
+    result("end_to_end-a", {"cores": 2},
+           {**gpu, "comparisons": [{"mode": "pretrain", "model": "full",
+                                    "dali_vs_baseline": 9.5}]},
+           {**e2e_row, "pipeline": "dali-frames", "vs_step_only": 0.96, "hw_decoder_load": 1.0,
+            "fbank_backend": "triton-tf32x3"},
+           {**e2e_row, "pipeline": "baseline-frames", "samples_per_s": 52.6})  # fmt: skip
     text = report.write_report(tmp_path, tmp_path / "out").read_text()
     table = {
         line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:]
@@ -601,6 +664,11 @@ def test_report_states_the_targets_against_the_best_measurements(tmp_path):
         "(batch 64, bf16-master, compiled, Triton GELU with fc1's bias, split q/k/v GEMMs, "
         "flash attention) |"
     )
+    setting = "(batch 64, bf16-master, hardware JPEG share 1, fbank triton-tf32x3) |"
+    e2e = table["GPU: DALI-fed / paper-style-fed pretraining, end to end"]
+    assert e2e[1:3] == ["9.50x", "no"] and e2e[3].endswith(setting)
+    share = table["GPU: DALI-fed pretraining / step-only"]
+    assert share[1:3] == ["96.0 %", "yes"] and share[3].endswith(setting)
 
 
 def test_startup_check_cost_extrapolates_a_cost_per_entry_never_below_zero():

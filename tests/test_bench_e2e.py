@@ -271,9 +271,10 @@ def test_report_renders_end_to_end_and_scaling(e2e_result, scaling_result, resul
 
 
 def test_bench_config_carries_source_workers_compile_optimizer_gelu_and_qkv(synth_small):
-    """--py-workers, --compile, --unfused, --gelu, --qkv and --hw-decoder-load reach the
-    trainer's config (data.py_workers, train.compile, optim.fused, model.gelu, model.qkv,
-    data.hw_decoder_load), and the step built from it runs that model."""
+    """--py-workers, --compile, --unfused, --gelu, --qkv, --hw-decoder-load and --fbank-backend
+    reach the trainer's config (data.py_workers, train.compile, optim.fused, model.gelu,
+    model.qkv, data.hw_decoder_load, data.fbank_backend), and the step built from it runs that
+    model."""
     from bench.step import StepSetup, TrainStep
     from equiav.model.vit import SplitQKVAttention
     from kernels.gelu import GELU
@@ -282,7 +283,7 @@ def test_bench_config_carries_source_workers_compile_optimizer_gelu_and_qkv(synt
     cfg = end_to_end.bench_config(synth_small.root, **common, precision="fp32", seconds=4.0)
     assert cfg.data.py_workers == 0 and not cfg.train.compile
     assert cfg.optim.fused and cfg.model.gelu == "torch" and cfg.model.qkv == "packed"
-    assert cfg.data.hw_decoder_load == 0.65  # DALI's default
+    assert cfg.data.hw_decoder_load == 0.65 and cfg.data.fbank_backend == "auto"  # defaults
     cfg = end_to_end.bench_config(
         synth_small.root,
         **common,
@@ -294,7 +295,9 @@ def test_bench_config_carries_source_workers_compile_optimizer_gelu_and_qkv(synt
         gelu="triton",
         qkv="split",
         hw_decoder_load=1.0,
+        fbank_backend="triton-tf32x3",
     )
+    assert cfg.data.fbank_backend == "triton-tf32x3"
     assert cfg.data.py_workers == 2 and cfg.train.compile and cfg.data.hw_decoder_load == 1.0
     assert not cfg.optim.fused and cfg.model.gelu == "triton" and cfg.model.qkv == "split"
     step = TrainStep(StepSetup.of("pretrain", cfg), cfg, torch.device("cpu"))

@@ -441,6 +441,39 @@ def test_the_hardware_jpeg_share_reaches_the_gpu_decoder_only(synth_small, monke
         validate(apply_overrides(_config(synth_small.root), {"data.hw_decoder_load": -0.1}))
 
 
+def test_the_fbank_backend_reaches_the_device_stage(synth_small, monkeypatch):
+    """data.fbank_backend is the backend the device stage's filterbank runs (on this CPU:
+    "torch", the same numbers as "auto"); the Triton ones are refused on a CPU loader when it
+    is built, naming the setting; its choices are kernels.fbank's backends."""
+    import typing
+
+    import dali_pipelines.audio as audio
+    from dali_pipelines.loader import build_loader
+    from equiav.config import DataConfig, apply_overrides
+    from kernels.fbank import BACKENDS
+
+    assert typing.get_args(typing.get_type_hints(DataConfig)["fbank_backend"]) == BACKENDS
+    backends = []
+    real = audio.fbank
+
+    def recording(wave, lengths, backend="auto"):
+        backends.append(backend)
+        return real(wave, lengths, backend=backend)
+
+    monkeypatch.setattr(audio, "fbank", recording)
+    auto = next(iter(build_loader(_config(synth_small.root), "train", "eval")))
+    cfg = apply_overrides(_config(synth_small.root), {"data.fbank_backend": "torch"})
+    torch_batch = next(iter(build_loader(cfg, "train", "eval")))
+    assert backends == ["auto", "torch"]
+    assert torch.equal(auto["audio"], torch_batch["audio"])
+    for backend in ("triton", "triton-tf32x3"):
+        cfg = apply_overrides(_config(synth_small.root), {"data.fbank_backend": backend})
+        with pytest.raises(ValueError, match=f"data.fbank_backend={backend} needs a CUDA device"):
+            build_loader(cfg, "train", "eval")
+    with pytest.raises(Exception, match="fbank_backend"):
+        apply_overrides(_config(synth_small.root), {"data.fbank_backend": "tf32"})
+
+
 def test_val_fraction_holds_out_part_of_the_training_list(synth_small, check_trust):
     from dali_pipelines.loader import build_loader
     from equiav.config import apply_overrides
