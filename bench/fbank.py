@@ -39,20 +39,27 @@ from bench.common import write_result
 from bench.end_to_end import dataset_paths, ensure_dataset
 from equiav.data.index import read_dataset
 from kernels import triton_interpreting
-from kernels.fbank import BACKENDS, fbank, remove_mean
+from kernels.fbank import BACKENDS, SAMPLE_RATE, fbank, remove_mean
 
 DEFAULT_BACKENDS = ("torch", "triton", "triton-tf32x3")  # "auto" is "triton" on CUDA
 
 
 def read_clips(data_dir: Path, count: int) -> list[torch.Tensor]:
-    """The first `count` clips' waveforms of the dataset's training list (float32, mono)."""
+    """The first `count` clips' waveforms of the dataset's training list (`read_wavs`)."""
     entries = read_dataset(dataset_paths(data_dir, "frames")[0])
     if len(entries) == 0:
         raise ValueError(f"{data_dir}: the training list is empty")
+    return read_wavs([entries[i].wav for i in range(min(count, len(entries)))])
+
+
+def read_wavs(paths: Sequence[str | os.PathLike]) -> list[torch.Tensor]:
+    """Each .wav file as a float32 mono waveform at 16 kHz; ValueError naming a file that is
+    not (the filterbank's input, as the pipeline checks it)."""
     waves = []
-    for i in range(min(count, len(entries))):
-        path = entries[i].wav
-        samples, _ = soundfile.read(path, dtype="float32", always_2d=True)
+    for path in paths:
+        samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
+        if rate != SAMPLE_RATE:
+            raise ValueError(f"{path}: {rate} Hz, the filterbank takes {SAMPLE_RATE} Hz")
         if samples.shape[1] != 1:
             raise ValueError(f"{path}: {samples.shape[1]} channels, the pipeline takes mono")
         waves.append(torch.from_numpy(samples[:, 0].copy()))
@@ -119,14 +126,19 @@ def measure(
             if backend.startswith("triton") and device.type != "cuda" and not triton_interpreting():
                 rows.append({**row, "status": "skipped: needs CUDA"})
                 continue
-            feats = fbank(wave, lengths, backend=backend).feats
-            diff = (feats - reference).abs()
-            times, host = time_calls(
-                lambda w=wave, n=lengths, b=backend: fbank(w, n, backend=b),
-                repeats,
-                warmup,
-                device,
-            )
+            try:
+                feats = fbank(wave, lengths, backend=backend).feats
+                diff = (feats - reference).abs()
+                times, host = time_calls(
+                    lambda w=wave, n=lengths, b=backend: fbank(w, n, backend=b),
+                    repeats,
+                    warmup,
+                    device,
+                )
+            except Exception as e:  # one backend failing (a compile error) keeps the others
+                print(f"batch {batch_size:4d} {backend:14s} failed: {type(e).__name__}: {e}")
+                rows.append({**row, "status": f"error: {type(e).__name__}: {e}"[:300]})
+                continue
             median = statistics.median(times)
             rows.append(
                 {

@@ -544,6 +544,42 @@ def test_fbank_benchmark_smoke_writes_a_valid_result(tmp_path):
     assert "## The input stage's filterbank by backend (`fbank-*`)" in text
 
 
+def test_fbank_benchmark_names_bad_files_and_keeps_the_other_backends(tmp_path, monkeypatch):
+    """bench.fbank reads 16 kHz mono .wav files and says which file is not; a backend that
+    fails (a compile error on a GPU) is a row with its error, and the others are measured."""
+    import numpy as np
+    import soundfile
+
+    from bench import fbank as bench_fbank
+    from tests.signals import make_signal
+
+    music = make_signal("music", 1.0, 16000, 0).astype(np.float32)
+    good, fast, stereo = tmp_path / "good.wav", tmp_path / "22k.wav", tmp_path / "stereo.wav"
+    soundfile.write(good, music, 16000, subtype="PCM_16")
+    soundfile.write(fast, music, 22050, subtype="PCM_16")
+    soundfile.write(stereo, np.stack([music, music], axis=1), 16000, subtype="PCM_16")
+    (wave,) = bench_fbank.read_wavs([good])
+    assert wave.shape == (16000,) and wave.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"22k\.wav: 22050 Hz"):
+        bench_fbank.read_wavs([good, fast])
+    with pytest.raises(ValueError, match=r"stereo\.wav: 2 channels"):
+        bench_fbank.read_wavs([stereo])
+
+    real = bench_fbank.fbank
+
+    def flaky(wave, lengths, backend="auto"):
+        if backend == "auto":
+            raise RuntimeError("no kernel today")
+        return real(wave, lengths, backend=backend)
+
+    monkeypatch.setattr(bench_fbank, "fbank", flaky)
+    rows = bench_fbank.measure([wave], [2], ["auto", "torch"], torch.device("cpu"), 1, 0)
+    assert rows[0] == {"backend": "auto", "batch_size": 2,
+                       "status": "error: RuntimeError: no kernel today"}  # fmt: skip
+    assert rows[1]["backend"] == "torch" and rows[1]["status"] == "ok" and rows[1]["ms"] > 0
+    assert bench_fbank.summarize(rows, torch.device("cpu"))["fastest"] == {"2": "torch"}
+
+
 def test_kernel_classes_of_gpu_profiles(tmp_path):
     """The kernel names of the H200's compiled bf16-master step (a committed profile) fall
     into the classes `bench.profile` sums and the report shows: cuBLAS GEMMs, cuDNN attention
