@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
+from equiav.config import DataConfig
 from equiav.train.optim import PRECISIONS
+from kernels.fbank import BACKENDS as FBANK_BACKENDS
 
 #: Where results go unless a caller passes `results_dir`.
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -153,6 +155,24 @@ def ran_on_gpu(result: dict[str, Any]) -> bool:
         return device.startswith("cuda")
     machine = result.get("machine", {})
     return bool(machine.get("gpu_count")) and machine.get("gpu_name") is not None
+
+
+def add_loader_gpu_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmarks' flags for the loader's work on a GPU, with the trainer's defaults:
+    ``--hw-decoder-load`` (data.hw_decoder_load) and ``--fbank-backend`` (data.fbank_backend)."""
+    defaults = DataConfig()
+    parser.add_argument(
+        "--hw-decoder-load",
+        type=float,
+        default=defaults.hw_decoder_load,
+        help="JPEG frames to the GPU's hardware decoder (data.hw_decoder_load)",
+    )
+    parser.add_argument(
+        "--fbank-backend",
+        default=defaults.fbank_backend,
+        choices=FBANK_BACKENDS,
+        help="the device stage's filterbank (data.fbank_backend; Triton ones need a GPU)",
+    )
 
 
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:

@@ -47,10 +47,9 @@ from typing import Any
 
 import torch
 
-from bench.common import add_precision_argument, default_precision
+from bench.common import add_loader_gpu_arguments, add_precision_argument, default_precision
 from bench.step import GELUS, PAPER_BATCH, QKVS, SMOKE_MODEL, StepSetup, TrainStep
 from equiav.config import COMPILE_MODES, Config, apply_overrides, default_config, resolve
-from kernels.fbank import BACKENDS as FBANK_BACKENDS
 
 MODES = ("pretrain", "finetune")
 SIZES = ("tiny", "full")
@@ -445,18 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
     p.add_argument("--gelu", default="torch", choices=GELUS, help="the towers' GELU (model.gelu)")
     p.add_argument("--qkv", default="packed", choices=QKVS, help="the q, k, v GEMMs (model.qkv)")
-    p.add_argument(
-        "--hw-decoder-load",
-        type=float,
-        default=0.65,
-        help="JPEG frames to the GPU's hardware decoder (data.hw_decoder_load)",
-    )
-    p.add_argument(
-        "--fbank-backend",
-        default="auto",
-        choices=FBANK_BACKENDS,
-        help="the device stage's filterbank (data.fbank_backend; Triton ones need a GPU)",
-    )
+    add_loader_gpu_arguments(p)
     p.add_argument(
         "--thread-prefetch",
         type=int,

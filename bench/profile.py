@@ -36,11 +36,15 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.common import add_precision_argument, default_precision, device_ms_by_class
+from bench.common import (
+    add_loader_gpu_arguments,
+    add_precision_argument,
+    default_precision,
+    device_ms_by_class,
+)
 from bench.end_to_end import bench_config, ensure_dataset, forever
 from bench.step import GELUS, PAPER_BATCH, QKVS, StepSetup, TrainStep, synthetic_batch
 from equiav.config import COMPILE_MODES
-from kernels.fbank import BACKENDS as FBANK_BACKENDS
 
 WHATS = ("step", "stage", "e2e")
 # CUDA runtime/driver calls that make the host wait for the device.
@@ -168,10 +172,9 @@ def gpu_policy_counts(fn: Callable[[], None]) -> dict[str, Any]:
         (fused, "fused_path"): lambda x: True,
         (fused, "triton_interpreting"): lambda: True,
         (KF, "triton_interpreting"): lambda: True,
-        (audio, "fbank"): lambda wave, lengths=None, backend="auto": (
-            KF.fbank_torch(wave, lengths)
-            if backend == "torch"
-            else KF.fbank_triton(wave, lengths, "tf32x3" if backend == "triton-tf32x3" else "ieee")
+        # "auto" as on a GPU (the kernel); the other backends as named
+        (audio, "fbank"): lambda wave, lengths=None, backend="auto": KF.fbank(
+            wave, lengths, "triton" if backend == "auto" else backend
         ),
     }
     if fused.triton is None or KF.triton is None:
@@ -326,18 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qkv", default="packed", choices=QKVS, help="the q, k, v GEMMs (model.qkv)")
     p.add_argument("--py-workers", type=int, default=0)
     p.add_argument("--thread-prefetch", type=int, default=0, help="e2e: data.thread_prefetch")
-    p.add_argument(
-        "--hw-decoder-load",
-        type=float,
-        default=0.65,
-        help="stage, e2e: JPEG frames to the GPU's hardware decoder (data.hw_decoder_load)",
-    )
-    p.add_argument(
-        "--fbank-backend",
-        default="auto",
-        choices=FBANK_BACKENDS,
-        help="stage, e2e: the filterbank's backend (data.fbank_backend; Triton ones need a GPU)",
-    )
+    add_loader_gpu_arguments(p)  # stage, e2e
     add_precision_argument(p)
     p.add_argument(
         "--unfused", action="store_true", help="step, e2e: torch's unfused AdamW (default: fused)"
