@@ -41,7 +41,7 @@ from equiav.data.index import read_dataset
 from kernels import triton_interpreting
 from kernels.fbank import BACKENDS, SAMPLE_RATE, fbank, remove_mean
 
-DEFAULT_BACKENDS = ("torch", "triton", "triton-tf32x3")  # "auto" is "triton" on CUDA
+DEFAULT_BACKENDS = ("torch", "triton", "triton-tf32x3")  # "auto" picks one by batch size
 
 
 def read_clips(data_dir: Path, count: int) -> list[torch.Tensor]:

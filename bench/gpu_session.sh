@@ -12,7 +12,7 @@
 # step-gemm-autotune, step-gemm-autotune-256, gelu-tests, step-gelu, step-gelu-256,
 # step-gelu-bias, step-gelu-bias-256, qkv-tests, step-qkv-split, step-qkv-split-256,
 # step-bias-split, step-bias-split-256, loader-hw, e2e-b64-hw, fbank-tests, fbank-bench,
-# e2e-b64-fbank,
+# e2e-b64-fbank, e2e-b64-levers,
 # step-autotune-master, e2e,
 # e2e-eager, e2e-fast, e2e-fast-pretrain, e2e-b64, e2e-b64-gelu, e2e-graphs, e2e-thread,
 # e2e-quick, e2e-ft-quick, e2e-ft-nothread-quick, e2e-graphs-quick, profile-stage, profile-e2e,
@@ -288,13 +288,20 @@ for s in "$@"; do
         # run beside the step in DALI-fed training (its own 64 clips, ~10 s to render)
         stage fbank-bench 180 python3 -m bench.fbank --batch-sizes 16 64 256 \
             --results-dir "$RESULTS" ;;
-    e2e-b64-fbank)  # e2e-b64 with the filterbank backend $FBANK (default triton-tf32x3; pick
-        # fbank-bench's fastest) against e2e-b64's default
+    e2e-b64-fbank)  # e2e-b64 with the filterbank backend $FBANK (default triton-tf32x3)
+        # against e2e-b64's default ("auto": cuFFT for 64 ten-second clips, fbank-h200.json)
         stage e2e-b64-fbank 450 python3 -m bench.end_to_end --mode pretrain --size full \
             --full-batch-size 64 --precision bf16-master --compile \
             --fbank-backend "${FBANK:-triton-tf32x3}" --data "$DATA_B64" --clips 1700 \
             --cores "$CORES" --py-workers 2 --thread-prefetch 2 --steps 20 \
             --results-dir "$RESULTS/b64-fbank" ;;
+    e2e-b64-levers)  # e2e-b64 with the step's measured levers, our Triton GELU and split q/k/v
+        # (the step alone: MFU 44.4 % at batch 128, 45.5 % at 256 on an H200): does DALI-fed
+        # training keep >= 95 % of this faster step, and how near 10x the paper-style loader?
+        stage e2e-b64-levers 450 python3 -m bench.end_to_end --mode pretrain --size full \
+            --full-batch-size 64 --precision bf16-master --compile --gelu triton --qkv split \
+            --data "$DATA_B64" --clips 1700 --cores "$CORES" --py-workers 2 --thread-prefetch 2 \
+            --steps 20 --results-dir "$RESULTS/b64-levers" ;;
     gelu-tests)  # kernels/gelu.py on the GPU (fast exp2 and division) and on the interpreter
         stage gelu-tests 180 python3 -m pytest -q tests/test_gelu.py -rs ;;
     step-gelu)  # the towers' GELU as our Triton kernels (model.gelu=triton, kernels/gelu.py:

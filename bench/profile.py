@@ -172,9 +172,9 @@ def gpu_policy_counts(fn: Callable[[], None]) -> dict[str, Any]:
         (fused, "fused_path"): lambda x: True,
         (fused, "triton_interpreting"): lambda: True,
         (KF, "triton_interpreting"): lambda: True,
-        # "auto" as on a GPU (the kernel); the other backends as named
+        # "auto" decides as on a GPU; the other backends as named
         (audio, "fbank"): lambda wave, lengths=None, backend="auto": KF.fbank(
-            wave, lengths, "triton" if backend == "auto" else backend
+            wave, lengths, KF.auto_backend(wave, cuda=True) if backend == "auto" else backend
         ),
     }
     if fused.triton is None or KF.triton is None:

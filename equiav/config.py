@@ -100,10 +100,11 @@ class DataConfig:
     # (A100, H100, H200) rather than its hybrid path (Huffman decoding on the CPU threads, the
     # rest in CUDA kernels beside the step): DALI's default 0.65 (fn.decoders.image).
     hw_decoder_load: float = 0.65
-    # The device stage's Kaldi filterbank (kernels.fbank): "auto" (on a GPU our fused Triton
-    # kernel with IEEE float32 dots, on a CPU torch's), "triton-tf32x3" (that kernel with its dots
-    # on the tensor cores, as accurate as IEEE: kernels/fbank.py), "triton", or "torch" (on a
-    # GPU cuFFT and a dozen kernels). The Triton ones need a GPU.
+    # The device stage's Kaldi filterbank (kernels.fbank): "auto" (on a GPU the fastest measured
+    # for the batch's size: our fused Triton kernel with tf32x3 dots for small batches, cuFFT
+    # for large ones; on a CPU torch's), "triton-tf32x3" (that kernel with its dots on the tensor
+    # cores, as accurate as IEEE: kernels/fbank.py), "triton" (IEEE dots), or "torch" (on a GPU
+    # cuFFT and a dozen kernels). The Triton ones need a GPU.
     fbank_backend: Literal["auto", "torch", "triton", "triton-tf32x3"] = "auto"
 
     def resolved_n_classes(self) -> int:

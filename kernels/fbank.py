@@ -20,7 +20,8 @@ Two implementations of the same function, chosen by `fbank(..., backend="auto")`
   (`dot_precision="ieee"`, on the CUDA cores) or as three TF32 tensor-core products of each
   operand's TF32 part and remainder (`"tf32x3"`, ~2^-21 relative per product); plain TF32 would
   cost a mean log-mel error of 6e-4 to 2e-2 on the test clips (the spec allows 1e-4). "auto"
-  picks the kernel (IEEE) for CUDA tensors when Triton is importable. Under `TRITON_INTERPRET=1`
+  picks by the batch's size on CUDA (`auto_backend`): this kernel with tf32x3 dots for small
+  batches, torch's cuFFT path for large ones. Under `TRITON_INTERPRET=1`
   (set before this module is imported) it also runs on CPU tensors, which is how it is tested
   without a GPU (the interpreter's dots are NumPy's whatever the precision; `tf32x3`'s numbers
   are checked by emulation on the CPU and on a GPU by the `cuda` test).
@@ -73,6 +74,13 @@ _NUM_WARPS = 4
 # The backends `fbank` takes, and the Triton kernel's dot precisions (see the module docstring).
 BACKENDS = ("auto", "torch", "triton", "triton-tf32x3")
 DOT_PRECISIONS = ("ieee", "tf32x3")
+# "auto" on CUDA: cuFFT (fbank_torch) from this many samples per batch, the Triton kernel with
+# tf32x3 dots below it. Measured on an H200 (bench/results/fbank-h200.json, 10-s clips, CUDA
+# events): 16 clips 0.30 ms Triton tf32x3 / 0.36 IEEE / 0.65 cuFFT (cuFFT's ~dozen launches
+# bound it: host 0.62 ms), 64 clips 1.13 / 1.36 / 0.83, 256 clips 4.34 / 5.23 / 3.00. The
+# kernel's dense DFT grows with the samples (~0.018 ms per 10-s clip), cuFFT stays near its
+# launch cost up to 64 clips: they cross near 40 clips of 10 s.
+AUTO_CUFFT_MIN_SAMPLES = 40 * 160_000
 # fbank_torch on a CPU: values per chunk of its padded-frame buffer (one clip of 1024 frames).
 _CHUNK_VALUES = 1024 * N_FFT
 
@@ -409,15 +417,25 @@ def fbank_triton(
     return Fbank(feats, num_frames)
 
 
+def auto_backend(wave: torch.Tensor, cuda: bool | None = None) -> str:
+    """The backend "auto" runs for ``wave``: torch's on a CPU (or without Triton); on CUDA the
+    Triton kernel with tf32x3 dots below `AUTO_CUFFT_MIN_SAMPLES` samples, cuFFT from there.
+    ``cuda``: decide as if ``wave`` were (True) or were not (False) on CUDA (None: where it is)."""
+    on_cuda = wave.is_cuda if cuda is None else cuda
+    if not on_cuda or triton is None:
+        return "torch"
+    return "torch" if wave.numel() >= AUTO_CUFFT_MIN_SAMPLES else "triton-tf32x3"
+
+
 def fbank(wave: torch.Tensor, lengths: torch.Tensor | None = None, backend: str = "auto") -> Fbank:
     """Kaldi log-mel fbank of a (B, N) float32 batch; see the module docstring for the layout.
 
-    backend: "auto" (Triton for CUDA tensors when Triton is importable, torch otherwise),
+    backend: "auto" (`auto_backend`: the fastest measured for the batch's size and device),
     "torch" (on a GPU: cuFFT), "triton" (IEEE float32 dots) or "triton-tf32x3" (its dots as
     three TF32 tensor-core products; `BACKENDS`).
     """
     if backend == "auto":
-        backend = "triton" if wave.is_cuda and triton is not None else "torch"
+        backend = auto_backend(wave)
     if backend == "torch":
         return fbank_torch(wave, lengths)
     if backend == "triton":

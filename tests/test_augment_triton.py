@@ -19,7 +19,6 @@ path. Inactive samples bit for bit everywhere.
 from __future__ import annotations
 
 import functools
-import os
 import re
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import torchvision.transforms.functional as TF
 
 from kernels import augment as K
 from kernels import augment_triton as J
+from tests.subprocess_env import interpreter_env
 from tests.test_augment_kernels import (
     TV_JITTER,
     _blur_reference,
@@ -464,7 +464,7 @@ torch.save(
 def interpreted(tmp_path_factory) -> dict:
     """Both kernels' results on the test cases, run on the CPU under TRITON_INTERPRET=1."""
     out = tmp_path_factory.mktemp("triton") / "fused.pt"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    env = interpreter_env()
     run = subprocess.run(
         [sys.executable, "-c", _SCRIPT.format(out=str(out))],
         cwd=REPO,
@@ -616,7 +616,7 @@ def test_the_loader_stage_through_the_fused_kernels_equals_the_cpu_stage(synth_s
     stage: the wiring of the fused paths (one three-channel audio batch, finish_visual, ...),
     not only each kernel. Tolerance: 1e-4 in normalised units, as the truthfulness test."""
     out = tmp_path / "stage.pt"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    env = interpreter_env()
     run = subprocess.run(
         [
             sys.executable,

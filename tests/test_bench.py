@@ -509,17 +509,17 @@ def test_fbank_benchmark_smoke_writes_a_valid_result(tmp_path):
     """bench.fbank on real .wav files of a rendered synthetic set: the torch backend timed, the
     Triton kernel (tf32x3 dots) run interpreted in a subprocess (TRITON_INTERPRET=1 must be set
     before triton is imported) and compared with torch's numbers; a JSON the report reads."""
-    import os
     import subprocess
     import sys
 
     from bench.report import write_report
+    from tests.subprocess_env import interpreter_env
 
     pytest.importorskip("triton")
     results = tmp_path / "results"
     args = ["--smoke", "--data", str(tmp_path / "data"), "--clips", "4", "--seconds", "1"]
     args += ["--backends", "torch", "triton-tf32x3", "--repeats", "1", "--warmup", "0"]
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = interpreter_env()
     run = subprocess.run(
         [sys.executable, "-m", "bench.fbank", *args, "--results-dir", str(results)],
         cwd=Path(__file__).resolve().parents[1],
@@ -748,7 +748,10 @@ def test_startup_smoke_writes_a_valid_result(synth_small, tmp_path):
     assert rows["source"]["pickle_mib"] * 2**20 / 2000 < 150  # bytes per entry
     assert rows["loader"]["children"] >= 1 and rows["loader"]["rank_pss_mib"] > 0
     assert [c["entries"] for c in checks] == [c["usable"] for c in checks] == [40, 200]
-    assert all(0 < c["trusted_s"] < c["cached_s"] < c["cold_s"] for c in checks)
+    assert all(0 < c["trusted_s"] and 0 < c["cached_s"] < c["cold_s"] for c in checks)
+    # Trusting the cache skips a stat per file: at 40 entries that is within the timer's noise
+    # (this failed about one run in five), at 200 it is not.
+    assert checks[-1]["trusted_s"] < checks[-1]["cached_s"]
     summary = result["summary"]
     assert summary["node_gib"] == pytest.approx(8 * summary["rank_pss_mib"] / 1024)
     assert summary["check_cold_s_at_entries"] > summary["check_cached_s_at_entries"] > 0

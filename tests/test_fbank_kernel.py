@@ -20,12 +20,15 @@ import pytest
 import torch
 from torchaudio.compliance import kaldi
 
+import kernels.fbank as fbank_module
 from kernels.fbank import (
+    AUTO_CUFFT_MIN_SAMPLES,
     FRAME_LENGTH,
     FRAME_SHIFT,
     LOG_FLOOR,
     PREEMPHASIS,
     _triton_constants,
+    auto_backend,
     fbank,
     fbank_1d,
     fbank_torch,
@@ -35,6 +38,7 @@ from kernels.fbank import (
     remove_mean,
 )
 from tests.signals import have_espeak, make_signal, pcm16_round_trip
+from tests.subprocess_env import interpreter_env
 
 REPO = Path(__file__).resolve().parents[1]
 SR = 16000
@@ -215,7 +219,7 @@ def test_triton_kernel_under_interpreter(tmp_path: Path) -> None:
     kind = "speech" if have_espeak() else "music"
     clips = [(kind, 0.8, 0), ("pink", 0.4, 1), ("silence", 0.03, 2)]
     out = tmp_path / "interpreted.pt"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    env = interpreter_env()
     script = _INTERPRETER_SCRIPT.format(clips=clips, out=str(out))
     run = subprocess.run(
         [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True
@@ -314,5 +318,30 @@ def test_cuda_paths_match_kaldi_on_cpu() -> None:
             assert count == CLIPS[name][3]
             assert_parity(feats[row, :count], reference(wave), f"{backend} on CUDA: {name}")
             assert torch.equal(feats[row, count:], torch.zeros_like(feats[row, count:]))
+    # "auto": the tf32x3 kernel for a small batch, cuFFT from AUTO_CUFFT_MIN_SAMPLES on
     auto = fbank(batch.cuda(), lengths.cuda()).feats
-    assert torch.equal(auto, fbank_triton(batch.cuda(), lengths.cuda()).feats)
+    tf32x3 = fbank_triton(batch.cuda(), lengths.cuda(), dot_precision="tf32x3").feats
+    assert torch.equal(auto, tf32x3)
+    big = torch.randn(AUTO_CUFFT_MIN_SAMPLES // 160_000, 160_000, device="cuda")
+    assert auto_backend(big) == "torch" and auto_backend(big[:-1]) == "triton-tf32x3"
+    assert torch.equal(fbank(big).feats, fbank_torch(big).feats)
+
+
+def test_auto_is_torch_on_a_cpu() -> None:
+    wave = torch.zeros(64, 160_000)
+    assert wave.numel() >= AUTO_CUFFT_MIN_SAMPLES and auto_backend(wave) == "torch"
+    assert auto_backend(wave[:1]) == "torch"
+    if fbank_module.triton is not None:  # as on CUDA (bench.profile's launch count does so)
+        assert auto_backend(wave, cuda=True) == "torch"
+        assert auto_backend(wave[:39], cuda=True) == "triton-tf32x3"
+
+
+def test_interpreter_subprocesses_keep_the_callers_pythonpath(monkeypatch) -> None:
+    """The repository comes first and the caller's PYTHONPATH after it (on the GPU machine DALI,
+    PyAV and soundfile live only there: a subprocess that dropped it could not import them)."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["/tmp/site", "/opt/other"]))
+    env = interpreter_env()
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(REPO), "/tmp/site", "/opt/other"]
+    assert env["TRITON_INTERPRET"] == "1"
+    monkeypatch.delenv("PYTHONPATH")
+    assert interpreter_env()["PYTHONPATH"] == str(REPO)
