@@ -22,9 +22,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_session.sh"
 # Stages that only wait or archive: they start no Python.
-NO_PYTHON = {"pack", "wait-data", "wait-b64"}
+NO_PYTHON = {"pack", "wait-data", "wait-b64", "wait-b256"}
 # Stages that start their work in the background run with the stage that waits for it.
-WITH_WAIT = {"bench-data": "wait-data", "bench-data-b64": "wait-b64"}
+WITH_WAIT = {
+    "bench-data": "wait-data",
+    "bench-data-b64": "wait-b64",
+    "bench-data-b256": "wait-b256",
+}
 
 
 def documented_stages(text: str) -> list[str]:
@@ -114,6 +118,7 @@ def recorded(tmp_path_factory) -> dict[str, list[list[str]]]:
             RESULTS=str(root / "results"),
             DATA=str(root / "data"),
             DATA_B64=str(root / "data-b64"),
+            DATA_B256=str(root / "data-b256"),
         )
         # From a scratch folder: stages that clean or copy under runs/ touch only that.
         run = subprocess.run(
