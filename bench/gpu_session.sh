@@ -51,6 +51,23 @@ fixed_step() {  # fixed_step NAME SECONDS ARGS...: the compiled pretraining step
         --warmup 3 --name "$name" --results-dir "$RESULTS" "$@"
 }
 
+render_frames_set() {  # render_frames_set NAME DIR CLIPS: an end-to-end set of CLIPS 10-s
+    # frames-only clips under DIR, rendered in the background (as bench.end_to_end's own
+    # ensure_dataset would) while the next stages run; its process id in RENDER_PID
+    local name=$1 dir=$2 clips=$3
+    echo "=== $name start $(date +%T)" | tee -a "$LOG"
+    python3 -c "from pathlib import Path; from bench.end_to_end import ensure_dataset; \
+        ensure_dataset(Path('$dir'), $clips, 10.0, quiet=True, layouts=('frames',))" \
+        >"$OUT/$name.log" 2>&1 &
+    RENDER_PID=$!
+}
+
+wait_rendered() {  # wait_rendered NAME SECONDS PID RENDER_NAME DIR: wait for a background
+    # rendering (PID empty: nothing started in this call, nothing to wait for), then show it
+    stage "$1" "$2" bash -c "while [ -n '$3' ] && kill -0 '$3' 2>/dev/null; do sleep 1; done; \
+        tail -3 $OUT/$4.log; ls $5"
+}
+
 for s in "$@"; do
     case $s in
     env)
@@ -69,31 +86,16 @@ for s in "$@"; do
             test_fraction=0.1, progress=False)" >"$OUT/bench-data.log" 2>&1 &
         DATA_PID=$! ;;
     wait-data)  # (without bench-data in the same call: nothing to wait for)
-        stage wait-data 240 bash -c "while [ -n '${DATA_PID:-}' ] && \
-            kill -0 '${DATA_PID:-}' 2>/dev/null; do sleep 1; done; \
-            tail -3 $OUT/bench-data.log; ls $DATA" ;;
-    bench-data-b64)  # e2e-b64's 1700 frames-only clips, rendered in the background (as
-        # bench.end_to_end's own ensure_dataset would) while the next stages run; `wait-b64` waits
-        echo "=== bench-data-b64 start $(date +%T)" | tee -a "$LOG"
-        python3 -c "from pathlib import Path; from bench.end_to_end import ensure_dataset; \
-            ensure_dataset(Path('$DATA_B64'), 1700, 10.0, quiet=True, layouts=('frames',))" \
-            >"$OUT/bench-data-b64.log" 2>&1 &
-        DATA_B64_PID=$! ;;
-    wait-b64)
-        stage wait-b64 240 bash -c "while [ -n '${DATA_B64_PID:-}' ] && \
-            kill -0 '${DATA_B64_PID:-}' 2>/dev/null; do sleep 1; done; \
-            tail -3 $OUT/bench-data-b64.log; ls $DATA_B64" ;;
+        wait_rendered wait-data 240 "${DATA_PID:-}" bench-data "$DATA" ;;
+    bench-data-b64)  # e2e-b64's 1700 frames-only clips; `wait-b64` waits for them
+        render_frames_set bench-data-b64 "$DATA_B64" 1700
+        DATA_B64_PID=$RENDER_PID ;;
+    wait-b64) wait_rendered wait-b64 240 "${DATA_B64_PID:-}" bench-data-b64 "$DATA_B64" ;;
     bench-data-b256)  # e2e-b256-levers' 2300 frames-only clips (2070 to train on: the 3 + 5
-        # batches of 256 inside one epoch; ~2 minutes on 16 cores), in the background as b64's
-        echo "=== bench-data-b256 start $(date +%T)" | tee -a "$LOG"
-        python3 -c "from pathlib import Path; from bench.end_to_end import ensure_dataset; \
-            ensure_dataset(Path('$DATA_B256'), 2300, 10.0, quiet=True, layouts=('frames',))" \
-            >"$OUT/bench-data-b256.log" 2>&1 &
-        DATA_B256_PID=$! ;;
-    wait-b256)
-        stage wait-b256 300 bash -c "while [ -n '${DATA_B256_PID:-}' ] && \
-            kill -0 '${DATA_B256_PID:-}' 2>/dev/null; do sleep 1; done; \
-            tail -3 $OUT/bench-data-b256.log; ls $DATA_B256" ;;
+        # batches of 256 inside one epoch; ~2 minutes on 16 cores)
+        render_frames_set bench-data-b256 "$DATA_B256" 2300
+        DATA_B256_PID=$RENDER_PID ;;
+    wait-b256) wait_rendered wait-b256 300 "${DATA_B256_PID:-}" bench-data-b256 "$DATA_B256" ;;
     cuda-tests-quick) stage cuda-tests 200 python3 -m pytest -q -m cuda tests -rs -x ;;
     e2e-quick)  # full pretrain, eager, source in 2 workers, batches made in a background thread
         stage e2e-quick 200 python3 -m bench.end_to_end --mode pretrain --size full \
