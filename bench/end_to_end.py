@@ -339,6 +339,8 @@ def measure_model(
     """Rows step-only, dali-<layout> and baseline-<layout> for one model (`cfg`): one model and
     optimizer, built once and seeded, serve all three. Both loaders get `cfg.data.num_threads`
     cores (DALI threads, DataLoader workers)."""
+    from dali_pipelines.audio import fbank_backend_for
+
     setup = StepSetup.of(mode, cfg)
     step = TrainStep(setup, cfg, device)
     base = {
@@ -354,6 +356,9 @@ def measure_model(
         "thread_prefetch": cfg.data.thread_prefetch,
         "hw_decoder_load": cfg.data.hw_decoder_load,
         "fbank_backend": cfg.data.fbank_backend,
+        "fbank_ran": fbank_backend_for(
+            cfg.data.fbank_backend, cfg.train.batch_size, cfg.data.target_length, device
+        ),
         "compile": cfg.train.compile,
         "compile_mode": cfg.train.compile_mode if cfg.train.compile else None,
         "gelu": cfg.model.gelu,

@@ -207,6 +207,7 @@ def profiled(fn: Callable[[], None], steps: int, warmup: int, device: torch.devi
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
     """Profile what ``a`` asks for; -> the result payload."""
+    from dali_pipelines.audio import fbank_backend_for
     from dali_pipelines.loader import build_loader
 
     device = torch.device(a.device)
@@ -285,6 +286,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "qkv": cfg.model.qkv,
         "hw_decoder_load": cfg.data.hw_decoder_load,
         "fbank_backend": cfg.data.fbank_backend,
+        "fbank_ran": fbank_backend_for(
+            cfg.data.fbank_backend, batch_size, cfg.data.target_length, device
+        ),
         "py_workers": a.py_workers,
         "thread_prefetch": a.thread_prefetch,
         "cores": a.cores,

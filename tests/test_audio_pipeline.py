@@ -181,3 +181,15 @@ def test_fbank_command_line_names_a_broken_file(tmp_path):
         text=True,
     )
     assert r.returncode != 0 and "broken.wav" in r.stderr
+
+
+def test_fbank_backend_for_names_what_auto_runs():
+    """Results record the filterbank that ran: "auto" resolved for the batch's size on its device
+    (10.24-s rows: 64 of them are past kernels.fbank.AUTO_CUFFT_MIN_SAMPLES, 16 are not)."""
+    from kernels import fbank as KF
+
+    assert audio.fbank_backend_for("auto", 64, 1024, "cpu") == "torch"
+    assert audio.fbank_backend_for("triton", 64, 1024, "cpu") == "triton"  # named: as named
+    if KF.triton is not None:
+        assert audio.fbank_backend_for("auto", 64, 1024, "cuda") == "torch"  # cuFFT
+        assert audio.fbank_backend_for("auto", 16, 1024, "cuda") == "triton-tf32x3"

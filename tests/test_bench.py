@@ -487,6 +487,7 @@ def test_profile_smoke_writes_a_valid_result(synth_small, tmp_path, what):
     assert row["gelu"] == ("triton-bias" if what == "step" else "torch")
     assert row["qkv"] == ("split" if what == "step" else "packed")
     assert row["fbank_backend"] == ("torch" if what == "e2e" else "auto")
+    assert row["fbank_ran"] == "torch"  # "auto" on a CPU is torch's
     assert row["hw_decoder_load"] == (1.0 if what == "e2e" else 0.65)
     # On the CPU both are torch's for-loop AdamW (fused and foreach need CUDA tensors)
     assert row["optimizer_impl"] == (None if what == "stage" else "for-loop")

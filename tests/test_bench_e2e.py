@@ -113,6 +113,8 @@ def test_end_to_end_smoke_writes_a_valid_result(e2e_result):
         assert row["data_wait_ms"] <= row["step_ms"]
         assert row["step_only_samples_per_s"] == step_only
         assert row["vs_step_only"] == pytest.approx(row["samples_per_s"] / step_only)
+        # what "auto" ran: torch's on a CPU, the tf32x3 kernel for 2 clips on a GPU
+        assert row["fbank_ran"] == ("triton-tf32x3" if torch.cuda.is_available() else "torch")
     # The step-only loop has nothing to wait for; the loaders do real work between steps.
     # 8 training clips in batches of 2: 4 an epoch, and the 2 timed steps are batches 1 and 2.
     assert rows["dali-frames"]["epoch_starts"] == rows["baseline-frames"]["epoch_starts"] == 0
