@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from bench.common import add_loader_gpu_arguments, add_precision_argument, default_precision
-from bench.step import GELUS, PAPER_BATCH, QKVS, SMOKE_MODEL, StepSetup, TrainStep
+from bench.step import GELUS, LINEARS, PAPER_BATCH, QKVS, SMOKE_MODEL, StepSetup, TrainStep
 from equiav.config import COMPILE_MODES, Config, apply_overrides, default_config, resolve
 
 MODES = ("pretrain", "finetune")
@@ -118,12 +118,14 @@ def bench_config(
     fused: bool = True,
     gelu: str = "torch",
     qkv: str = "packed",
+    linear: str = "default",
     hw_decoder_load: float = 0.65,
     fbank_backend: str = "auto",
 ) -> Config:
     """The trainer's configuration for one benchmark run on the synthetic dataset in `data_dir`
-    (`fused`: the fused AdamW on CUDA, else torch's default; `gelu`, `qkv`: model.gelu and
-    model.qkv; `hw_decoder_load`, `fbank_backend`: data.hw_decoder_load, data.fbank_backend).
+    (`fused`: the fused AdamW on CUDA, else torch's default; `gelu`, `qkv`, `linear`:
+    model.gelu, model.qkv and model.linear; `hw_decoder_load`, `fbank_backend`:
+    data.hw_decoder_load, data.fbank_backend).
 
     `size` "tiny": `TINY_MODEL` (with `smoke`: also `SMOKE_OVERRIDES`); "full": the paper's
     model and data geometry. Frames per clip follow the clip length (one per second, at most 10).
@@ -153,6 +155,7 @@ def bench_config(
         "optim.fused": fused,
         "model.gelu": gelu,
         "model.qkv": qkv,
+        "model.linear": linear,
     }
     if size == "tiny":
         overrides.update({f"model.{k}": v for k, v in TINY_MODEL.items()})
@@ -363,6 +366,7 @@ def measure_model(
         "compile_mode": cfg.train.compile_mode if cfg.train.compile else None,
         "gelu": cfg.model.gelu,
         "qkv": cfg.model.qkv,
+        "linear": cfg.model.linear,
         "device": str(device),
     }
     step_only, dali = _dali_timings(step, cfg, mode, device, steps, warmup)
@@ -449,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
     p.add_argument("--gelu", default="torch", choices=GELUS, help="the towers' GELU (model.gelu)")
     p.add_argument("--qkv", default="packed", choices=QKVS, help="the q, k, v GEMMs (model.qkv)")
+    p.add_argument(
+        "--linear", default="default", choices=LINEARS, help="the linears' GEMMs (model.linear)"
+    )
     add_loader_gpu_arguments(p)
     p.add_argument(
         "--thread-prefetch",
@@ -522,6 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     thread_prefetch=a.thread_prefetch,
                     gelu=a.gelu,
                     qkv=a.qkv,
+                    linear=a.linear,
                     hw_decoder_load=a.hw_decoder_load,
                     fbank_backend=a.fbank_backend,
                 )

@@ -13,7 +13,8 @@
 # step-gemm-autotune, step-gemm-autotune-256, gelu-tests, step-gelu, step-gelu-256,
 # step-gelu-bias, step-gelu-bias-256, qkv-tests, step-qkv-split, step-qkv-split-256,
 # step-bias-split, step-bias-split-256, loader-hw, e2e-b64-hw, fbank-tests, fbank-bench,
-# e2e-b64-fbank, e2e-b64-levers, e2e-b256-levers,
+# e2e-b64-fbank, e2e-b64-levers, e2e-b256-levers, float8-tests, step-float8, step-float8-256,
+# e2e-b256-float8,
 # step-autotune-master, e2e,
 # e2e-eager, e2e-fast, e2e-fast-pretrain, e2e-b64, e2e-b64-gelu, e2e-graphs, e2e-thread,
 # e2e-quick, e2e-ft-quick, e2e-ft-nothread-quick, e2e-graphs-quick, profile-stage, profile-e2e,
@@ -49,6 +50,27 @@ fixed_step() {  # fixed_step NAME SECONDS ARGS...: the compiled pretraining step
     shift 2
     stage "$name" "$limit" python3 -m bench.step --mode pretrain --compile --steps 10 \
         --warmup 3 --name "$name" --results-dir "$RESULTS" "$@"
+}
+
+e2e_b64() {  # e2e_b64 NAME ARGS...: full pretraining end to end at batch 64, bf16-master,
+    # compiled, 2 cores, source in 2 workers, thread prefetch, 3 + 20 batches of e2e-b64's set;
+    # ARGS: the model's and the loader's settings; results under $RESULTS/NAME
+    local name=$1
+    shift
+    stage "$name" 450 python3 -m bench.end_to_end --mode pretrain --size full \
+        --full-batch-size 64 --precision bf16-master --compile --data "$DATA_B64" --clips 1700 \
+        --cores "$CORES" --py-workers 2 --thread-prefetch 2 --steps 20 \
+        --results-dir "$RESULTS/${name#e2e-}" "$@"
+}
+
+e2e_b256() {  # e2e_b256 NAME ARGS...: the same at batch 256 (an H200's memory), 3 + 5 batches
+    # of bench-data-b256's set
+    local name=$1
+    shift
+    stage "$name" 540 python3 -m bench.end_to_end --mode pretrain --size full \
+        --full-batch-size 256 --precision bf16-master --compile --data "$DATA_B256" \
+        --clips 2300 --cores "$CORES" --py-workers 2 --thread-prefetch 2 --steps 5 \
+        --results-dir "$RESULTS/${name#e2e-}" "$@"
 }
 
 render_frames_set() {  # render_frames_set NAME DIR CLIPS: an end-to-end set of CLIPS 10-s
@@ -206,22 +228,13 @@ for s in "$@"; do
         # 1700 clips in JPEG frames only (~30 s to render on 16 cores): the 3 + 20 batches of 64
         # stay inside one epoch for both loaders (the paper-style loader stalls at every epoch
         # start; 481 clips would be 6 batches an epoch)
-        stage e2e-b64 450 python3 -m bench.end_to_end --mode pretrain --size full \
-            --full-batch-size 64 --precision bf16-master --compile --data "$DATA_B64" \
-            --clips 1700 --cores "$CORES" --py-workers 2 --thread-prefetch 2 --steps 20 \
-            --results-dir "$RESULTS/b64" ;;
+        e2e_b64 e2e-b64 ;;
     e2e-b64-gelu)  # e2e-b64 with our Triton GELU (model.gelu=triton: the step 2.6 % faster)
-        stage e2e-b64-gelu 450 python3 -m bench.end_to_end --mode pretrain --size full \
-            --full-batch-size 64 --precision bf16-master --compile --gelu triton \
-            --data "$DATA_B64" --clips 1700 --cores "$CORES" --py-workers 2 --thread-prefetch 2 \
-            --steps 20 --results-dir "$RESULTS/b64-gelu" ;;
+        e2e_b64 e2e-b64-gelu --gelu triton ;;
     e2e-b64-hw)  # e2e-b64 with every JPEG frame on the hardware decoder (data.hw_decoder_load
         # =1.0): DALI-fed steps ran 5 % slower than step-only, and the hybrid path's CUDA
         # kernels run beside the step
-        stage e2e-b64-hw 450 python3 -m bench.end_to_end --mode pretrain --size full \
-            --full-batch-size 64 --precision bf16-master --compile --hw-decoder-load 1.0 \
-            --data "$DATA_B64" --clips 1700 --cores "$CORES" --py-workers 2 --thread-prefetch 2 \
-            --steps 20 --results-dir "$RESULTS/b64-hw" ;;
+        e2e_b64 e2e-b64-hw --hw-decoder-load 1.0 ;;
     train-graphs)  # a real training run (train.py, full size, the synthetic set) with CUDA
         # graphs and bf16-master, 60 steps, then resumed to 80: before either becomes a preset's
         # default (~5 minutes: two compilations; checkpoints of ~2.5 GB stay under runs/)
@@ -305,25 +318,28 @@ for s in "$@"; do
             --results-dir "$RESULTS" ;;
     e2e-b64-fbank)  # e2e-b64 with the filterbank backend $FBANK (default triton-tf32x3)
         # against e2e-b64's default ("auto": cuFFT for 64 ten-second clips, fbank-h200.json)
-        stage e2e-b64-fbank 450 python3 -m bench.end_to_end --mode pretrain --size full \
-            --full-batch-size 64 --precision bf16-master --compile \
-            --fbank-backend "${FBANK:-triton-tf32x3}" --data "$DATA_B64" --clips 1700 \
-            --cores "$CORES" --py-workers 2 --thread-prefetch 2 --steps 20 \
-            --results-dir "$RESULTS/b64-fbank" ;;
+        e2e_b64 e2e-b64-fbank --fbank-backend "${FBANK:-triton-tf32x3}" ;;
     e2e-b64-levers)  # e2e-b64 with the step's measured levers, our Triton GELU and split q/k/v
         # (the step alone: MFU 44.4 % at batch 128, 45.5 % at 256 on an H200): does DALI-fed
         # training keep >= 95 % of this faster step, and how near 10x the paper-style loader?
-        stage e2e-b64-levers 450 python3 -m bench.end_to_end --mode pretrain --size full \
-            --full-batch-size 64 --precision bf16-master --compile --gelu triton --qkv split \
-            --data "$DATA_B64" --clips 1700 --cores "$CORES" --py-workers 2 --thread-prefetch 2 \
-            --steps 20 --results-dir "$RESULTS/b64-levers" ;;
+        e2e_b64 e2e-b64-levers --gelu triton --qkv split ;;
     e2e-b256-levers)  # e2e-b64-levers at batch 256, where the step is fastest (564 samples/s,
         # MFU 45.5 %): 5 timed steps (~2.3 s of steps, as e2e-b64's 20) after 3 untimed ones
         # (~4 minutes: three compilations at batch 256, the paper-style loader's 2048 samples)
-        stage e2e-b256-levers 540 python3 -m bench.end_to_end --mode pretrain --size full \
-            --full-batch-size 256 --precision bf16-master --compile --gelu triton --qkv split \
-            --data "$DATA_B256" --clips 2300 --cores "$CORES" --py-workers 2 --thread-prefetch 2 \
-            --steps 5 --results-dir "$RESULTS/b256-levers" ;;
+        e2e_b256 e2e-b256-levers --gelu triton --qkv split ;;
+    float8-tests)  # kernels/float8.py on the GPU: torch._scaled_mm's float8 GEMMs (forward and
+        # both gradients) against the CPU's, compiled too (and the CPU tests, ~10 s)
+        stage float8-tests 180 python3 -m pytest -q tests/test_float8.py -rs ;;
+    step-float8)  # model.linear=float8 (every GEMM of the towers' linears on float8 operands,
+        # twice bf16's tensor-core rate; changes the numbers) with our GELU and split q/k/v,
+        # batch 128, against `step-qkv-split` (232.5 ms on the 2026-11-27 H200)
+        fixed_step step-float8 300 --precision bf16-master --batch-size 128 --gelu triton \
+            --qkv split --linear float8 ;;
+    step-float8-256)  # the same at batch 256 (an H200's memory), against `step-qkv-split-256`
+        fixed_step step-float8-256 360 --precision bf16-master --batch-size 256 --gelu triton \
+            --qkv split --linear float8 ;;
+    e2e-b256-float8)  # e2e-b256-levers with float8 linears (needs bench-data-b256's set)
+        e2e_b256 e2e-b256-float8 --gelu triton --qkv split --linear float8 ;;
     gelu-tests)  # kernels/gelu.py on the GPU (fast exp2 and division) and on the interpreter
         stage gelu-tests 180 python3 -m pytest -q tests/test_gelu.py -rs ;;
     step-gelu)  # the towers' GELU as our Triton kernels (model.gelu=triton, kernels/gelu.py:

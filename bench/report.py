@@ -499,6 +499,8 @@ def _setting(row: dict[str, Any], config: dict[str, Any]) -> str:
         words.append("Triton GELU" + (" with fc1's bias" if row["gelu"] == "triton-bias" else ""))
     if row.get("qkv") == "split":
         words.append("split q/k/v GEMMs")
+    if row.get("linear") == "float8":
+        words.append("float8 linears")
     if row.get("sdpa") not in (None, "default"):
         words.append(f"{row['sdpa']} attention")
     if row.get("hw_decoder_load") not in (None, 0.65):
@@ -554,9 +556,10 @@ def _e2e_vs_baseline(result: dict[str, Any]):
 
 
 def _step_mfu(result: dict[str, Any]):
-    """Pretraining step MFU in bf16 (autocast or bf16-master), in %."""
+    """Pretraining step MFU in bf16 (autocast or bf16-master; not with float8 linears), in %."""
     for row in _ok_rows(result):
-        bf16 = row.get("precision") in ("bf16", "bf16-master")
+        float8 = row.get("linear") == "float8"
+        bf16 = row.get("precision") in ("bf16", "bf16-master") and not float8
         if row.get("mode") == "pretrain" and bf16 and row.get("mfu"):
             yield 100 * row["mfu"], _setting(row, result["config"])
 

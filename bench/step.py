@@ -57,9 +57,10 @@ from equiav.train.step import optimizer_step
 from train import finetune_task, pretrain_task
 
 MODES = ("pretrain", "finetune")
-# model.gelu's and model.qkv's choices, as the config declares them
+# model.gelu's, model.qkv's and model.linear's choices, as the config declares them
 GELUS = typing.get_args(typing.get_type_hints(ModelConfig)["gelu"])
 QKVS = typing.get_args(typing.get_type_hints(ModelConfig)["qkv"])
+LINEARS = typing.get_args(typing.get_type_hints(ModelConfig)["linear"])
 # Attention kernels `--sdpa` can force (torch picks cuDNN's on an H100 by default).
 SDPA_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -140,14 +141,22 @@ class StepSetup:
     sdpa: str = "default"  # attention kernel: torch's choice, or one of SDPA_BACKENDS
     gelu: str = "torch"  # the towers' GELU: model.gelu
     qkv: str = "packed"  # the towers' q, k, v projections: model.qkv
+    linear: str = "default"  # the towers' linear layers' GEMMs: model.linear
 
     @classmethod
     def of(cls, mode: str, cfg: Config) -> StepSetup:
-        """The setup that `cfg` describes (its precision, optimizer, compilation, GELU and
-        q, k, v projections)."""
+        """The setup that `cfg` describes (its precision, optimizer, compilation, GELU, q, k, v
+        projections and linear layers)."""
         t, m = cfg.train, cfg.model
         return cls(
-            mode, t.precision, cfg.optim.fused, t.compile, t.compile_mode, gelu=m.gelu, qkv=m.qkv
+            mode,
+            t.precision,
+            cfg.optim.fused,
+            t.compile,
+            t.compile_mode,
+            gelu=m.gelu,
+            qkv=m.qkv,
+            linear=m.linear,
         )
 
 
@@ -155,7 +164,11 @@ def run_config(setup: StepSetup, smoke: bool) -> Config:
     """The trainer's configuration for `setup` (paper defaults; the tiny model in smoke mode)."""
     cfg = default_config(setup.mode)
     model = dataclasses.replace(
-        cfg.model, **(SMOKE_MODEL if smoke else {}), gelu=setup.gelu, qkv=setup.qkv
+        cfg.model,
+        **(SMOKE_MODEL if smoke else {}),
+        gelu=setup.gelu,
+        qkv=setup.qkv,
+        linear=setup.linear,
     )
     data = dataclasses.replace(cfg.data, **(SMOKE_DATA if smoke else {}))
     optim = dataclasses.replace(cfg.optim, fused=setup.fused)
@@ -223,6 +236,7 @@ def check_setup(setup: StepSetup, cfg: Config) -> None:
         "compile": (setup.compile, cfg.train.compile),
         "gelu": (setup.gelu, cfg.model.gelu),
         "qkv": (setup.qkv, cfg.model.qkv),
+        "linear": (setup.linear, cfg.model.linear),
     }
     if setup.compile:
         pairs["compile_mode"] = (setup.compile_mode, cfg.train.compile_mode)
@@ -362,6 +376,7 @@ def measure(step: TrainStep, batch_size: int, steps: int, warmup: int) -> dict[s
         "sdpa": setup.sdpa,
         "gelu": setup.gelu,
         "qkv": setup.qkv,
+        "linear": setup.linear,
         "batch_size": batch_size,
         "status": "ok",
         "steps": steps,
@@ -475,10 +490,12 @@ def setups(
     sdpa: str = "default",
     gelu: str = "torch",
     qkv: str = "packed",
+    linear: str = "default",
 ) -> list[StepSetup]:
     """Every combination, mode outermost."""
     combos = itertools.product(modes, precisions, fused, compiled)
-    return [StepSetup(*c, compile_mode=compile_mode, sdpa=sdpa, gelu=gelu, qkv=qkv) for c in combos]
+    extra = {"compile_mode": compile_mode, "sdpa": sdpa, "gelu": gelu, "qkv": qkv, "linear": linear}
+    return [StepSetup(*c, **extra) for c in combos]
 
 
 def _best(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -501,6 +518,7 @@ def run(
     sdpa: str = "default",
     gelu: str = "torch",
     qkv: str = "packed",
+    linear: str = "default",
     device: str | torch.device | None = None,
     smoke: bool = False,
     steps: int | None = None,
@@ -543,7 +561,7 @@ def run(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    combos = setups(modes, precisions, fused, compiled, compile_mode, sdpa, gelu, qkv)
+    combos = setups(modes, precisions, fused, compiled, compile_mode, sdpa, gelu, qkv, linear)
     rows: list[dict[str, Any]] = []
     for setup in combos:
         log(f"bench.step: {setup} on {device}{' (smoke)' if smoke else ''}")
@@ -570,6 +588,7 @@ def run(
             "sdpa": sdpa,
             "gelu": gelu,
             "qkv": qkv,
+            "linear": linear,
             "smoke": smoke,
             "device": str(device),
             "steps": steps,
@@ -633,6 +652,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--qkv", default="packed", choices=QKVS, help="the towers' q, k, v GEMMs (model.qkv)"
     )
     parser.add_argument(
+        "--linear",
+        default="default",
+        choices=LINEARS,
+        help="the towers' linear layers' GEMMs (model.linear; float8 changes the numbers)",
+    )
+    parser.add_argument(
         "--grid",
         nargs="?",
         const="full",
@@ -674,6 +699,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sdpa=args.sdpa,
         gelu=args.gelu,
         qkv=args.qkv,
+        linear=args.linear,
         device=args.device,
         smoke=args.smoke,
         steps=args.steps,

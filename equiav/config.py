@@ -201,6 +201,11 @@ class ModelConfig:
     # thirds of the same weight, so that attention's gradients need no copy back into one
     # layout: equiav.model.vit.SplitQKVAttention). The same function and checkpoints.
     qkv: Literal["packed", "split"] = "packed"
+    # The towers' linear layers (qkv, proj, fc1, fc2): "default" (the precision's GEMMs) or
+    # "float8" (kernels/float8.py: every GEMM on float8 operands with one dynamic scale per
+    # tensor, twice the tensor-core rate on Hopper; an opt-in that changes the numbers: not
+    # the paper's training, its effect on the curves not measured). Same checkpoints.
+    linear: Literal["default", "float8"] = "default"
     ftmode: Literal["multimodal", "audio_only", "video_only"] = "multimodal"
     ft_proj_dim: int = 512  # multimodal finetuning: Linear(embed_dim, 512) per modality
     pretrained_model: str | None = None  # EquiAV checkpoint to finetune / evaluate

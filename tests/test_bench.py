@@ -198,6 +198,9 @@ def test_train_step_refuses_a_setup_its_config_contradicts():
     with pytest.raises(ValueError, match="qkv: 'packed' in the setup, 'split' in the config"):
         step.TrainStep(setup, split, torch.device("cpu"))
     assert step.StepSetup.of("pretrain", split) == dataclasses.replace(setup, qkv="split")
+    float8 = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, linear="float8"))
+    with pytest.raises(ValueError, match="linear: 'default' in the setup, 'float8' in the config"):
+        step.TrainStep(setup, float8, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -671,6 +674,7 @@ def test_report_states_the_targets_against_the_best_measurements(tmp_path):
            {**step_row, "precision": "bf16-master", "mfu": 0.36},
            {**step_row, "precision": "bf16-master", "mfu": 0.38, "gelu": "triton-bias",
             "sdpa": "flash", "qkv": "split"},
+           {**step_row, "precision": "bf16-master", "mfu": 0.47, "linear": "float8"},
            {**step_row, "precision": "fp32", "mfu": 0.50},
            {**step_row, "mode": "finetune", "precision": "bf16", "mfu": 0.60})  # fmt: skip
     e2e_row = {"mode": "pretrain", "model": "full", "status": "ok", "batch_size": 64,
@@ -695,7 +699,7 @@ def test_report_states_the_targets_against_the_best_measurements(tmp_path):
         "no",
     ]
     assert table["CPU (2 cores): loader, DALI / paper-style, JPEG frames"][1:3] == ["1.50x", "no"]
-    mfu = table["GPU: pretraining step MFU, bf16"]
+    mfu = table["GPU: pretraining step MFU, bf16"]  # float8 GEMMs (47 %) are not bf16's
     assert mfu[1:3] == ["38.0 %", "no"] and mfu[3].startswith("`step-a-")
     assert mfu[3].endswith(
         "(batch 64, bf16-master, compiled, Triton GELU with fc1's bias, split q/k/v GEMMs, "

@@ -24,6 +24,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from equiav.config import DataConfig, ModelConfig
+from kernels.float8 import Float8Linear, linear_fn
 from kernels.gelu import GELU as TritonGELU
 from kernels.gelu import bias_gelu
 
@@ -106,7 +107,7 @@ class BiasGELUMlp(Mlp):
             raise ValueError("BiasGELUMlp needs fc1 as a Linear layer with a bias")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias)
+        x = bias_gelu(linear_fn(self.fc1)(x, self.fc1.weight), self.fc1.bias)
         x = self.drop1(x)
         x = self.norm(x)
         x = self.fc2(x)
@@ -148,8 +149,9 @@ class SplitQKVAttention(Attention):
     ) -> torch.Tensor:
         b, n, _ = x.shape
         h, d = self.num_heads, self.head_dim
+        linear = linear_fn(self.qkv)  # F.linear, or float8 GEMMs (model.linear)
         q, k, v = (
-            F.linear(x, w, bias).view(b, n, h, d).transpose(1, 2)
+            linear(x, w, bias).view(b, n, h, d).transpose(1, 2)
             for w, bias in zip(self.qkv.weight.chunk(3), self.qkv.bias.chunk(3), strict=True)
         )
         x = F.scaled_dot_product_attention(
@@ -244,8 +246,20 @@ def visual_input_size(data: DataConfig) -> tuple[int, int]:
     return (data.image_size, data.image_size)
 
 
+def use_float8_linears(blocks: nn.ModuleList) -> None:
+    """Run the blocks' four linear layers (qkv, proj, fc1, fc2) with float8 GEMMs
+    (`kernels.float8`; model.linear=float8), keeping their parameters and state dict."""
+    for block in blocks:
+        for owner, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"),
+                            (block.mlp, "fc2")):  # fmt: skip
+            layer = getattr(owner, name)
+            if type(layer) is not nn.Linear:
+                raise TypeError(f"float8 linears replace nn.Linear, found {type(layer).__name__}")
+            setattr(owner, name, Float8Linear.taking_over(layer))
+
+
 def _tower(name: str, size: tuple[int, int], model: ModelConfig) -> ViTTower:
-    return ViTTower(
+    tower = ViTTower(
         name,
         size,
         patch_size=model.patch_size,
@@ -260,6 +274,9 @@ def _tower(name: str, size: tuple[int, int], model: ModelConfig) -> ViTTower:
         mlp_layer=BiasGELUMlp if model.gelu == "triton-bias" else Mlp,
         attn_layer=SplitQKVAttention if model.qkv == "split" else None,  # None: timm's
     )
+    if model.linear == "float8":
+        use_float8_linears(tower.blocks)
+    return tower
 
 
 def build_audio_tower(model: ModelConfig, data: DataConfig) -> ViTTower:

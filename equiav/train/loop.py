@@ -35,6 +35,7 @@ from equiav.train.dist import DistInfo
 from equiav.train.metrics_log import MetricsLogger, ProgressBar, StepTimer, environment_info
 from equiav.train.optim import LRSchedule, autocast, build_optimizer, make_scaler, master_weights
 from equiav.train.step import SkippedSteps, StopTraining, optimizer_step
+from kernels.float8 import Float8Linear
 
 __all__ = ["StopTraining", "Task", "train"]
 
@@ -92,7 +93,14 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def compile_model(module: nn.Module, mode: str) -> nn.Module:
     """``torch.compile(module)`` in `mode` (``train.compile_mode``): one of torch's modes, or
     one of ours (``equiav.config.COMPILE_OPTIONS``), which torch.compile takes as options (it
-    accepts a mode or options, not both)."""
+    accepts a mode or options, not both). Float8 linears on a CPU are refused: torch 2.9's CPU
+    compiler crashed the process (a segfault) on their weight gradients."""
+    on_cpu = any(p.device.type == "cpu" for p in module.parameters())
+    if on_cpu and any(isinstance(m, Float8Linear) for m in module.modules()):
+        raise ValueError(
+            "model.linear=float8 is not compiled on a CPU (torch's CPU compiler crashes on its "
+            "gradients): set train.compile=false, or run on a GPU"
+        )
     if mode in COMPILE_OPTIONS:
         return torch.compile(module, options=dict(COMPILE_OPTIONS[mode]))
     return torch.compile(module, mode=mode)
