@@ -16,13 +16,14 @@ import platform
 import re
 import socket
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from equiav.config import DataConfig
+from equiav.config import DataConfig, ModelConfig
 from equiav.train.optim import PRECISIONS
 from kernels.fbank import BACKENDS as FBANK_BACKENDS
 
@@ -173,6 +174,25 @@ def add_loader_gpu_arguments(parser: argparse.ArgumentParser) -> None:
         choices=FBANK_BACKENDS,
         help="the device stage's filterbank (data.fbank_backend; Triton ones need a GPU)",
     )
+
+
+def model_choices(field: str) -> tuple[str, ...]:
+    """A ModelConfig field's choices, as the config declares them (model.gelu, model.qkv, ...)."""
+    return typing.get_args(typing.get_type_hints(ModelConfig)[field])
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmarks' flags for the towers' step levers, with the trainer's defaults:
+    ``--gelu`` (model.gelu), ``--qkv`` (model.qkv) and ``--linear`` (model.linear)."""
+    defaults = ModelConfig()
+    for flag, help in (
+        ("gelu", "the towers' GELU (model.gelu)"),
+        ("qkv", "the towers' q, k, v GEMMs (model.qkv)"),
+        ("linear", "the towers' linear layers' GEMMs (model.linear; float8 changes the numbers)"),
+    ):
+        parser.add_argument(
+            f"--{flag}", default=getattr(defaults, flag), choices=model_choices(flag), help=help
+        )
 
 
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:

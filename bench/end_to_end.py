@@ -47,8 +47,13 @@ from typing import Any
 
 import torch
 
-from bench.common import add_loader_gpu_arguments, add_precision_argument, default_precision
-from bench.step import GELUS, LINEARS, PAPER_BATCH, QKVS, SMOKE_MODEL, StepSetup, TrainStep
+from bench.common import (
+    add_loader_gpu_arguments,
+    add_model_arguments,
+    add_precision_argument,
+    default_precision,
+)
+from bench.step import PAPER_BATCH, SMOKE_MODEL, StepSetup, TrainStep
 from equiav.config import COMPILE_MODES, Config, apply_overrides, default_config, resolve
 
 MODES = ("pretrain", "finetune")
@@ -451,11 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile)")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
-    p.add_argument("--gelu", default="torch", choices=GELUS, help="the towers' GELU (model.gelu)")
-    p.add_argument("--qkv", default="packed", choices=QKVS, help="the q, k, v GEMMs (model.qkv)")
-    p.add_argument(
-        "--linear", default="default", choices=LINEARS, help="the linears' GEMMs (model.linear)"
-    )
+    add_model_arguments(p)
     add_loader_gpu_arguments(p)
     p.add_argument(
         "--thread-prefetch",

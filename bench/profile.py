@@ -2,7 +2,8 @@
 or of DALI-fed training steps, summarised as numbers a person can compare between runs.
 
 ``python -m bench.profile --what step|stage|e2e [--mode pretrain] [--size full|tiny]
-[--batch-size B] [--compile] [--precision P] [--unfused] [--gelu G] [--qkv Q] [--py-workers W]
+[--batch-size B] [--compile] [--precision P] [--unfused] [--gelu G] [--qkv Q] [--linear L]
+[--py-workers W]
 [--hw-decoder-load L] [--fbank-backend F] [--cores C] [--steps N] [--data DIR] [--smoke]``
 
 For the profiled window (``--steps`` iterations after ``--warmup`` unprofiled ones) it records
@@ -38,12 +39,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.common import (
     add_loader_gpu_arguments,
+    add_model_arguments,
     add_precision_argument,
     default_precision,
     device_ms_by_class,
 )
 from bench.end_to_end import bench_config, ensure_dataset, forever
-from bench.step import GELUS, PAPER_BATCH, QKVS, StepSetup, TrainStep, synthetic_batch
+from bench.step import PAPER_BATCH, StepSetup, TrainStep, synthetic_batch
 from equiav.config import COMPILE_MODES
 
 WHATS = ("step", "stage", "e2e")
@@ -236,6 +238,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         fused=not a.unfused,
         gelu=a.gelu,
         qkv=a.qkv,
+        linear=a.linear,
         hw_decoder_load=a.hw_decoder_load,
         fbank_backend=a.fbank_backend,
     )
@@ -284,6 +287,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "compile_mode": a.compile_mode if a.compile else None,
         "gelu": cfg.model.gelu,
         "qkv": cfg.model.qkv,
+        "linear": cfg.model.linear,
         "hw_decoder_load": cfg.data.hw_decoder_load,
         "fbank_backend": cfg.data.fbank_backend,
         "fbank_ran": fbank_backend_for(
@@ -329,8 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="default: the paper's")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
-    p.add_argument("--gelu", default="torch", choices=GELUS, help="the towers' GELU (model.gelu)")
-    p.add_argument("--qkv", default="packed", choices=QKVS, help="the q, k, v GEMMs (model.qkv)")
+    add_model_arguments(p)
     p.add_argument("--py-workers", type=int, default=0)
     p.add_argument("--thread-prefetch", type=int, default=0, help="e2e: data.thread_prefetch")
     add_loader_gpu_arguments(p)  # stage, e2e

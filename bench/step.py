@@ -38,7 +38,6 @@ import itertools
 import statistics
 import sys
 import time
-import typing
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,19 +47,15 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.common import write_result
+from bench.common import add_model_arguments, write_result
 from bench.flops import FlopCount, finetune_flops, pretrain_flops
-from equiav.config import COMPILE_MODES, Config, ModelConfig, default_config
+from equiav.config import COMPILE_MODES, Config, default_config
 from equiav.train.loop import compile_model
 from equiav.train.optim import PRECISIONS, autocast, build_optimizer, make_scaler, master_weights
 from equiav.train.step import optimizer_step
 from train import finetune_task, pretrain_task
 
 MODES = ("pretrain", "finetune")
-# model.gelu's, model.qkv's and model.linear's choices, as the config declares them
-GELUS = typing.get_args(typing.get_type_hints(ModelConfig)["gelu"])
-QKVS = typing.get_args(typing.get_type_hints(ModelConfig)["qkv"])
-LINEARS = typing.get_args(typing.get_type_hints(ModelConfig)["linear"])
 # Attention kernels `--sdpa` can force (torch picks cuDNN's on an H100 by default).
 SDPA_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -645,18 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
     parser.add_argument("--sdpa", default="default", choices=("default", *SDPA_BACKENDS))
-    parser.add_argument(
-        "--gelu", default="torch", choices=GELUS, help="the towers' GELU (model.gelu)"
-    )
-    parser.add_argument(
-        "--qkv", default="packed", choices=QKVS, help="the towers' q, k, v GEMMs (model.qkv)"
-    )
-    parser.add_argument(
-        "--linear",
-        default="default",
-        choices=LINEARS,
-        help="the towers' linear layers' GEMMs (model.linear; float8 changes the numbers)",
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--grid",
         nargs="?",

@@ -763,3 +763,21 @@ def test_startup_smoke_writes_a_valid_result(synth_small, tmp_path):
     report = write_report(tmp_path, tmp_path / "out").read_text()
     # Host-side: never marked as waiting for a GPU measurement.
     assert f"### `{path.name}`\n" in report and "rank_pss_mib" in report
+
+
+def test_the_benchmarks_take_the_model_levers_with_the_trainers_defaults():
+    """--gelu, --qkv and --linear on bench.step, bench.end_to_end and bench.profile: the
+    config's choices, its defaults when unset, and a misspelt choice refused."""
+    from bench import end_to_end, profile
+    from bench.common import model_choices
+
+    assert model_choices("linear") == ("default", "float8")
+    for module in (step, end_to_end, profile):
+        parser = module.build_parser()
+        unset = parser.parse_args([])
+        model = ModelConfig()
+        assert (unset.gelu, unset.qkv, unset.linear) == (model.gelu, model.qkv, model.linear)
+        args = parser.parse_args(["--gelu", "triton", "--qkv", "split", "--linear", "float8"])
+        assert (args.gelu, args.qkv, args.linear) == ("triton", "split", "float8")
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--linear", "fp8"])
