@@ -250,8 +250,8 @@ def use_float8_linears(blocks: nn.ModuleList) -> None:
     """Run the blocks' four linear layers (qkv, proj, fc1, fc2) with float8 GEMMs
     (`kernels.float8`; model.linear=float8), keeping their parameters and state dict."""
     for block in blocks:
-        for owner, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"),
-                            (block.mlp, "fc2")):  # fmt: skip
+        for part, name in (("attn", "qkv"), ("attn", "proj"), ("mlp", "fc1"), ("mlp", "fc2")):
+            owner = getattr(block, part)
             layer = getattr(owner, name)
             if type(layer) is not nn.Linear:
                 raise TypeError(f"float8 linears replace nn.Linear, found {type(layer).__name__}")
