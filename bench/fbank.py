@@ -163,7 +163,8 @@ def measure(
 
 def summarize(rows: Sequence[dict[str, Any]], device: torch.device) -> dict[str, Any]:
     """Per batch size: the fastest backend and each backend's time relative to "triton" (the
-    default on a GPU): < 1 is faster."""
+    Triton kernel with IEEE dots, the reference the other two are compared with): < 1 is
+    faster."""
     summary: dict[str, Any] = {"device": str(device), "fastest": {}, "vs_triton": {}}
     for batch_size in sorted({r["batch_size"] for r in rows}):
         ok = {

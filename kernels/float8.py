@@ -55,14 +55,16 @@ def scaled_mm(
         raise ValueError("scaled_mm: the second operand must be column-major (b.t() contiguous)")
     if a.dtype == E5M2 and b.dtype == E5M2:
         raise ValueError("scaled_mm: e5m2 x e5m2 has no CUDA kernel")
-    if any(n % _ALIGN for n in (*a.shape, b.shape[1])):
-        raise ValueError(f"scaled_mm: sizes {tuple(a.shape)} x {b.shape[1]} not multiples of 16")
+    if not float8_eligible(*a.shape, b.shape[1]):
+        sizes = f"{tuple(a.shape)} x {b.shape[1]}"
+        raise ValueError(f"scaled_mm: sizes {sizes} not positive multiples of 16")
     return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
 
 
 def float8_eligible(x2d_rows: int, in_features: int, out_features: int) -> bool:
-    """Whether a linear of these sizes can run its three GEMMs in float8 (multiples of 16)."""
-    return not (x2d_rows % _ALIGN or in_features % _ALIGN or out_features % _ALIGN)
+    """Whether a linear of these sizes can run its three GEMMs in float8: every size a
+    positive multiple of 16 (the rows of x, its features, the outputs)."""
+    return all(n > 0 and n % _ALIGN == 0 for n in (x2d_rows, in_features, out_features))
 
 
 class _Float8MatMul(torch.autograd.Function):
@@ -95,7 +97,7 @@ def float8_linear(
     dtype is autocast's when autocast is on for ``x``'s device, else ``x``'s."""
     out_features, in_features = weight.shape
     rows = x.numel() // in_features if in_features else 0
-    if not float8_eligible(rows, in_features, out_features) or rows == 0:
+    if not float8_eligible(rows, in_features, out_features):
         return F.linear(x, weight, bias)
     device = x.device.type
     autocast = torch.is_autocast_enabled(device)
