@@ -52,6 +52,7 @@ import torchvision.transforms.functional as F
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 
+from bench.common import whole_rounds
 from equiav.data.index import DatasetError, read_dataset, read_label_csv
 
 SAMPLE_RATE = 16000
@@ -593,14 +594,13 @@ def make_loader(
 
 
 def measure(loader: DataLoader, batches: int, warmup: int = 2) -> dict[str, float]:
-    """Throughput of ``loader`` over ``batches`` batches after ``warmup`` ones (epochs restart).
+    """Throughput of ``loader`` over ``batches`` batches (rounded up to whole rounds of its
+    workers, ``whole_rounds``) after ``warmup`` ones (epochs restart).
 
     ``ms_per_sample_per_core`` charges every worker (or the main process when there are none) as
-    one core. The workers keep filling their prefetch queue during the warm-up, so very short runs
-    look slightly fast: use tens of batches.
+    one core.
     """
-    if batches < 1:
-        raise ValueError(f"batches must be >= 1, got {batches}")
+    batches = whole_rounds(batches, loader.num_workers)
     iterator = iter(loader)
 
     def next_batch() -> dict[str, torch.Tensor]:

@@ -250,3 +250,18 @@ def device_ms_by_class(kernels: Sequence[tuple[str, float]]) -> dict[str, float]
         label = kernel_class(name)
         totals[label] = totals.get(label, 0.0) + ms
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def whole_rounds(batches: int, workers: int) -> int:
+    """The fewest batches >= ``batches`` that are whole rounds of ``workers`` DataLoader workers.
+
+    Why: each worker makes whole batches and the workers run side by side, so their batches
+    arrive in rounds of ``workers`` at nearly the same time. A timed window that is not whole
+    rounds counts a batch made before it began, or waits for a round it uses one batch of: with
+    2 workers, 5 timed batches after 3 warm-up ones take 2 rounds (25 % too fast), after 2 they
+    take 3 (17 % too slow); 6 take 3 rounds after either. Whole rounds measure the steady rate,
+    whatever the warm-up before them."""
+    if batches < 1:
+        raise ValueError(f"batches must be >= 1, got {batches}")
+    rounds = max(workers, 1)
+    return -(-batches // rounds) * rounds

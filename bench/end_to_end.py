@@ -13,6 +13,11 @@ side by side in one process on the same synthetic dataset and the same model:
 - ``step-only``: the same step repeated on one real batch already on the device (no loading,
   no loader alive).
 
+``--step-stream default,high-priority`` (``train.step_stream``) times the DALI-fed steps once per
+setting (rows record ``step_stream``), the step on torch's current stream or on one of the
+highest priority (the loader's kernels on the lowest); step-only and the paper-style loader run
+with the first setting.
+
 The step is the trainer's (``bench.step.TrainStep``: the task's model and loss from
 ``train.pretrain_task`` / ``finetune_task``, autocast, backward, gradient clipping, AdamW), one
 process. Each row gives samples/s and the input-bound fraction ``data_wait_frac``: the time the
@@ -52,9 +57,11 @@ from bench.common import (
     add_model_arguments,
     add_precision_argument,
     default_precision,
+    whole_rounds,
 )
 from bench.step import PAPER_BATCH, SMOKE_MODEL, StepSetup, TrainStep
 from equiav.config import COMPILE_MODES, Config, apply_overrides, default_config, resolve
+from equiav.train.step import STEP_STREAMS, step_stream
 
 MODES = ("pretrain", "finetune")
 SIZES = ("tiny", "full")
@@ -126,11 +133,12 @@ def bench_config(
     linear: str = "default",
     hw_decoder_load: float = 0.65,
     fbank_backend: str = "auto",
+    step_stream: str = "default",
 ) -> Config:
     """The trainer's configuration for one benchmark run on the synthetic dataset in `data_dir`
     (`fused`: the fused AdamW on CUDA, else torch's default; `gelu`, `qkv`, `linear`:
     model.gelu, model.qkv and model.linear; `hw_decoder_load`, `fbank_backend`:
-    data.hw_decoder_load, data.fbank_backend).
+    data.hw_decoder_load, data.fbank_backend; `step_stream`: train.step_stream).
 
     `size` "tiny": `TINY_MODEL` (with `smoke`: also `SMOKE_OVERRIDES`); "full": the paper's
     model and data geometry. Frames per clip follow the clip length (one per second, at most 10).
@@ -157,6 +165,7 @@ def bench_config(
         "train.precision": precision,
         "train.compile": compile,
         "train.compile_mode": compile_mode,
+        "train.step_stream": step_stream,
         "optim.fused": fused,
         "model.gelu": gelu,
         "model.qkv": qkv,
@@ -295,11 +304,18 @@ def _row(base: dict[str, Any], pipeline: str, timing: dict[str, float]) -> dict[
 
 
 def _dali_timings(
-    step: TrainStep, cfg: Config, mode: str, device: torch.device, steps: int, warmup: int
-) -> tuple[dict[str, float], dict[str, float]]:
-    """(step-only, DALI-fed) timings. Step-only runs first, on a copy of the first batch of a
-    probe loader that is gone by then (no pipeline threads run beside it), so that real data is
-    on the device; then a fresh loader feeds the steps, and is freed on return."""
+    step: TrainStep,
+    cfg: Config,
+    mode: str,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    streams: Sequence[str],
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """(step-only, [DALI-fed for each of `streams`]) timings. Step-only runs first (with the
+    step on `streams[0]`), on a copy of the first batch of a probe loader that is gone by then
+    (no pipeline threads run beside it), so that real data is on the device; then for each
+    step stream a fresh loader feeds the steps, and is freed before the next."""
     from dali_pipelines.loader import build_loader
 
     probe = forever(build_loader(cfg, "train", mode, device=device))
@@ -308,9 +324,23 @@ def _dali_timings(
     probe.close()
     del probe
     gc.collect()
-    step_only = time_steps(step, lambda: fixed, steps, warmup, device)
-    loader = build_loader(cfg, "train", mode, device=device)
-    return step_only, _fed_timing(step, loader, lambda b: b, steps, warmup, device)
+    with step_stream(streams[0], device):
+        step_only = time_steps(step, lambda: fixed, steps, warmup, device)
+    fed = []
+    for setting in streams:
+        loader = build_loader(cfg, "train", mode, device=device)
+        with step_stream(setting, device) as stream:
+            timing = _fed_timing(step, loader, lambda b: b, steps, warmup, device)
+        fed.append({**timing, **_stream_fields(setting, stream)})
+        del loader
+        gc.collect()
+    return step_only, fed
+
+
+def _stream_fields(setting: str, stream: torch.cuda.Stream | None) -> dict[str, Any]:
+    """A row's record of the stream its steps ran on: the setting and, on a GPU with a stream
+    of its own, that stream's priority (lower is higher)."""
+    return {"step_stream": setting, "step_stream_priority": getattr(stream, "priority", None)}
 
 
 def _baseline_timing(
@@ -343,9 +373,11 @@ def measure_model(
     warmup: int,
     layout: str,
     log: Callable[[str], None] = print,
+    streams: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows step-only, dali-<layout> and baseline-<layout> for one model (`cfg`): one model and
-    optimizer, built once and seeded, serve all three. Both loaders get `cfg.data.num_threads`
+    """Rows step-only, dali-<layout> (one per step stream of `streams`, default
+    `cfg.train.step_stream`) and baseline-<layout> for one model (`cfg`): one model and
+    optimizer, built once and seeded, serve all of them. Both loaders get `cfg.data.num_threads`
     cores (DALI threads, DataLoader workers)."""
     from dali_pipelines.audio import fbank_backend_for
 
@@ -374,12 +406,16 @@ def measure_model(
         "linear": cfg.model.linear,
         "device": str(device),
     }
-    step_only, dali = _dali_timings(step, cfg, mode, device, steps, warmup)
+    streams = list(streams or [cfg.train.step_stream])
+    step_only, fed = _dali_timings(step, cfg, mode, device, steps, warmup, streams)
     gc.collect()
-    rows = [_row(base, "step-only", step_only), _row(base, f"dali-{layout}", dali)]
-    baseline = _baseline_timing(step, cfg, mode, device, steps, warmup)
+    with step_stream(streams[0], device) as stream:
+        baseline = _baseline_timing(step, cfg, mode, device, steps, warmup)
+    first = _stream_fields(streams[0], stream)
     gc.collect()
-    rows.append(_row(base, f"baseline-{layout}", baseline))
+    rows = [_row(base, "step-only", {**step_only, **first})]
+    rows += [_row(base, f"dali-{layout}", timing) for timing in fed]
+    rows.append(_row(base, f"baseline-{layout}", {**baseline, **first}))
     for row in rows:
         row["step_only_samples_per_s"] = step_only["samples_per_s"]
         row["vs_step_only"] = row["samples_per_s"] / step_only["samples_per_s"]
@@ -402,25 +438,26 @@ def summarize(rows: list[dict[str, Any]], device: torch.device) -> dict[str, Any
     comparisons = []
     keys = dict.fromkeys((r["model"], r["mode"]) for r in rows if r.get("status") == "ok")
     for size, mode in keys:
-        group = {
-            r["pipeline"].split("-")[0]: r
-            for r in rows
-            if r.get("status") == "ok" and (r["model"], r["mode"]) == (size, mode)
-        }
-        if {"dali", "baseline", "step"} - set(group):
+        group = [
+            r for r in rows if r.get("status") == "ok" and (r["model"], r["mode"]) == (size, mode)
+        ]
+        kinds = {r["pipeline"].split("-")[0]: r for r in group}
+        if {"dali", "baseline", "step"} - set(kinds):
             continue
-        dali, base = group["dali"], group["baseline"]
-        comparisons.append(
-            {
-                "model": size,
-                "mode": mode,
-                "dali_vs_baseline": dali["samples_per_s"] / base["samples_per_s"],
-                "dali_vs_step_only": dali["vs_step_only"],
-                "baseline_vs_step_only": base["vs_step_only"],
-                "dali_data_wait_frac": dali["data_wait_frac"],
-                "baseline_data_wait_frac": base["data_wait_frac"],
-            }
-        )
+        base = kinds["baseline"]
+        for dali in (r for r in group if r["pipeline"].startswith("dali-")):
+            comparisons.append(
+                {
+                    "model": size,
+                    "mode": mode,
+                    "step_stream": dali.get("step_stream", "default"),
+                    "dali_vs_baseline": dali["samples_per_s"] / base["samples_per_s"],
+                    "dali_vs_step_only": dali["vs_step_only"],
+                    "baseline_vs_step_only": base["vs_step_only"],
+                    "dali_data_wait_frac": dali["data_wait_frac"],
+                    "baseline_data_wait_frac": base["data_wait_frac"],
+                }
+            )
     summary: dict[str, Any] = {"device": device.type, "comparisons": comparisons}
     if device.type != "cuda":
         summary["note"] = (
@@ -459,6 +496,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(p)
     add_loader_gpu_arguments(p)
     p.add_argument(
+        "--step-stream",
+        default="default",
+        help="train.step_stream for the DALI-fed steps, or several (default,high-priority): "
+        "one DALI-fed row each; step-only and the paper-style loader use the first",
+    )
+    p.add_argument(
         "--thread-prefetch",
         type=int,
         default=0,
@@ -483,6 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     modes = _parse_list(a.mode, MODES, "mode")
     sizes = _parse_list(a.size, SIZES, "size")
+    streams = _parse_list(a.step_stream, STEP_STREAMS, "step-stream")
     device = torch.device(a.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -511,6 +555,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 batch = a.batch_size
             size_steps = (a.full_steps or (steps if cuda else 2)) if full else steps
             size_warmup = min(warmup, 1) if full and not cuda else warmup
+            # The paper-style loader's workers deliver batches in rounds: time whole rounds.
+            size_steps = whole_rounds(size_steps, a.cores)
             plan[f"{size}/{mode}"] = {"batch_size": batch, "steps": size_steps}
             print(f"bench.end_to_end: {size} model, {mode}, batch {batch} on {device}", flush=True)
             try:
@@ -533,9 +579,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     linear=a.linear,
                     hw_decoder_load=a.hw_decoder_load,
                     fbank_backend=a.fbank_backend,
+                    step_stream=streams[0],
                 )
                 torch.manual_seed(0)
-                rows += measure_model(cfg, mode, size, device, size_steps, size_warmup, a.layout)
+                rows += measure_model(
+                    cfg, mode, size, device, size_steps, size_warmup, a.layout, streams=streams
+                )
             except Exception as e:  # one failed size (e.g. out of memory) must not end the run
                 print(f"  failed: {type(e).__name__}: {e}", flush=True)
                 rows += _error_rows(mode, size, a.layout, e)
@@ -553,6 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "compile": a.compile,
             "compile_mode": a.compile_mode,
             "thread_prefetch": a.thread_prefetch,
+            "step_streams": streams,
             "device": str(device),
             "precision": precision,
             "smoke": a.smoke,
@@ -567,8 +617,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     path = write_result("end_to_end-smoke" if a.smoke else "end_to_end", payload, a.results_dir)
     for c in payload["summary"]["comparisons"]:
+        stream = "" if c["step_stream"] == "default" else f" ({c['step_stream']} step stream)"
         print(
-            f"{c['model']}/{c['mode']}: DALI / baseline {c['dali_vs_baseline']:.2f}x, "
+            f"{c['model']}/{c['mode']}{stream}: DALI / baseline {c['dali_vs_baseline']:.2f}x, "
             f"DALI at {100 * c['dali_vs_step_only']:.0f} % of step-only "
             f"(waiting {100 * c['dali_data_wait_frac']:.0f} %), baseline at "
             f"{100 * c['baseline_vs_step_only']:.0f} % "

@@ -14,7 +14,7 @@
 # step-gelu-bias, step-gelu-bias-256, qkv-tests, step-qkv-split, step-qkv-split-256,
 # step-bias-split, step-bias-split-256, loader-hw, e2e-b64-hw, fbank-tests, fbank-bench,
 # e2e-b64-fbank, e2e-b64-levers, e2e-b256-levers, float8-tests, step-float8, step-float8-256,
-# e2e-b256-float8,
+# e2e-b256-float8, stream-tests,
 # step-autotune-master, e2e,
 # e2e-eager, e2e-fast, e2e-fast-pretrain, e2e-b64, e2e-b64-gelu, e2e-graphs, e2e-thread,
 # e2e-quick, e2e-ft-quick, e2e-ft-nothread-quick, e2e-graphs-quick, profile-stage, profile-e2e,
@@ -54,23 +54,26 @@ fixed_step() {  # fixed_step NAME SECONDS ARGS...: the compiled pretraining step
 
 e2e_b64() {  # e2e_b64 NAME ARGS...: full pretraining end to end at batch 64, bf16-master,
     # compiled, 2 cores, source in 2 workers, thread prefetch, 3 + 20 batches of e2e-b64's set;
-    # ARGS: the model's and the loader's settings; results under $RESULTS/NAME
+    # ARGS: the model's and the loader's settings; results under $RESULTS/NAME. The DALI-fed
+    # steps run twice, on torch's stream and on one of the highest priority (train.step_stream:
+    # the loader's kernels yield to the step's), one row each.
     local name=$1
     shift
     stage "$name" 450 python3 -m bench.end_to_end --mode pretrain --size full \
         --full-batch-size 64 --precision bf16-master --compile --data "$DATA_B64" --clips 1700 \
         --cores "$CORES" --py-workers 2 --thread-prefetch 2 --steps 20 \
-        --results-dir "$RESULTS/${name#e2e-}" "$@"
+        --step-stream default,high-priority --results-dir "$RESULTS/${name#e2e-}" "$@"
 }
 
-e2e_b256() {  # e2e_b256 NAME ARGS...: the same at batch 256 (an H200's memory), 3 + 5 batches
-    # of bench-data-b256's set
+e2e_b256() {  # e2e_b256 NAME ARGS...: the same at batch 256 (an H200's memory), 2 + 6 batches
+    # of bench-data-b256's set (whole rounds of the paper-style loader's 2 workers: 5 timed
+    # batches would count one made before the window, bench.common.whole_rounds)
     local name=$1
     shift
     stage "$name" 540 python3 -m bench.end_to_end --mode pretrain --size full \
         --full-batch-size 256 --precision bf16-master --compile --data "$DATA_B256" \
-        --clips 2300 --cores "$CORES" --py-workers 2 --thread-prefetch 2 --steps 5 \
-        --results-dir "$RESULTS/${name#e2e-}" "$@"
+        --clips 2300 --cores "$CORES" --py-workers 2 --thread-prefetch 2 --warmup 2 \
+        --steps 6 --step-stream default,high-priority --results-dir "$RESULTS/${name#e2e-}" "$@"
 }
 
 render_frames_set() {  # render_frames_set NAME DIR CLIPS: an end-to-end set of CLIPS 10-s
@@ -113,7 +116,7 @@ for s in "$@"; do
         render_frames_set bench-data-b64 "$DATA_B64" 1700
         DATA_B64_PID=$RENDER_PID ;;
     wait-b64) wait_rendered wait-b64 240 "${DATA_B64_PID:-}" bench-data-b64 "$DATA_B64" ;;
-    bench-data-b256)  # e2e-b256-levers' 2300 frames-only clips (2070 to train on: the 3 + 5
+    bench-data-b256)  # e2e-b256-levers' 2300 frames-only clips (2070 to train on: the 2 + 6
         # batches of 256 inside one epoch; ~2 minutes on 16 cores)
         render_frames_set bench-data-b256 "$DATA_B256" 2300
         DATA_B256_PID=$RENDER_PID ;;
@@ -324,7 +327,7 @@ for s in "$@"; do
         # training keep >= 95 % of this faster step, and how near 10x the paper-style loader?
         e2e_b64 e2e-b64-levers --gelu triton --qkv split ;;
     e2e-b256-levers)  # e2e-b64-levers at batch 256, where the step is fastest (564 samples/s,
-        # MFU 45.5 %): 5 timed steps (~2.3 s of steps, as e2e-b64's 20) after 3 untimed ones
+        # MFU 45.5 %): 6 timed steps (~2.7 s of steps, as e2e-b64's 20) after 2 untimed ones
         # (~4 minutes: three compilations at batch 256, the paper-style loader's 2048 samples)
         e2e_b256 e2e-b256-levers --gelu triton --qkv split ;;
     float8-tests)  # kernels/float8.py on the GPU: torch._scaled_mm's float8 GEMMs (forward and
@@ -340,6 +343,9 @@ for s in "$@"; do
             --qkv split --linear float8 ;;
     e2e-b256-float8)  # e2e-b256-levers with float8 linears (needs bench-data-b256's set)
         e2e_b256 e2e-b256-float8 --gelu triton --qkv split --linear float8 ;;
+    stream-tests)  # train.step_stream on the GPU: the stream's priority and ordering, and
+        # training on it equals training on torch's stream (the loader's thread hands over)
+        stage stream-tests 180 python3 -m pytest -q tests/test_step_stream.py -rs ;;
     gelu-tests)  # kernels/gelu.py on the GPU (fast exp2 and division) and on the interpreter
         stage gelu-tests 180 python3 -m pytest -q tests/test_gelu.py -rs ;;
     step-gelu)  # the towers' GELU as our Triton kernels (model.gelu=triton, kernels/gelu.py:

@@ -214,7 +214,10 @@ def _plot_step(plt, result: dict[str, Any], title: str):
 def _plot_end_to_end(plt, result: dict[str, Any], title: str):
     rows = _ok_rows(result)
     labels = [
-        f"{r['mode']}" + (f" ({r['model']})" if "model" in r else "") + f"\n{r['pipeline']}"
+        f"{r['mode']}"
+        + (f" ({r['model']})" if "model" in r else "")
+        + f"\n{r['pipeline']}"
+        + (f"\n{r['step_stream']} stream" if r.get("step_stream") not in (None, "default") else "")
         for r in rows
     ]
     xs = range(len(rows))
@@ -507,6 +510,8 @@ def _setting(row: dict[str, Any], config: dict[str, Any]) -> str:
         words.append(f"hardware JPEG share {row['hw_decoder_load']:g}")
     if row.get("fbank_backend") not in (None, "auto"):
         words.append(f"fbank {row['fbank_backend']}")
+    if row.get("step_stream") not in (None, "default"):
+        words.append(f"{row['step_stream']} step stream")
     return ", ".join(words)
 
 
@@ -548,11 +553,11 @@ def _e2e_vs_baseline(result: dict[str, Any]):
     """DALI-fed / paper-style-fed full-size pretraining."""
     if not _at_target_cores(result):
         return
-    dali = _dali_full_pretrain(result)
-    note = _setting(dali[0], result["config"]) if dali else None
+    dali = {r.get("step_stream", "default"): r for r in _dali_full_pretrain(result)}
     for c in result["summary"].get("comparisons", []):
         if c.get("mode") == "pretrain" and c.get("model") == "full":
-            yield c.get("dali_vs_baseline"), note
+            row = dali.get(c.get("step_stream", "default"))
+            yield c.get("dali_vs_baseline"), _setting(row, result["config"]) if row else None
 
 
 def _step_mfu(result: dict[str, Any]):

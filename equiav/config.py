@@ -281,6 +281,13 @@ class TrainConfig:
     bal: bool = False  # class-balanced sampling from data.weights_csv
     max_steps: int | None = None  # stop early (demos, tests)
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # "high-priority": on a GPU the step runs on a CUDA stream of the highest priority, so that
+    # the GPU's block scheduler gives the loader's kernels (DALI's decoding, our filterbank and
+    # augmentations, on streams of the lowest priority) only what the step leaves idle; the
+    # measured cost of the loader's GPU work beside the step is the gap between DALI-fed and
+    # step-only training (bench/GPU-SESSIONS.md). "default": torch's current stream. No-op on a
+    # CPU.
+    step_stream: Literal["default", "high-priority"] = "default"
 
 
 @dataclass

@@ -13,6 +13,11 @@ kernel's rule) run as ordinary linears.
 `torch._scaled_mm` on CUDA needs its first operand row-major and its second column-major, and
 no e5m2 x e5m2 product; the CPU's accepts more. `scaled_mm` checks the CUDA rules on every
 device, so the CPU tests catch a layout the GPU would refuse.
+
+The forward GEMM accumulates with Hopper's fast float8 accumulation (``use_fast_accum``: partial
+sums kept in the tensor cores' reduced precision instead of promoted to float32 as they go;
+faster), the two gradient GEMMs without it: torchao's recipe for tensorwise float8 training,
+whose gradients are the more sensitive to accumulated error. The CPU ignores the flag.
 """
 
 from __future__ import annotations
@@ -44,9 +49,11 @@ def scaled_mm(
     scale_a: torch.Tensor,
     scale_b: torch.Tensor,
     out_dtype: torch.dtype,
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     """(a * scale_a) @ (b * scale_b) in ``out_dtype`` through `torch._scaled_mm`, after checking
-    the operands against CUDA's rules (see the module docstring) on any device."""
+    the operands against CUDA's rules (see the module docstring) on any device; ``fast_accum``:
+    the GPU's fast float8 accumulation."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"scaled_mm: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not chain")
     if not a.is_contiguous():
@@ -58,7 +65,9 @@ def scaled_mm(
     if not float8_eligible(*a.shape, b.shape[1]):
         sizes = f"{tuple(a.shape)} x {b.shape[1]}"
         raise ValueError(f"scaled_mm: sizes {sizes} not positive multiples of 16")
-    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+    return torch._scaled_mm(
+        a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, use_fast_accum=fast_accum
+    )
 
 
 def float8_eligible(x2d_rows: int, in_features: int, out_features: int) -> bool:
@@ -76,7 +85,7 @@ class _Float8MatMul(torch.autograd.Function):
         w8, sw = to_float8(w, E4M3)
         ctx.save_for_backward(x8, sx, w8, sw)  # float8 copies: half the bytes of bf16 ones
         ctx.dtypes = (x.dtype, w.dtype)
-        return scaled_mm(x8, w8.t(), sx, sw, out_dtype)
+        return scaled_mm(x8, w8.t(), sx, sw, out_dtype, fast_accum=True)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

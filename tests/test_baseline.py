@@ -383,9 +383,9 @@ def test_loader_two_workers(synth_small):
         assert not torch.equal(batches[0]["t_a"], batches[1]["t_a"])
     for key in first[0]:
         assert torch.equal(first[0][key], first[1][key]), key
-    stats = measure(loader, batches=2, warmup=1)
-    assert stats["samples"] == 4 and stats["workers"] == 2
-    assert stats["ms_per_sample_per_core"] == pytest.approx(2000 * stats["seconds"] / 4)
+    stats = measure(loader, batches=3, warmup=1)  # timed in whole rounds of the 2 workers: 4
+    assert stats["batches"] == 4 and stats["samples"] == 8 and stats["workers"] == 2
+    assert stats["ms_per_sample_per_core"] == pytest.approx(2000 * stats["seconds"] / 8)
 
     probe = make_loader(_ThreadProbe(), batch_size=1, workers=2, shuffle=False)
     assert [float(b["labels"]) for b in probe] == [1.0] * 4

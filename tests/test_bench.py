@@ -686,6 +686,17 @@ def test_report_states_the_targets_against_the_best_measurements(tmp_path):
            {**e2e_row, "pipeline": "dali-frames", "vs_step_only": 0.96, "hw_decoder_load": 1.0,
             "fbank_backend": "triton-tf32x3"},
            {**e2e_row, "pipeline": "baseline-frames", "samples_per_s": 52.6})  # fmt: skip
+    # Two DALI-fed rows, one per step stream: each comparison is named by its own row's setting.
+    result("end_to_end-b", {"cores": 2},
+           {**gpu, "comparisons": [
+               {"mode": "pretrain", "model": "full", "step_stream": "default",
+                "dali_vs_baseline": 9.0},
+               {"mode": "pretrain", "model": "full", "step_stream": "high-priority",
+                "dali_vs_baseline": 10.2}]},
+           {**e2e_row, "pipeline": "dali-frames", "vs_step_only": 0.90, "step_stream": "default"},
+           {**e2e_row, "pipeline": "dali-frames", "vs_step_only": 0.95,
+            "step_stream": "high-priority"},
+           {**e2e_row, "pipeline": "baseline-frames", "samples_per_s": 49.0})  # fmt: skip
     text = report.write_report(tmp_path, tmp_path / "out").read_text()
     table = {
         line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:]
@@ -707,7 +718,8 @@ def test_report_states_the_targets_against_the_best_measurements(tmp_path):
     )
     setting = "(batch 64, bf16-master, hardware JPEG share 1, fbank triton-tf32x3) |"
     e2e = table["GPU: DALI-fed / paper-style-fed pretraining, end to end"]
-    assert e2e[1:3] == ["9.50x", "no"] and e2e[3].endswith(setting)
+    assert e2e[1:3] == ["10.20x", "yes"] and e2e[3].startswith("`end_to_end-b-")
+    assert e2e[3].endswith("(batch 64, bf16-master, high-priority step stream) |")
     share = table["GPU: DALI-fed pretraining / step-only"]
     assert share[1:3] == ["96.0 %", "yes"] and share[3].endswith(setting)
 

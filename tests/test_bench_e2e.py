@@ -31,8 +31,10 @@ def results(tmp_path_factory):
 @pytest.fixture(scope="module")
 def e2e_result(synth_small, results):
     """The smoke run with --compile, dynamo's graphs handed to a backend that runs them as they
-    are (inductor would take minutes on this CPU; what is checked is when dynamo compiles)."""
+    are (inductor would take minutes on this CPU; what is checked is when dynamo compiles), and
+    the DALI-fed steps timed on both step streams (on a CPU both are the current stream)."""
     args = ["--data", str(synth_small.root), "--seconds", "4", "--smoke", "--cores", "1"]
+    args += ["--step-stream", "default,high-priority"]
     compile_ = torch.compile
 
     def run_graph(gm, example_inputs):
@@ -78,6 +80,43 @@ def test_time_steps_splits_waiting_from_computing():
         end_to_end.time_steps(lambda b: None, next_batch, 0, 1, torch.device("cpu"))
 
 
+def test_whole_rounds_of_the_paper_style_workers_time_their_steady_rate():
+    """A model of the paper-style DataLoader: W workers make whole batches side by side, so
+    batch b is ready at (b // W + 1) rounds. Timed after 3 warm-up batches, 5 batches take 2
+    rounds (25 % too fast), after 2 they take 3 (17 % too slow); whole rounds (6) take 3 after
+    either, the steady rate."""
+    from bench.common import whole_rounds
+
+    assert [whole_rounds(n, 2) for n in (1, 5, 6, 20)] == [2, 6, 6, 20]
+    assert whole_rounds(7, 4) == 8 and whole_rounds(5, 1) == 5 and whole_rounds(5, 0) == 5
+    with pytest.raises(ValueError, match="batches must be >= 1"):
+        whole_rounds(0, 2)
+
+    workers, round_s, batch = 2, 0.1, 4
+    steady = workers * batch / round_s
+
+    def rate(steps: int, warmup: int) -> float:
+        made = 0
+        start = time.perf_counter()
+
+        def next_batch():
+            nonlocal made
+            ready = start + (made // workers + 1) * round_s
+            made += 1
+            time.sleep(max(0.0, ready - time.perf_counter()))
+            return {"labels": torch.zeros(batch)}
+
+        timing = end_to_end.time_steps(
+            lambda b: None, next_batch, steps, warmup, torch.device("cpu")
+        )
+        return timing["samples_per_s"]
+
+    assert rate(5, 3) > 1.15 * steady  # 20 samples in 2 rounds: 1.25x
+    assert rate(5, 2) < 0.9 * steady  # in 3 rounds: 0.83x
+    for warmup in (2, 3):
+        assert rate(whole_rounds(5, workers), warmup) == pytest.approx(steady, rel=0.08)
+
+
 def test_ensure_dataset_renders_only_the_layouts_asked_for(tmp_path):
     end_to_end.ensure_dataset(tmp_path, clips=4, seconds=2.0, quiet=True, layouts=("frames",))
     assert (tmp_path / "train.json").exists() and not (tmp_path / "train_webm.json").exists()
@@ -102,10 +141,21 @@ def test_epoch_starts_inside_the_timed_steps():
 def test_end_to_end_smoke_writes_a_valid_result(e2e_result):
     assert e2e_result["benchmark"] == "end_to_end-smoke"
     assert e2e_result["summary"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
-    rows = {r["pipeline"]: r for r in e2e_result["rows"]}
-    assert set(rows) == {"step-only", "dali-frames", "baseline-frames"}
+    pipelines = [(r["pipeline"], r["step_stream"]) for r in e2e_result["rows"]]
+    assert pipelines == [
+        ("step-only", "default"),
+        ("dali-frames", "default"),
+        ("dali-frames", "high-priority"),
+        ("baseline-frames", "default"),
+    ]
+    assert e2e_result["config"]["step_streams"] == ["default", "high-priority"]
+    rows = {r["pipeline"]: r for r in e2e_result["rows"] if r["step_stream"] == "default"}
+    prio = e2e_result["rows"][2]
     step_only = rows["step-only"]["samples_per_s"]
-    for row in rows.values():
+    for row in [*rows.values(), prio]:
+        # a stream of its own only on a GPU, where it is the device's highest priority
+        cuda_prio = torch.cuda.is_available() and row is prio
+        assert (row["step_stream_priority"] is not None) == cuda_prio
         assert row["status"] == "ok" and row["mode"] == "pretrain" and row["model"] == "tiny"
         assert row["samples"] == 2 * 2  # batch 2, 2 timed steps
         assert row["samples_per_s"] == pytest.approx(row["samples"] / row["seconds"])
@@ -121,17 +171,22 @@ def test_end_to_end_smoke_writes_a_valid_result(e2e_result):
     assert rows["step-only"]["data_wait_frac"] < 0.01
     assert rows["dali-frames"]["data_wait_ms"] > 1.0
     assert rows["baseline-frames"]["data_wait_ms"] > 0.0
-    (comparison,) = e2e_result["summary"]["comparisons"]
-    dali, base = rows["dali-frames"]["samples_per_s"], rows["baseline-frames"]["samples_per_s"]
-    assert comparison["dali_vs_baseline"] == pytest.approx(dali / base)
-    assert comparison["dali_data_wait_frac"] == rows["dali-frames"]["data_wait_frac"]
+    assert prio["epoch_starts"] == 0 and prio["data_wait_ms"] > 1.0
+    comparison, prio_comparison = e2e_result["summary"]["comparisons"]
+    base = rows["baseline-frames"]["samples_per_s"]
+    for c, dali in ((comparison, rows["dali-frames"]), (prio_comparison, prio)):
+        assert c["step_stream"] == dali["step_stream"]
+        assert c["dali_vs_baseline"] == pytest.approx(dali["samples_per_s"] / base)
+        assert c["dali_data_wait_frac"] == dali["data_wait_frac"]
+        assert c["dali_vs_step_only"] == dali["vs_step_only"]
     # Compiled once, on the step-only batch: the loaders' batches (DALI's outputs, the
     # paper-style loader's copied to the device) pass the same guards, so neither loader-fed
     # warmup stalls on a compilation, and nothing compiles inside a timed window.
     assert rows["step-only"]["compile"] and rows["step-only"]["graphs_compiled_warmup"] >= 1
     assert rows["dali-frames"]["graphs_compiled_warmup"] == 0
+    assert prio["graphs_compiled_warmup"] == 0
     assert rows["baseline-frames"]["graphs_compiled_warmup"] == 0
-    assert all(row["graphs_compiled_timed"] == 0 for row in rows.values())
+    assert all(row["graphs_compiled_timed"] == 0 for row in e2e_result["rows"])
 
 
 def test_scaling_smoke_runs_one_and_two_gloo_processes(scaling_result):
@@ -270,6 +325,7 @@ def test_report_renders_end_to_end_and_scaling(e2e_result, scaling_result, resul
     assert "**Capacity model**" in smoke_part and "| 8 | 64 | 38400 |" in smoke_part
     e2e_part = text.split(f"### `end_to_end-smoke-{host}.json`")[1].split("### ")[0]
     assert "| pretrain | tiny | frames |" in e2e_part and "dali-frames" in e2e_part
+    assert "high-priority" in e2e_part  # the step-stream column
 
 
 def test_bench_config_carries_source_workers_compile_optimizer_gelu_and_qkv(synth_small):

@@ -102,6 +102,29 @@ def test_forward_and_gradients_are_the_float8_products():
         assert 1e-3 < _rel(ours, true) < 0.1
 
 
+def test_only_the_forward_gemm_accumulates_fast(monkeypatch):
+    """torchao's tensorwise recipe: fast float8 accumulation in the forward GEMM, float32
+    promotion in the two gradient GEMMs (the CPU ignores the flag, so the calls are recorded)."""
+    calls = []
+    real = torch._scaled_mm
+
+    def recording(a, b, **kwargs):
+        calls.append((tuple(a.shape), tuple(b.shape), kwargs["use_fast_accum"]))
+        return real(a, b, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", recording)
+    x, w, b = _inputs()
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    float8_linear(x, w, b).sum().backward()
+    rows, (n, k) = x.numel() // x.shape[-1], w.shape
+    assert calls == [
+        ((rows, k), (k, n), True),  # out = x @ w.T
+        ((rows, n), (n, k), False),  # dx = g @ w
+        ((n, rows), (rows, k), False),  # dw = g.T @ x
+    ]
+
+
 def test_sizes_off_the_16_grid_run_as_ordinary_linears():
     x, w, b = _inputs(rows=62)  # 62 rows: not a multiple of 16
     assert torch.equal(float8_linear(x, w, b), F.linear(x, w, b))

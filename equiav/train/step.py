@@ -18,9 +18,10 @@ learning-rate schedule moves on), as fp16 steps skipped by a GradScaler do in mo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,37 @@ def skips_on_device(optimizer: torch.optim.Optimizer, scaler: object | None) -> 
     Adam/AdamW, no fp16 GradScaler (which sets ``found_inf`` itself)."""
     fused = isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW)
     return fused and bool(optimizer.defaults.get("fused")) and scaler is None
+
+
+STEP_STREAMS = ("default", "high-priority")
+
+
+@contextlib.contextmanager
+def step_stream(setting: str, device: torch.device) -> Iterator[torch.cuda.Stream | None]:
+    """Run the block's CUDA work on the stream ``train.step_stream`` names: "default" (torch's
+    current stream: nothing changes) or "high-priority" (a new stream of the device's highest
+    priority); yields the stream, or None where nothing changes (any setting on a CPU).
+
+    Why: on a GPU the loader's kernels (DALI's, the device stage's) run on their own streams of
+    the default, lowest priority, beside the step. Stream priority is a hint to the block
+    scheduler (it does not preempt running blocks): pending blocks of the step go first, the
+    loader's fill what the step leaves idle. The new stream first waits for the current one (the
+    model's weights were copied to the device there), and the current one waits for it on the
+    way out, so that work before and after the block sees the step's results."""
+    if setting not in STEP_STREAMS:
+        raise ValueError(f"train.step_stream must be one of {STEP_STREAMS}, got {setting!r}")
+    if setting == "default" or device.type != "cuda":
+        yield None
+        return
+    outer = torch.cuda.current_stream(device)
+    _, highest = torch.cuda.Stream.priority_range()
+    stream = torch.cuda.Stream(device, priority=highest)
+    stream.wait_stream(outer)
+    try:
+        with torch.cuda.stream(stream):
+            yield stream
+    finally:
+        outer.wait_stream(stream)
 
 
 def _all_ranks_max(flag: torch.Tensor) -> torch.Tensor:
