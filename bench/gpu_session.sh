@@ -18,7 +18,7 @@
 # step-autotune-master, e2e,
 # e2e-eager, e2e-fast, e2e-fast-pretrain, e2e-b64, e2e-b64-gelu, e2e-graphs, e2e-thread,
 # e2e-quick, e2e-ft-quick, e2e-ft-nothread-quick, e2e-graphs-quick, profile-stage, profile-e2e,
-# profile-e2e-b64,
+# profile-e2e-b64, profile-e2e-b64-prio,
 # profile-e2e-ft, profile-step, profile-step-master, profile-step-gelu, profile-step-split,
 # profile-step-fp16,
 # scaling, demo,
@@ -181,6 +181,12 @@ for s in "$@"; do
             --precision bf16-master --batch-size 64 --py-workers 2 --thread-prefetch 2 \
             --data "$DATA_B64" --clips 1700 --cores "$CORES" --steps 10 \
             --name profile-e2e-b64-master --results-dir "$RESULTS" ;;
+    profile-e2e-b64-prio)  # the same with the step on the high-priority stream
+        # (train.step_stream): do the loader's kernels move into the step's idle SMs?
+        stage profile-e2e-b64-prio 360 python3 -m bench.profile --what e2e --compile \
+            --precision bf16-master --batch-size 64 --py-workers 2 --thread-prefetch 2 \
+            --data "$DATA_B64" --clips 1700 --cores "$CORES" --steps 10 \
+            --step-stream high-priority --name profile-e2e-b64-prio --results-dir "$RESULTS" ;;
     profile-e2e-ft)  # DALI-fed eager finetuning with thread prefetch: 69 % of step-only, why?
         stage profile-e2e-ft 240 python3 -m bench.profile --what e2e --mode finetune \
             --py-workers 2 --thread-prefetch 2 --data "$DATA" --cores "$CORES" --steps 10 \

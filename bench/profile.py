@@ -47,6 +47,7 @@ from bench.common import (
 from bench.end_to_end import bench_config, ensure_dataset, forever
 from bench.step import PAPER_BATCH, StepSetup, TrainStep, synthetic_batch
 from equiav.config import COMPILE_MODES
+from equiav.train.step import STEP_STREAMS, step_stream
 
 WHATS = ("step", "stage", "e2e")
 # CUDA runtime/driver calls that make the host wait for the device.
@@ -249,7 +250,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     if a.what == "step":
         step = TrainStep(setup, cfg, device)
         batch = synthetic_batch(a.mode, cfg, batch_size, device)
-        prof, wall = profiled(lambda: step(batch), a.steps, a.warmup, device)
+        with step_stream(a.step_stream, device):
+            prof, wall = profiled(lambda: step(batch), a.steps, a.warmup, device)
     elif a.what == "stage":
         loader = build_loader(cfg, "train", a.mode, device=device)
 
@@ -269,7 +271,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     else:
         step = TrainStep(setup, cfg, device)
         batches = forever(build_loader(cfg, "train", a.mode, device=device))
-        prof, wall = profiled(lambda: step(next(batches)), a.steps, a.warmup, device)
+        with step_stream(a.step_stream, device):
+            prof, wall = profiled(lambda: step(next(batches)), a.steps, a.warmup, device)
         batches.close()
     summary = summarize_profile(prof, wall, iterations)
     if a.what == "stage":
@@ -295,6 +298,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         ),
         "py_workers": a.py_workers,
         "thread_prefetch": a.thread_prefetch,
+        "step_stream": a.step_stream if a.what != "stage" else None,
         "cores": a.cores,
         "device": str(device),
         "precision": cfg.train.precision,
@@ -341,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--unfused", action="store_true", help="step, e2e: torch's unfused AdamW (default: fused)"
     )
+    p.add_argument(
+        "--step-stream",
+        default="default",
+        choices=STEP_STREAMS,
+        help="step, e2e: the step's CUDA stream (train.step_stream)",
+    )
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3)
@@ -358,6 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.smoke:
         a.steps, a.warmup = min(a.steps, 2), min(a.warmup, 1)
+    if a.what == "stage" and a.step_stream != "default":
+        raise SystemExit("bench.profile: --step-stream is for --what step or e2e (no step here)")
 
     from bench.common import write_result
 

@@ -14,6 +14,10 @@ kernel's rule) run as ordinary linears.
 no e5m2 x e5m2 product; the CPU's accepts more. `scaled_mm` checks the CUDA rules on every
 device, so the CPU tests catch a layout the GPU would refuse.
 
+A bias joins the forward GEMM's epilogue where CUDA allows it (a bfloat16 or float16 output,
+the bias in the same dtype): without it, the bias add is a pass of its own over the layer's
+output wherever the next op is opaque to the compiler (fc1's output into our Triton GELU).
+
 The forward GEMM accumulates with Hopper's fast float8 accumulation (``use_fast_accum``: partial
 sums kept in the tensor cores' reduced precision instead of promoted to float32 as they go;
 faster), the two gradient GEMMs without it: torchao's recipe for tensorwise float8 training,
@@ -29,6 +33,7 @@ from torch import nn
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
 _ALIGN = 16  # every GEMM dimension of a float8 product on CUDA
+_BIAS_OUT_DTYPES = (torch.bfloat16, torch.float16)  # outputs whose GEMM can add a bias on CUDA
 
 
 def to_float8(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,10 +55,11 @@ def scaled_mm(
     scale_b: torch.Tensor,
     out_dtype: torch.dtype,
     fast_accum: bool = False,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(a * scale_a) @ (b * scale_b) in ``out_dtype`` through `torch._scaled_mm`, after checking
-    the operands against CUDA's rules (see the module docstring) on any device; ``fast_accum``:
-    the GPU's fast float8 accumulation."""
+    """(a * scale_a) @ (b * scale_b) (+ ``bias``) in ``out_dtype`` through `torch._scaled_mm`,
+    after checking the operands against CUDA's rules (see the module docstring) on any device;
+    ``fast_accum``: the GPU's fast float8 accumulation."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"scaled_mm: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not chain")
     if not a.is_contiguous():
@@ -65,9 +71,23 @@ def scaled_mm(
     if not float8_eligible(*a.shape, b.shape[1]):
         sizes = f"{tuple(a.shape)} x {b.shape[1]}"
         raise ValueError(f"scaled_mm: sizes {sizes} not positive multiples of 16")
+    if bias is not None and not fusable_bias(bias, out_dtype):
+        raise ValueError(f"scaled_mm: a {bias.dtype} bias with a {out_dtype} output has no kernel")
     return torch._scaled_mm(
-        a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, use_fast_accum=fast_accum
+        a,
+        b,
+        scale_a=scale_a,
+        scale_b=scale_b,
+        bias=bias,
+        out_dtype=out_dtype,
+        use_fast_accum=fast_accum,
     )
+
+
+def fusable_bias(bias: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """Whether CUDA's float8 GEMM can add ``bias`` in its epilogue: a bfloat16 or float16
+    output, the bias in that dtype (not a float32 output)."""
+    return out_dtype in _BIAS_OUT_DTYPES and bias.dtype == out_dtype
 
 
 def float8_eligible(x2d_rows: int, in_features: int, out_features: int) -> bool:
@@ -77,15 +97,22 @@ def float8_eligible(x2d_rows: int, in_features: int, out_features: int) -> bool:
 
 
 class _Float8MatMul(torch.autograd.Function):
-    """x @ w.T with float8 operands in all three GEMMs; x (M, K), w (N, K)."""
+    """x @ w.T (+ bias, in the GEMM's epilogue) with float8 operands in all three GEMMs; x (M,
+    K), w (N, K), bias (N,) in ``out_dtype`` or None."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        bias: torch.Tensor | None,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
         x8, sx = to_float8(x, E4M3)
         w8, sw = to_float8(w, E4M3)
         ctx.save_for_backward(x8, sx, w8, sw)  # float8 copies: half the bytes of bf16 ones
         ctx.dtypes = (x.dtype, w.dtype)
-        return scaled_mm(x8, w8.t(), sx, sw, out_dtype, fast_accum=True)
+        return scaled_mm(x8, w8.t(), sx, sw, out_dtype, fast_accum=True, bias=bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -96,7 +123,8 @@ class _Float8MatMul(torch.autograd.Function):
         # column-major. The transposed copies are float8 (one byte a value).
         grad_x = scaled_mm(g8, w8.t().contiguous().t(), sg, sw, x_dtype)
         grad_w = scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(), sg, sx, w_dtype)
-        return grad_x, grad_w, None
+        grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_bias, None
 
 
 def float8_linear(
@@ -112,9 +140,11 @@ def float8_linear(
     autocast = torch.is_autocast_enabled(device)
     out_dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
     with torch.autocast(device, enabled=False):
-        out = _Float8MatMul.apply(x.reshape(rows, in_features).contiguous(), weight, out_dtype)
+        x2d = x.reshape(rows, in_features).contiguous()
+        fused = bias is not None and out_dtype in _BIAS_OUT_DTYPES
+        out = _Float8MatMul.apply(x2d, weight, bias.to(out_dtype) if fused else None, out_dtype)
         out = out.reshape(*x.shape[:-1], out_features)
-        return out if bias is None else out + bias.to(out_dtype)
+        return out if bias is None or fused else out + bias.to(out_dtype)
 
 
 class Float8Linear(nn.Linear):

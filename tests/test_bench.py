@@ -478,6 +478,7 @@ def test_profile_smoke_writes_a_valid_result(synth_small, tmp_path, what):
     args = ["--what", what, "--smoke", "--data", str(synth_small.root), "--seconds", "4"]
     # recorded (the filterbank is torch's on a CPU either way; no JPEG hardware here)
     args += ["--fbank-backend", "torch", "--hw-decoder-load", "1.0"] if what == "e2e" else []
+    args += ["--step-stream", "high-priority"] if what == "e2e" else []
     # the step with torch's unfused AdamW, our GELU with fc1's bias (torch's GELU on a CPU) and
     # split q, k, v GEMMs
     args += ["--unfused", "--gelu", "triton-bias", "--qkv", "split"] if what == "step" else []
@@ -492,6 +493,7 @@ def test_profile_smoke_writes_a_valid_result(synth_small, tmp_path, what):
     assert row["fbank_backend"] == ("torch" if what == "e2e" else "auto")
     assert row["fbank_ran"] == "torch"  # "auto" on a CPU is torch's
     assert row["hw_decoder_load"] == (1.0 if what == "e2e" else 0.65)
+    assert row["step_stream"] == {"e2e": "high-priority", "step": "default", "stage": None}[what]
     # On the CPU both are torch's for-loop AdamW (fused and foreach need CUDA tensors)
     assert row["optimizer_impl"] == (None if what == "stage" else "for-loop")
     assert row["syncs_per_iter"] == 0 and row["launches_per_iter"] == 0  # no GPU here

@@ -72,6 +72,13 @@ def test_scaled_mm_enforces_cudas_operand_rules_on_any_device():
         scaled_mm(a.to(E5M2), b.to(E5M2), one, one, torch.float32)
     with pytest.raises(ValueError, match="multiples of 16"):
         scaled_mm(a[:24], b, one, one, torch.float32)
+    # a bias only into a bfloat16 or float16 output, in that dtype
+    bias = torch.randn(48)
+    assert scaled_mm(a, b, one, one, torch.bfloat16, bias=bias.bfloat16()).shape == (32, 48)
+    with pytest.raises(ValueError, match="bias with a torch.float32 output"):
+        scaled_mm(a, b, one, one, torch.float32, bias=bias)
+    with pytest.raises(ValueError, match="torch.float32 bias with a torch.bfloat16 output"):
+        scaled_mm(a, b, one, one, torch.bfloat16, bias=bias)
 
 
 def test_forward_and_gradients_are_the_float8_products():
@@ -102,27 +109,45 @@ def test_forward_and_gradients_are_the_float8_products():
         assert 1e-3 < _rel(ours, true) < 0.1
 
 
-def test_only_the_forward_gemm_accumulates_fast(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_only_the_forward_gemm_accumulates_fast_and_adds_a_bias(monkeypatch, dtype):
     """torchao's tensorwise recipe: fast float8 accumulation in the forward GEMM, float32
-    promotion in the two gradient GEMMs (the CPU ignores the flag, so the calls are recorded)."""
+    promotion in the two gradient GEMMs (the CPU ignores the flag, so the calls are recorded).
+    A bfloat16 output takes the bias in the forward GEMM; a float32 one cannot (CUDA's rule)."""
     calls = []
     real = torch._scaled_mm
 
     def recording(a, b, **kwargs):
-        calls.append((tuple(a.shape), tuple(b.shape), kwargs["use_fast_accum"]))
+        bias = kwargs["bias"]
+        calls.append((tuple(a.shape), tuple(b.shape), kwargs["use_fast_accum"], bias is not None))
         return real(a, b, **kwargs)
 
     monkeypatch.setattr(torch, "_scaled_mm", recording)
-    x, w, b = _inputs()
-    x.requires_grad_(True)
-    w.requires_grad_(True)
-    float8_linear(x, w, b).sum().backward()
+    x, w, b = (t.to(dtype).requires_grad_(True) for t in _inputs())
+    float8_linear(x, w, b).float().sum().backward()
     rows, (n, k) = x.numel() // x.shape[-1], w.shape
+    fused = dtype == torch.bfloat16
     assert calls == [
-        ((rows, k), (k, n), True),  # out = x @ w.T
-        ((rows, n), (n, k), False),  # dx = g @ w
-        ((n, rows), (rows, k), False),  # dw = g.T @ x
+        ((rows, k), (k, n), True, fused),  # out = x @ w.T (+ b)
+        ((rows, n), (n, k), False, False),  # dx = g @ w
+        ((n, rows), (rows, k), False, False),  # dw = g.T @ x
     ]
+    assert b.grad.dtype == dtype and torch.equal(b.grad, torch.full_like(b, rows))
+
+
+def test_a_bias_in_the_gemm_gives_the_bias_add_and_its_gradient():
+    """bfloat16 weights (the bf16-master step): the bias in the GEMM's epilogue equals the
+    float64 product plus the bias to bfloat16's rounding; its gradient is the output
+    gradient's sum over the rows."""
+    x, w, b = (t.bfloat16().requires_grad_(True) for t in _inputs())
+    out = float8_linear(x, w, b)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    x2 = x.detach().float().reshape(-1, x.shape[-1])
+    want = _deq(x2, E4M3) @ _deq(w.detach().float(), E4M3).T + b.detach().double()
+    assert torch.allclose(out.double().reshape(want.shape), want, rtol=2**-7, atol=2**-7)
+    want_db = grad.double().reshape(-1, grad.shape[-1]).sum(0)
+    assert torch.allclose(b.grad.double(), want_db, rtol=2**-7, atol=1e-2)
 
 
 def test_sizes_off_the_16_grid_run_as_ordinary_linears():
