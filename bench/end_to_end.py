@@ -315,7 +315,9 @@ def _dali_timings(
     """(step-only, [DALI-fed for each of `streams`]) timings. Step-only runs first (with the
     step on `streams[0]`), on a copy of the first batch of a probe loader that is gone by then
     (no pipeline threads run beside it), so that real data is on the device; then for each
-    step stream a fresh loader feeds the steps, and is freed before the next."""
+    step stream a fresh loader feeds the steps, and is freed before the next. A DALI-fed run
+    that fails (out of memory, say) gives an error entry and the others still run: an
+    experimental setting must not cost a GPU session the rest of its comparison."""
     from dali_pipelines.loader import build_loader
 
     probe = forever(build_loader(cfg, "train", mode, device=device))
@@ -328,12 +330,18 @@ def _dali_timings(
         step_only = time_steps(step, lambda: fixed, steps, warmup, device)
     fed = []
     for setting in streams:
-        loader = build_loader(cfg, "train", mode, device=device)
-        with step_stream(setting, device) as stream:
-            timing = _fed_timing(step, loader, lambda b: b, steps, warmup, device)
+        stream = loader = None
+        try:
+            loader = build_loader(cfg, "train", mode, device=device)
+            with step_stream(setting, device) as stream:
+                timing = _fed_timing(step, loader, lambda b: b, steps, warmup, device)
+        except Exception as e:  # noqa: BLE001 (recorded in the row; the other runs go on)
+            timing = {"status": "error", "error": f"{type(e).__name__}: {e}"}
         fed.append({**timing, **_stream_fields(setting, stream)})
         del loader
         gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return step_only, fed
 
 
@@ -417,6 +425,9 @@ def measure_model(
     rows += [_row(base, f"dali-{layout}", timing) for timing in fed]
     rows.append(_row(base, f"baseline-{layout}", {**baseline, **first}))
     for row in rows:
+        if row["status"] != "ok":
+            log(f"  {size}/{mode} {row['pipeline']} ({row['step_stream']}): {row['error']}")
+            continue
         row["step_only_samples_per_s"] = step_only["samples_per_s"]
         row["vs_step_only"] = row["samples_per_s"] / step_only["samples_per_s"]
         log(f"  {size}/{mode} {row['pipeline']}: {row['samples_per_s']:.2f} samples/s")

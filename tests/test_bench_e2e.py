@@ -117,6 +117,52 @@ def test_whole_rounds_of_the_paper_style_workers_time_their_steady_rate():
         assert rate(whole_rounds(5, workers), warmup) == pytest.approx(steady, rel=0.08)
 
 
+def test_a_failed_dali_fed_run_costs_only_its_own_row(synth_small, monkeypatch):
+    """One step stream's DALI-fed run failing (out of memory, say) leaves an error row for it;
+    step-only, the other stream's run and the paper-style loader are still measured and
+    compared."""
+    import dali_pipelines.loader
+
+    cpu = torch.device("cpu")
+    batch = {"labels": torch.zeros(2)}
+    built = []
+
+    def build_loader(cfg, split, mode, device=None):
+        built.append(mode)
+        if len(built) == 2:  # the probe, then the first DALI-fed run's loader
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return [batch] * 4
+
+    monkeypatch.setattr(dali_pipelines.loader, "build_loader", build_loader)
+    monkeypatch.setattr(end_to_end, "TrainStep", lambda setup, cfg, device: lambda b: None)
+    monkeypatch.setattr(
+        end_to_end,
+        "_baseline_timing",
+        lambda *args: end_to_end._fed_timing(lambda b: None, [batch] * 4, lambda b: b, 2, 1, cpu),
+    )
+    cfg = end_to_end.bench_config(
+        synth_small.root, mode="pretrain", size="tiny", smoke=True, batch_size=2, threads=1,
+        precision="fp32", seconds=4.0,
+    )  # fmt: skip
+    rows = end_to_end.measure_model(
+        cfg, "pretrain", "tiny", cpu, 2, 1, "frames", log=lambda m: None,
+        streams=["default", "high-priority"],
+    )  # fmt: skip
+    assert len(built) == 3  # the failure did not stop the next run
+    assert [(r["pipeline"], r["step_stream"], r["status"]) for r in rows] == [
+        ("step-only", "default", "ok"),
+        ("dali-frames", "default", "error"),
+        ("dali-frames", "high-priority", "ok"),
+        ("baseline-frames", "default", "ok"),
+    ]
+    assert "CUDA out of memory (simulated)" in rows[1]["error"] and "samples" not in rows[1]
+    (comparison,) = end_to_end.summarize(rows, cpu)["comparisons"]
+    assert comparison["step_stream"] == "high-priority"
+    assert comparison["dali_vs_baseline"] == pytest.approx(
+        rows[2]["samples_per_s"] / rows[3]["samples_per_s"]
+    )
+
+
 def test_ensure_dataset_renders_only_the_layouts_asked_for(tmp_path):
     end_to_end.ensure_dataset(tmp_path, clips=4, seconds=2.0, quiet=True, layouts=("frames",))
     assert (tmp_path / "train.json").exists() and not (tmp_path / "train_webm.json").exists()
