@@ -17,6 +17,7 @@ loss of a batch and an optional evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -199,76 +200,78 @@ def train(cfg: Config, task: Task, dist: DistInfo) -> dict:
         }
         return manager.save(payload, step, loader.epoch, metric=metric, tag=tag)
 
+    # The steps (and evaluations) run on the CUDA stream train.step_stream names; closed in
+    # `finally` (an ExitStack keeps the loop at this depth).
+    scope = contextlib.ExitStack()
+    stream = scope.enter_context(step_stream(cfg.train.step_stream, device))
+    if stream is not None:
+        log.info("the training step runs on a CUDA stream of priority %d", stream.priority)
     try:
-        with step_stream(cfg.train.step_stream, device) as stream:
-            if stream is not None:
-                log.info("the training step runs on a CUDA stream of priority %d", stream.priority)
-            while step < total_steps:
-                epoch_done = True
-                timer.wait_start()
-                for batch in loader:
-                    timer.wait_end()
-                    lr = schedule.apply(optimizer, step)
-                    with autocast(cfg.train.precision, device):
-                        loss, metrics = task.loss(net, batch)
-                    # Nothing from here to the next batch waits for the GPU, except where we log or
-                    # checkpoint (see equiav.train.step): the next batch's device stage overlaps it.
-                    outcome = optimizer_step(
-                        loss, params, optimizer, scaler, cfg.optim.grad_clip, master
+        while step < total_steps:
+            epoch_done = True
+            timer.wait_start()
+            for batch in loader:
+                timer.wait_end()
+                lr = schedule.apply(optimizer, step)
+                with autocast(cfg.train.precision, device):
+                    loss, metrics = task.loss(net, batch)
+                # Nothing from here to the next batch waits for the GPU, except where we log or
+                # checkpoint (see equiav.train.step): the next batch's device stage overlaps it.
+                outcome = optimizer_step(
+                    loss, params, optimizer, scaler, cfg.optim.grad_clip, master
+                )
+                step += 1
+                skipped.add(step, outcome.nonfinite)
+                skipped.poll()  # reads the flags that have arrived; may raise StopTraining
+                timer.step_end(len(batch["index"]))
+                bar.update(1)
+                log_now = step % cfg.train.log_every == 0 or step == total_steps
+                if log_now:
+                    skipped.poll(wait=True)
+                    loss_value = float(outcome.loss)
+                    values = {f"train/{k}": float(v) for k, v in metrics.items()}
+                    values.update(
+                        {
+                            "train/loss": loss_value,
+                            "train/lr": lr,
+                            "train/grad_norm": float(outcome.grad_norm),
+                            "train/nonfinite_total": skipped.total,
+                        }
                     )
-                    step += 1
-                    skipped.add(step, outcome.nonfinite)
-                    skipped.poll()  # reads the flags that have arrived; may raise StopTraining
-                    timer.step_end(len(batch["index"]))
-                    bar.update(1)
-                    log_now = step % cfg.train.log_every == 0 or step == total_steps
-                    if log_now:
-                        skipped.poll(wait=True)
-                        loss_value = float(outcome.loss)
-                        values = {f"train/{k}": float(v) for k, v in metrics.items()}
-                        values.update(
-                            {
-                                "train/loss": loss_value,
-                                "train/lr": lr,
-                                "train/grad_norm": float(outcome.grad_norm),
-                                "train/nonfinite_total": skipped.total,
-                            }
-                        )
-                        values.update({f"perf/{k}": v for k, v in timer.report().items()})
-                        logger.log(step, values)
-                        if not skipped.last_skipped:
-                            history.append({"step": step, "loss": loss_value})
-                        bar.update(0, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-                    if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0:
-                        save()
-                    # Agreeing on a stop is a collective and a device sync: with several processes,
-                    # only at log steps (every rank reaches them together).
-                    check_stop = dist.world_size == 1 or log_now
-                    if step >= total_steps or (
-                        check_stop and _agree(stop.signal is not None, device)
-                    ):
-                        epoch_done = False
-                        break
-                    timer.wait_start()
-                skipped.poll(wait=True)
-                if stop.signal is not None or (not epoch_done and step < total_steps):
-                    path = save()
-                    log.warning(
-                        "stopped by signal %s at step %d; checkpoint %s", stop.signal, step, path
-                    )
+                    values.update({f"perf/{k}": v for k, v in timer.report().items()})
+                    logger.log(step, values)
+                    if not skipped.last_skipped:
+                        history.append({"step": step, "loss": loss_value})
+                    bar.update(0, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+                if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0:
+                    save()
+                # Agreeing on a stop is a collective and a device sync: with several processes,
+                # only at log steps (every rank reaches them together).
+                check_stop = dist.world_size == 1 or log_now
+                if step >= total_steps or (check_stop and _agree(stop.signal is not None, device)):
+                    epoch_done = False
                     break
-                metric, final = None, step >= total_steps
-                if task.evaluate is not None and (
-                    final or (epoch_done and loader.epoch % cfg.eval.every_epochs == 0)
-                ):
-                    results = task.evaluate(_unwrap(net))
-                    logger.log(step, {f"eval/{k}": v for k, v in results.items()})
-                    metric = results.get("metric")
-                    if metric is not None and (best is None or metric > best):
-                        best = metric
-                if epoch_done or final:
-                    save(metric=metric)
+                timer.wait_start()
+            skipped.poll(wait=True)
+            if stop.signal is not None or (not epoch_done and step < total_steps):
+                path = save()
+                log.warning(
+                    "stopped by signal %s at step %d; checkpoint %s", stop.signal, step, path
+                )
+                break
+            metric, final = None, step >= total_steps
+            if task.evaluate is not None and (
+                final or (epoch_done and loader.epoch % cfg.eval.every_epochs == 0)
+            ):
+                results = task.evaluate(_unwrap(net))
+                logger.log(step, {f"eval/{k}": v for k, v in results.items()})
+                metric = results.get("metric")
+                if metric is not None and (best is None or metric > best):
+                    best = metric
+            if epoch_done or final:
+                save(metric=metric)
     finally:
+        scope.close()
         stop.restore()
         bar.close()
         logger.close()
