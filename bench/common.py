@@ -8,6 +8,7 @@ atomic (a temporary file renamed over the target), so a killed run never leaves 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import json
@@ -17,7 +18,7 @@ import re
 import socket
 import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -265,3 +266,42 @@ def whole_rounds(batches: int, workers: int) -> int:
         raise ValueError(f"batches must be >= 1, got {batches}")
     rounds = max(workers, 1)
     return -(-batches // rounds) * rounds
+
+
+def _thread_ids() -> list[int]:
+    """This process's threads (Linux: /proc/self/task)."""
+    return [int(tid) for tid in os.listdir("/proc/self/task")]
+
+
+def _set_affinity(tid: int, cpus) -> None:
+    with contextlib.suppress(ProcessLookupError):  # a thread that ended since it was listed
+        os.sched_setaffinity(tid, cpus)
+
+
+@contextlib.contextmanager
+def pinned_to_cores(cores: int) -> Iterator[list[int]]:
+    """Every thread of this process, and every thread or process started in the block (they
+    inherit it), on the first ``cores`` CPUs the process may use; yields those CPUs. Linux only.
+
+    Why: the benchmarks give each loader "``--cores`` cores" as a number of DALI threads or
+    DataLoader workers, which on a 16-core GPU machine spread over idle cores, beside the
+    training thread, DALI's source workers, the prefetch thread and the paper-style loader's
+    pin-memory thread, each on a core of its own. Pinned, the whole training process has the
+    CPU share of one GPU on a node (16 cores for 8 GPUs: 2), as the issue's comparison asks.
+    On the way out every thread gets back what it had (threads started inside: the process's
+    mask from before)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if not 1 <= cores <= len(allowed):
+        raise ValueError(f"cannot pin to {cores} cores: this process may use {len(allowed)}")
+    chosen = allowed[:cores]
+    saved = {}
+    for tid in _thread_ids():
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended since it was listed
+            saved[tid] = os.sched_getaffinity(tid)
+    for tid in saved:
+        _set_affinity(tid, chosen)
+    try:
+        yield chosen
+    finally:
+        for tid in _thread_ids():
+            _set_affinity(tid, saved.get(tid, allowed))

@@ -16,7 +16,10 @@ side by side in one process on the same synthetic dataset and the same model:
 ``--step-stream default,high-priority`` (``train.step_stream``) times the DALI-fed steps once per
 setting (rows record ``step_stream``), the step on torch's current stream or on one of the
 highest priority (the loader's kernels on the lowest); step-only and the paper-style loader run
-with the first setting.
+with the first setting. ``--pin-cores`` then times the loader-fed steps again with the whole
+process (every thread, and the loaders' threads and workers started meanwhile) pinned to
+``--cores`` CPUs (``bench.common.pinned_to_cores``): ``--cores`` alone sets how many loader
+threads and workers there are, which a many-core machine runs on idle cores of their own.
 
 The step is the trainer's (``bench.step.TrainStep``: the task's model and loss from
 ``train.pretrain_task`` / ``finetune_task``, autocast, backward, gradient clipping, AdamW), one
@@ -57,6 +60,7 @@ from bench.common import (
     add_model_arguments,
     add_precision_argument,
     default_precision,
+    pinned_to_cores,
     whole_rounds,
 )
 from bench.step import PAPER_BATCH, SMOKE_MODEL, StepSetup, TrainStep
@@ -314,10 +318,8 @@ def _dali_timings(
 ) -> tuple[dict[str, float], list[dict[str, float]]]:
     """(step-only, [DALI-fed for each of `streams`]) timings. Step-only runs first (with the
     step on `streams[0]`), on a copy of the first batch of a probe loader that is gone by then
-    (no pipeline threads run beside it), so that real data is on the device; then for each
-    step stream a fresh loader feeds the steps, and is freed before the next. A DALI-fed run
-    that fails (out of memory, say) gives an error entry and the others still run: an
-    experimental setting must not cost a GPU session the rest of its comparison."""
+    (no pipeline threads run beside it), so that real data is on the device; then
+    `_dali_fed`."""
     from dali_pipelines.loader import build_loader
 
     probe = forever(build_loader(cfg, "train", mode, device=device))
@@ -328,6 +330,24 @@ def _dali_timings(
     gc.collect()
     with step_stream(streams[0], device):
         step_only = time_steps(step, lambda: fixed, steps, warmup, device)
+    return step_only, _dali_fed(step, cfg, mode, device, steps, warmup, streams)
+
+
+def _dali_fed(
+    step: TrainStep,
+    cfg: Config,
+    mode: str,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    streams: Sequence[str],
+) -> list[dict[str, Any]]:
+    """DALI-fed timings, one per step stream of `streams`: for each a fresh loader feeds the
+    steps, and is freed before the next. A run that fails (out of memory, say) gives an error
+    entry and the others still run: an experimental setting must not cost a GPU session the
+    rest of its comparison."""
+    from dali_pipelines.loader import build_loader
+
     fed = []
     for setting in streams:
         stream = loader = None
@@ -342,7 +362,7 @@ def _dali_timings(
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return step_only, fed
+    return fed
 
 
 def _stream_fields(setting: str, stream: torch.cuda.Stream | None) -> dict[str, Any]:
@@ -382,11 +402,15 @@ def measure_model(
     layout: str,
     log: Callable[[str], None] = print,
     streams: Sequence[str] | None = None,
+    pin: bool = False,
 ) -> list[dict[str, Any]]:
     """Rows step-only, dali-<layout> (one per step stream of `streams`, default
     `cfg.train.step_stream`) and baseline-<layout> for one model (`cfg`): one model and
     optimizer, built once and seeded, serve all of them. Both loaders get `cfg.data.num_threads`
-    cores (DALI threads, DataLoader workers)."""
+    cores (DALI threads, DataLoader workers). `pin`: then the loader-fed rows again with the
+    whole process pinned to that many CPUs (`bench.common.pinned_to_cores`; rows record
+    `pinned_cores`, None for the others). Step-only (where torch.compile compiles, on the
+    machine's cores) is the device's rate either way."""
     from dali_pipelines.audio import fbank_backend_for
 
     setup = StepSetup.of(mode, cfg)
@@ -419,18 +443,33 @@ def measure_model(
     gc.collect()
     with step_stream(streams[0], device) as stream:
         baseline = _baseline_timing(step, cfg, mode, device, steps, warmup)
-    first = _stream_fields(streams[0], stream)
+    first = {**_stream_fields(streams[0], stream), "pinned_cores": None}
     gc.collect()
     rows = [_row(base, "step-only", {**step_only, **first})]
-    rows += [_row(base, f"dali-{layout}", timing) for timing in fed]
+    rows += [_row(base, f"dali-{layout}", {**t, "pinned_cores": None}) for t in fed]
     rows.append(_row(base, f"baseline-{layout}", {**baseline, **first}))
+    if pin:
+        with pinned_to_cores(cfg.data.num_threads) as cpus:
+            fed = _dali_fed(step, cfg, mode, device, steps, warmup, streams)
+            gc.collect()
+            with step_stream(streams[0], device) as stream:
+                baseline = _baseline_timing(step, cfg, mode, device, steps, warmup)
+            gc.collect()
+        pinned = {"pinned_cores": cpus}
+        rows += [_row(base, f"dali-{layout}", {**t, **pinned}) for t in fed]
+        first = _stream_fields(streams[0], stream)
+        rows.append(_row(base, f"baseline-{layout}", {**baseline, **first, **pinned}))
     for row in rows:
         if row["status"] != "ok":
             log(f"  {size}/{mode} {row['pipeline']} ({row['step_stream']}): {row['error']}")
             continue
         row["step_only_samples_per_s"] = step_only["samples_per_s"]
         row["vs_step_only"] = row["samples_per_s"] / step_only["samples_per_s"]
-        log(f"  {size}/{mode} {row['pipeline']}: {row['samples_per_s']:.2f} samples/s")
+        how = [row["step_stream"]] + (["pinned"] if row["pinned_cores"] else [])
+        log(
+            f"  {size}/{mode} {row['pipeline']} ({', '.join(how)}): "
+            f"{row['samples_per_s']:.2f} samples/s"
+        )
         if row["graphs_compiled_timed"]:
             log(f"  warning: {row['pipeline']}: torch.compile ran inside the timed steps")
     return rows
@@ -445,23 +484,25 @@ def _error_rows(mode: str, size: str, layout: str, error: BaseException) -> list
 
 
 def summarize(rows: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
-    """Per (model, mode): DALI vs baseline and both vs step-only, and their wait fractions."""
+    """Per (model, mode) and per DALI-fed row: DALI vs the paper-style loader run with the same
+    pinning (``pinned_cores``), both vs step-only, and their wait fractions."""
     comparisons = []
-    keys = dict.fromkeys((r["model"], r["mode"]) for r in rows if r.get("status") == "ok")
-    for size, mode in keys:
-        group = [
-            r for r in rows if r.get("status") == "ok" and (r["model"], r["mode"]) == (size, mode)
-        ]
-        kinds = {r["pipeline"].split("-")[0]: r for r in group}
-        if {"dali", "baseline", "step"} - set(kinds):
+    ok = [r for r in rows if r.get("status") == "ok"]
+    for size, mode in dict.fromkeys((r["model"], r["mode"]) for r in ok):
+        group = [r for r in ok if (r["model"], r["mode"]) == (size, mode)]
+        if not any(r["pipeline"] == "step-only" for r in group):
             continue
-        base = kinds["baseline"]
+        baselines = {_pinning(r): r for r in group if r["pipeline"].startswith("baseline-")}
         for dali in (r for r in group if r["pipeline"].startswith("dali-")):
+            base = baselines.get(_pinning(dali))
+            if base is None:
+                continue
             comparisons.append(
                 {
                     "model": size,
                     "mode": mode,
                     "step_stream": dali.get("step_stream", "default"),
+                    "pinned_cores": dali.get("pinned_cores"),
                     "dali_vs_baseline": dali["samples_per_s"] / base["samples_per_s"],
                     "dali_vs_step_only": dali["vs_step_only"],
                     "baseline_vs_step_only": base["vs_step_only"],
@@ -477,6 +518,12 @@ def summarize(rows: list[dict[str, Any]], device: torch.device) -> dict[str, Any
             "and do not measure the GPU design"
         )
     return summary
+
+
+def _pinning(row: dict[str, Any]) -> tuple[int, ...] | None:
+    """The CPUs a row's run was pinned to, hashable (None: not pinned)."""
+    cpus = row.get("pinned_cores")
+    return tuple(cpus) if cpus else None
 
 
 def _parse_list(value: str, allowed: Sequence[str], what: str) -> list[str]:
@@ -511,6 +558,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="default",
         help="train.step_stream for the DALI-fed steps, or several (default,high-priority): "
         "one DALI-fed row each; step-only and the paper-style loader use the first",
+    )
+    p.add_argument(
+        "--pin-cores",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="then time the loader-fed steps again with the whole process (every thread, and "
+        "the loaders' workers) pinned to --cores CPUs: the CPU share of one GPU on a node",
     )
     p.add_argument(
         "--thread-prefetch",
@@ -594,7 +648,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 torch.manual_seed(0)
                 rows += measure_model(
-                    cfg, mode, size, device, size_steps, size_warmup, a.layout, streams=streams
+                    cfg,
+                    mode,
+                    size,
+                    device,
+                    size_steps,
+                    size_warmup,
+                    a.layout,
+                    streams=streams,
+                    pin=a.pin_cores,
                 )
             except Exception as e:  # one failed size (e.g. out of memory) must not end the run
                 print(f"  failed: {type(e).__name__}: {e}", flush=True)
@@ -614,6 +676,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "compile_mode": a.compile_mode,
             "thread_prefetch": a.thread_prefetch,
             "step_streams": streams,
+            "pin_cores": a.pin_cores,
             "device": str(device),
             "precision": precision,
             "smoke": a.smoke,
@@ -628,7 +691,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     path = write_result("end_to_end-smoke" if a.smoke else "end_to_end", payload, a.results_dir)
     for c in payload["summary"]["comparisons"]:
-        stream = "" if c["step_stream"] == "default" else f" ({c['step_stream']} step stream)"
+        how = [] if c["step_stream"] == "default" else [f"{c['step_stream']} step stream"]
+        how += [f"pinned to CPUs {c['pinned_cores']}"] if c["pinned_cores"] else []
+        stream = f" ({', '.join(how)})" if how else ""
         print(
             f"{c['model']}/{c['mode']}{stream}: DALI / baseline {c['dali_vs_baseline']:.2f}x, "
             f"DALI at {100 * c['dali_vs_step_only']:.0f} % of step-only "

@@ -218,6 +218,7 @@ def _plot_end_to_end(plt, result: dict[str, Any], title: str):
         + (f" ({r['model']})" if "model" in r else "")
         + f"\n{r['pipeline']}"
         + (f"\n{r['step_stream']} stream" if r.get("step_stream") not in (None, "default") else "")
+        + ("\npinned" if r.get("pinned_cores") else "")
         for r in rows
     ]
     xs = range(len(rows))
@@ -512,6 +513,8 @@ def _setting(row: dict[str, Any], config: dict[str, Any]) -> str:
         words.append(f"fbank {row['fbank_backend']}")
     if row.get("step_stream") not in (None, "default"):
         words.append(f"{row['step_stream']} step stream")
+    if row.get("pinned_cores"):
+        words.append(f"process pinned to {len(row['pinned_cores'])} cores")
     return ", ".join(words)
 
 
@@ -553,10 +556,14 @@ def _e2e_vs_baseline(result: dict[str, Any]):
     """DALI-fed / paper-style-fed full-size pretraining."""
     if not _at_target_cores(result):
         return
-    dali = {r.get("step_stream", "default"): r for r in _dali_full_pretrain(result)}
+
+    def key(d: dict[str, Any]) -> tuple:
+        return d.get("step_stream", "default"), tuple(d.get("pinned_cores") or ())
+
+    dali = {key(r): r for r in _dali_full_pretrain(result)}
     for c in result["summary"].get("comparisons", []):
         if c.get("mode") == "pretrain" and c.get("model") == "full":
-            row = dali.get(c.get("step_stream", "default"))
+            row = dali.get(key(c))
             yield c.get("dali_vs_baseline"), _setting(row, result["config"]) if row else None
 
 

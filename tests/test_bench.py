@@ -694,11 +694,17 @@ def test_report_states_the_targets_against_the_best_measurements(tmp_path):
                {"mode": "pretrain", "model": "full", "step_stream": "default",
                 "dali_vs_baseline": 9.0},
                {"mode": "pretrain", "model": "full", "step_stream": "high-priority",
-                "dali_vs_baseline": 10.2}]},
+                "dali_vs_baseline": 10.2},
+               {"mode": "pretrain", "model": "full", "step_stream": "default",
+                "pinned_cores": [0, 1], "dali_vs_baseline": 10.4}]},
            {**e2e_row, "pipeline": "dali-frames", "vs_step_only": 0.90, "step_stream": "default"},
            {**e2e_row, "pipeline": "dali-frames", "vs_step_only": 0.95,
             "step_stream": "high-priority"},
-           {**e2e_row, "pipeline": "baseline-frames", "samples_per_s": 49.0})  # fmt: skip
+           {**e2e_row, "pipeline": "baseline-frames", "samples_per_s": 49.0},
+           {**e2e_row, "pipeline": "dali-frames", "vs_step_only": 0.93, "step_stream": "default",
+            "pinned_cores": [0, 1]},
+           {**e2e_row, "pipeline": "baseline-frames", "samples_per_s": 47.0,
+            "pinned_cores": [0, 1]})  # fmt: skip
     text = report.write_report(tmp_path, tmp_path / "out").read_text()
     table = {
         line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:]
@@ -720,8 +726,8 @@ def test_report_states_the_targets_against_the_best_measurements(tmp_path):
     )
     setting = "(batch 64, bf16-master, hardware JPEG share 1, fbank triton-tf32x3) |"
     e2e = table["GPU: DALI-fed / paper-style-fed pretraining, end to end"]
-    assert e2e[1:3] == ["10.20x", "yes"] and e2e[3].startswith("`end_to_end-b-")
-    assert e2e[3].endswith("(batch 64, bf16-master, high-priority step stream) |")
+    assert e2e[1:3] == ["10.40x", "yes"] and e2e[3].startswith("`end_to_end-b-")
+    assert e2e[3].endswith("(batch 64, bf16-master, process pinned to 2 cores) |")
     share = table["GPU: DALI-fed pretraining / step-only"]
     assert share[1:3] == ["96.0 %", "yes"] and share[3].endswith(setting)
 

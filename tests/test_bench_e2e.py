@@ -31,10 +31,11 @@ def results(tmp_path_factory):
 @pytest.fixture(scope="module")
 def e2e_result(synth_small, results):
     """The smoke run with --compile, dynamo's graphs handed to a backend that runs them as they
-    are (inductor would take minutes on this CPU; what is checked is when dynamo compiles), and
-    the DALI-fed steps timed on both step streams (on a CPU both are the current stream)."""
+    are (inductor would take minutes on this CPU; what is checked is when dynamo compiles), the
+    DALI-fed steps timed on both step streams (on a CPU both are the current stream), and the
+    loader-fed runs again pinned to one CPU."""
     args = ["--data", str(synth_small.root), "--seconds", "4", "--smoke", "--cores", "1"]
-    args += ["--step-stream", "default,high-priority"]
+    args += ["--step-stream", "default,high-priority", "--pin-cores"]
     compile_ = torch.compile
 
     def run_graph(gm, example_inputs):
@@ -117,6 +118,44 @@ def test_whole_rounds_of_the_paper_style_workers_time_their_steady_rate():
         assert rate(whole_rounds(5, workers), warmup) == pytest.approx(steady, rel=0.08)
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to pin to 1")
+def test_pinning_holds_every_thread_and_what_they_start_then_lets_go():
+    """Threads running before the block, threads and processes started in it: all on the
+    chosen CPUs inside; every thread back to its own mask afterwards."""
+    import subprocess
+    import sys
+    import threading
+
+    from bench.common import pinned_to_cores
+
+    everything = os.sched_getaffinity(0)
+    first = min(everything)
+    go, seen = threading.Event(), {}
+
+    def waiter():  # started before the block, reads its mask inside it
+        go.wait()
+        seen["before"] = os.sched_getaffinity(0)
+
+    old = threading.Thread(target=waiter)
+    old.start()
+    child = [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"]
+    with pinned_to_cores(1) as cpus:
+        assert cpus == [first] and os.sched_getaffinity(0) == {first}
+        go.set()
+        old.join()
+        new = threading.Thread(target=lambda: seen.setdefault("new", os.sched_getaffinity(0)))
+        new.start()
+        new.join()
+        out = subprocess.run(child, capture_output=True, text=True, check=True).stdout
+    assert seen == {"before": {first}, "new": {first}} and out.strip() == f"[{first}]"
+    assert os.sched_getaffinity(0) == everything
+    out = subprocess.run(child, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(sorted(everything))
+    with pytest.raises(ValueError, match="cannot pin to 0 cores"):
+        with pinned_to_cores(0):
+            pass
+
+
 def test_a_failed_dali_fed_run_costs_only_its_own_row(synth_small, monkeypatch):
     """One step stream's DALI-fed run failing (out of memory, say) leaves an error row for it;
     step-only, the other stream's run and the paper-style loader are still measured and
@@ -187,20 +226,25 @@ def test_epoch_starts_inside_the_timed_steps():
 def test_end_to_end_smoke_writes_a_valid_result(e2e_result):
     assert e2e_result["benchmark"] == "end_to_end-smoke"
     assert e2e_result["summary"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
-    pipelines = [(r["pipeline"], r["step_stream"]) for r in e2e_result["rows"]]
+    all_rows = e2e_result["rows"]
+    cpu = [min(os.sched_getaffinity(0))]  # --cores 1: the first CPU
+    pipelines = [(r["pipeline"], r["step_stream"], r["pinned_cores"]) for r in all_rows]
     assert pipelines == [
-        ("step-only", "default"),
-        ("dali-frames", "default"),
-        ("dali-frames", "high-priority"),
-        ("baseline-frames", "default"),
+        ("step-only", "default", None),
+        ("dali-frames", "default", None),
+        ("dali-frames", "high-priority", None),
+        ("baseline-frames", "default", None),
+        ("dali-frames", "default", cpu),  # --pin-cores: the loader-fed runs again, pinned
+        ("dali-frames", "high-priority", cpu),
+        ("baseline-frames", "default", cpu),
     ]
-    assert e2e_result["config"]["step_streams"] == ["default", "high-priority"]
-    rows = {r["pipeline"]: r for r in e2e_result["rows"] if r["step_stream"] == "default"}
-    prio = e2e_result["rows"][2]
+    config = e2e_result["config"]
+    assert config["step_streams"] == ["default", "high-priority"] and config["pin_cores"]
+    rows = {r["pipeline"]: r for r in all_rows[:4] if r["step_stream"] == "default"}
     step_only = rows["step-only"]["samples_per_s"]
-    for row in [*rows.values(), prio]:
+    for row in all_rows:
         # a stream of its own only on a GPU, where it is the device's highest priority
-        cuda_prio = torch.cuda.is_available() and row is prio
+        cuda_prio = torch.cuda.is_available() and row["step_stream"] == "high-priority"
         assert (row["step_stream_priority"] is not None) == cuda_prio
         assert row["status"] == "ok" and row["mode"] == "pretrain" and row["model"] == "tiny"
         assert row["samples"] == 2 * 2  # batch 2, 2 timed steps
@@ -211,28 +255,33 @@ def test_end_to_end_smoke_writes_a_valid_result(e2e_result):
         assert row["vs_step_only"] == pytest.approx(row["samples_per_s"] / step_only)
         # what "auto" ran: torch's on a CPU, the tf32x3 kernel for 2 clips on a GPU
         assert row["fbank_ran"] == ("triton-tf32x3" if torch.cuda.is_available() else "torch")
-    # The step-only loop has nothing to wait for; the loaders do real work between steps.
-    # 8 training clips in batches of 2: 4 an epoch, and the 2 timed steps are batches 1 and 2.
-    assert rows["dali-frames"]["epoch_starts"] == rows["baseline-frames"]["epoch_starts"] == 0
+        if row["pipeline"] != "step-only":
+            # 8 training clips in batches of 2: 4 an epoch, the 2 timed steps are batches 1, 2.
+            # The step-only loop has nothing to wait for; the loaders do real work.
+            assert row["epoch_starts"] == 0 and row["data_wait_ms"] > 0.0
     assert rows["step-only"]["data_wait_frac"] < 0.01
-    assert rows["dali-frames"]["data_wait_ms"] > 1.0
-    assert rows["baseline-frames"]["data_wait_ms"] > 0.0
-    assert prio["epoch_starts"] == 0 and prio["data_wait_ms"] > 1.0
-    comparison, prio_comparison = e2e_result["summary"]["comparisons"]
-    base = rows["baseline-frames"]["samples_per_s"]
-    for c, dali in ((comparison, rows["dali-frames"]), (prio_comparison, prio)):
-        assert c["step_stream"] == dali["step_stream"]
-        assert c["dali_vs_baseline"] == pytest.approx(dali["samples_per_s"] / base)
+    assert all(r["data_wait_ms"] > 1.0 for r in all_rows if r["pipeline"] == "dali-frames")
+    # One comparison per DALI-fed row, against the paper-style run with the same pinning.
+    comparisons = e2e_result["summary"]["comparisons"]
+    dalis = [r for r in all_rows if r["pipeline"] == "dali-frames"]
+    assert len(comparisons) == len(dalis) == 4
+    for c, dali in zip(comparisons, dalis, strict=True):
+        base = next(
+            r
+            for r in all_rows
+            if r["pipeline"] == "baseline-frames" and r["pinned_cores"] == dali["pinned_cores"]
+        )
+        assert (c["step_stream"], c["pinned_cores"]) == (dali["step_stream"], dali["pinned_cores"])
+        assert c["dali_vs_baseline"] == pytest.approx(dali["samples_per_s"] / base["samples_per_s"])
         assert c["dali_data_wait_frac"] == dali["data_wait_frac"]
         assert c["dali_vs_step_only"] == dali["vs_step_only"]
+        assert c["baseline_data_wait_frac"] == base["data_wait_frac"]
     # Compiled once, on the step-only batch: the loaders' batches (DALI's outputs, the
-    # paper-style loader's copied to the device) pass the same guards, so neither loader-fed
+    # paper-style loader's copied to the device) pass the same guards, so no loader-fed
     # warmup stalls on a compilation, and nothing compiles inside a timed window.
     assert rows["step-only"]["compile"] and rows["step-only"]["graphs_compiled_warmup"] >= 1
-    assert rows["dali-frames"]["graphs_compiled_warmup"] == 0
-    assert prio["graphs_compiled_warmup"] == 0
-    assert rows["baseline-frames"]["graphs_compiled_warmup"] == 0
-    assert all(row["graphs_compiled_timed"] == 0 for row in e2e_result["rows"])
+    assert all(r["graphs_compiled_warmup"] == 0 for r in all_rows[1:])
+    assert all(row["graphs_compiled_timed"] == 0 for row in all_rows)
 
 
 def test_scaling_smoke_runs_one_and_two_gloo_processes(scaling_result):
