@@ -307,19 +307,9 @@ def _row(base: dict[str, Any], pipeline: str, timing: dict[str, float]) -> dict[
     return {**base, "pipeline": pipeline, "status": "ok", **timing}
 
 
-def _dali_timings(
-    step: TrainStep,
-    cfg: Config,
-    mode: str,
-    device: torch.device,
-    steps: int,
-    warmup: int,
-    streams: Sequence[str],
-) -> tuple[dict[str, float], list[dict[str, float]]]:
-    """(step-only, [DALI-fed for each of `streams`]) timings. Step-only runs first (with the
-    step on `streams[0]`), on a copy of the first batch of a probe loader that is gone by then
-    (no pipeline threads run beside it), so that real data is on the device; then
-    `_dali_fed`."""
+def _probe_batch(cfg: Config, mode: str, device: torch.device) -> dict[str, Any]:
+    """A private copy of the first batch of a probe loader that is gone when this returns: real
+    data on the device for the step-only timing, with no pipeline threads running beside it."""
     from dali_pipelines.loader import build_loader
 
     probe = forever(build_loader(cfg, "train", mode, device=device))
@@ -328,9 +318,7 @@ def _dali_timings(
     probe.close()
     del probe
     gc.collect()
-    with step_stream(streams[0], device):
-        step_only = time_steps(step, lambda: fixed, steps, warmup, device)
-    return step_only, _dali_fed(step, cfg, mode, device, steps, warmup, streams)
+    return fixed
 
 
 def _dali_fed(
@@ -439,7 +427,11 @@ def measure_model(
         "device": str(device),
     }
     streams = list(streams or [cfg.train.step_stream])
-    step_only, fed = _dali_timings(step, cfg, mode, device, steps, warmup, streams)
+    fixed = _probe_batch(cfg, mode, device)
+    with step_stream(streams[0], device):  # first: torch.compile compiles here
+        step_only = time_steps(step, lambda: fixed, steps, warmup, device)
+    fixed = None  # its device memory freed before the DALI-fed runs
+    fed = _dali_fed(step, cfg, mode, device, steps, warmup, streams)
     gc.collect()
     with step_stream(streams[0], device) as stream:
         baseline = _baseline_timing(step, cfg, mode, device, steps, warmup)
