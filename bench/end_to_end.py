@@ -441,16 +441,21 @@ def measure_model(
     rows += [_row(base, f"dali-{layout}", {**t, "pinned_cores": None}) for t in fed]
     rows.append(_row(base, f"baseline-{layout}", {**baseline, **first}))
     if pin:
-        with pinned_to_cores(cfg.data.num_threads) as cpus:
-            fed = _dali_fed(step, cfg, mode, device, steps, warmup, streams)
-            gc.collect()
-            with step_stream(streams[0], device) as stream:
-                baseline = _baseline_timing(step, cfg, mode, device, steps, warmup)
-            gc.collect()
-        pinned = {"pinned_cores": cpus}
-        rows += [_row(base, f"dali-{layout}", {**t, **pinned}) for t in fed]
-        first = _stream_fields(streams[0], stream)
-        rows.append(_row(base, f"baseline-{layout}", {**baseline, **first, **pinned}))
+        try:
+            with pinned_to_cores(cfg.data.num_threads) as cpus:
+                fed = _dali_fed(step, cfg, mode, device, steps, warmup, streams)
+                gc.collect()
+                with step_stream(streams[0], device) as stream:
+                    baseline = _baseline_timing(step, cfg, mode, device, steps, warmup)
+                gc.collect()
+        except Exception as e:  # noqa: BLE001 (the rows above stand; this one says why)
+            error = {"status": "error", "error": f"{type(e).__name__}: {e}"}
+            rows.append({**base, **first, "pipeline": "pinned-runs", **error})
+        else:
+            pinned = {"pinned_cores": cpus}
+            rows += [_row(base, f"dali-{layout}", {**t, **pinned}) for t in fed]
+            first = _stream_fields(streams[0], stream)
+            rows.append(_row(base, f"baseline-{layout}", {**baseline, **first, **pinned}))
     for row in rows:
         if row["status"] != "ok":
             log(f"  {size}/{mode} {row['pipeline']} ({row['step_stream']}): {row['error']}")

@@ -159,7 +159,7 @@ def test_pinning_holds_every_thread_and_what_they_start_then_lets_go():
 def test_a_failed_dali_fed_run_costs_only_its_own_row(synth_small, monkeypatch):
     """One step stream's DALI-fed run failing (out of memory, say) leaves an error row for it;
     step-only, the other stream's run and the paper-style loader are still measured and
-    compared."""
+    compared. Likewise the pinned runs failing as a whole."""
     import dali_pipelines.loader
 
     cpu = torch.device("cpu")
@@ -200,6 +200,21 @@ def test_a_failed_dali_fed_run_costs_only_its_own_row(synth_small, monkeypatch):
     assert comparison["dali_vs_baseline"] == pytest.approx(
         rows[2]["samples_per_s"] / rows[3]["samples_per_s"]
     )
+
+    # The pinned runs failing (here: no CPUs to pin to) leave the unpinned rows standing.
+    def no_pinning(cores):
+        raise ValueError(f"cannot pin to {cores} cores (simulated)")
+
+    monkeypatch.setattr(end_to_end, "pinned_to_cores", no_pinning)
+    built.clear()
+    rows = end_to_end.measure_model(
+        cfg, "pretrain", "tiny", cpu, 2, 1, "frames", log=lambda m: None, pin=True
+    )
+    assert [(r["pipeline"], r["status"]) for r in rows] == [
+        ("step-only", "ok"), ("dali-frames", "error"), ("baseline-frames", "ok"),
+        ("pinned-runs", "error"),
+    ]  # fmt: skip
+    assert "cannot pin to 1 cores (simulated)" in rows[-1]["error"]
 
 
 def test_ensure_dataset_renders_only_the_layouts_asked_for(tmp_path):
