@@ -321,7 +321,7 @@ def _probe_batch(cfg: Config, mode: str, device: torch.device) -> dict[str, Any]
     return fixed
 
 
-def _dali_fed(
+def _loader_fed_rows(
     step: TrainStep,
     cfg: Config,
     mode: str,
@@ -329,14 +329,18 @@ def _dali_fed(
     steps: int,
     warmup: int,
     streams: Sequence[str],
+    base: dict[str, Any],
+    pinned_cores: list[int] | None,
 ) -> list[dict[str, Any]]:
-    """DALI-fed timings, one per step stream of `streams`: for each a fresh loader feeds the
-    steps, and is freed before the next. A run that fails (out of memory, say) gives an error
-    entry and the others still run: an experimental setting must not cost a GPU session the
-    rest of its comparison."""
+    """Rows dali-<layout>, one per step stream of `streams` (for each a fresh loader feeds the
+    steps, and is freed before the next), then baseline-<layout> (the step on `streams[0]`);
+    every row records `pinned_cores`. A DALI-fed run that fails (out of memory, say) gives an
+    error row and the others still run: an experimental setting must not cost a GPU session
+    the rest of its comparison."""
     from dali_pipelines.loader import build_loader
 
-    fed = []
+    layout, pinned = base["layout"], {"pinned_cores": pinned_cores}
+    rows = []
     for setting in streams:
         stream = loader = None
         try:
@@ -345,12 +349,18 @@ def _dali_fed(
                 timing = _fed_timing(step, loader, lambda b: b, steps, warmup, device)
         except Exception as e:  # noqa: BLE001 (recorded in the row; the other runs go on)
             timing = {"status": "error", "error": f"{type(e).__name__}: {e}"}
-        fed.append({**timing, **_stream_fields(setting, stream)})
+        rows.append(_row(base, f"dali-{layout}", {**timing, **_stream_fields(setting, stream)}))
         del loader
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return fed
+    with step_stream(streams[0], device) as stream:
+        baseline = _baseline_timing(step, cfg, mode, device, steps, warmup)
+    gc.collect()
+    rows.append(
+        _row(base, f"baseline-{layout}", {**baseline, **_stream_fields(streams[0], stream)})
+    )
+    return [{**row, **pinned} for row in rows]
 
 
 def _stream_fields(setting: str, stream: torch.cuda.Stream | None) -> dict[str, Any]:
@@ -428,34 +438,21 @@ def measure_model(
     }
     streams = list(streams or [cfg.train.step_stream])
     fixed = _probe_batch(cfg, mode, device)
-    with step_stream(streams[0], device):  # first: torch.compile compiles here
+    with step_stream(streams[0], device) as stream:  # first: torch.compile compiles here
         step_only = time_steps(step, lambda: fixed, steps, warmup, device)
-    fixed = None  # its device memory freed before the DALI-fed runs
-    fed = _dali_fed(step, cfg, mode, device, steps, warmup, streams)
-    gc.collect()
-    with step_stream(streams[0], device) as stream:
-        baseline = _baseline_timing(step, cfg, mode, device, steps, warmup)
+    fixed = None  # its device memory freed before the loader-fed runs
     first = {**_stream_fields(streams[0], stream), "pinned_cores": None}
-    gc.collect()
     rows = [_row(base, "step-only", {**step_only, **first})]
-    rows += [_row(base, f"dali-{layout}", {**t, "pinned_cores": None}) for t in fed]
-    rows.append(_row(base, f"baseline-{layout}", {**baseline, **first}))
+    rows += _loader_fed_rows(step, cfg, mode, device, steps, warmup, streams, base, None)
     if pin:
         try:
             with pinned_to_cores(cfg.data.num_threads) as cpus:
-                fed = _dali_fed(step, cfg, mode, device, steps, warmup, streams)
-                gc.collect()
-                with step_stream(streams[0], device) as stream:
-                    baseline = _baseline_timing(step, cfg, mode, device, steps, warmup)
-                gc.collect()
+                rows += _loader_fed_rows(
+                    step, cfg, mode, device, steps, warmup, streams, base, cpus
+                )
         except Exception as e:  # noqa: BLE001 (the rows above stand; this one says why)
             error = {"status": "error", "error": f"{type(e).__name__}: {e}"}
             rows.append({**base, **first, "pipeline": "pinned-runs", **error})
-        else:
-            pinned = {"pinned_cores": cpus}
-            rows += [_row(base, f"dali-{layout}", {**t, **pinned}) for t in fed]
-            first = _stream_fields(streams[0], stream)
-            rows.append(_row(base, f"baseline-{layout}", {**baseline, **first, **pinned}))
     for row in rows:
         if row["status"] != "ok":
             log(f"  {size}/{mode} {row['pipeline']} ({row['step_stream']}): {row['error']}")

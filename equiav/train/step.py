@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import typing
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from equiav.config import TrainConfig
 from equiav.train.optim import MasterWeights, clip_grad_norm
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,8 @@ def skips_on_device(optimizer: torch.optim.Optimizer, scaler: object | None) -> 
     return fused and bool(optimizer.defaults.get("fused")) and scaler is None
 
 
-STEP_STREAMS = ("default", "high-priority")
+# train.step_stream's values, as the config declares them
+STEP_STREAMS: tuple[str, ...] = typing.get_args(typing.get_type_hints(TrainConfig)["step_stream"])
 
 
 @contextlib.contextmanager
