@@ -52,7 +52,7 @@ import torchvision.transforms.functional as F
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 
-from bench.common import whole_rounds
+from bench.common import cpu_fields, process_tree_cpu_seconds, whole_rounds
 from equiav.data.index import DatasetError, read_dataset, read_label_csv
 
 SAMPLE_RATE = 16000
@@ -598,7 +598,8 @@ def measure(loader: DataLoader, batches: int, warmup: int = 2) -> dict[str, floa
     workers, ``whole_rounds``) after ``warmup`` ones (epochs restart).
 
     ``ms_per_sample_per_core`` charges every worker (or the main process when there are none) as
-    one core.
+    one core; ``cpu_*`` (``bench.common.cpu_fields``) is the CPU the process and its workers
+    really used.
     """
     batches = whole_rounds(batches, loader.num_workers)
     iterator = iter(loader)
@@ -614,12 +615,14 @@ def measure(loader: DataLoader, batches: int, warmup: int = 2) -> dict[str, floa
     for _ in range(warmup):
         next_batch()
     samples = 0
+    cpu_start = process_tree_cpu_seconds()
     start = time.perf_counter()
     for _ in range(batches):
         samples += len(next_batch()["labels"])
     seconds = time.perf_counter() - start
     cores = max(loader.num_workers, 1)
     return {
+        **cpu_fields(cpu_start, seconds, samples),
         "samples_per_s": samples / seconds,
         "ms_per_sample_per_core": 1000.0 * seconds * cores / samples,
         "samples": samples,

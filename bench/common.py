@@ -17,14 +17,13 @@ import platform
 import re
 import socket
 import sys
-import typing
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from equiav.config import DataConfig, ModelConfig
+from equiav.config import DataConfig, ModelConfig, field_choices
 from equiav.train.optim import PRECISIONS
 from kernels.fbank import BACKENDS as FBANK_BACKENDS
 
@@ -179,7 +178,7 @@ def add_loader_gpu_arguments(parser: argparse.ArgumentParser) -> None:
 
 def model_choices(field: str) -> tuple[str, ...]:
     """A ModelConfig field's choices, as the config declares them (model.gelu, model.qkv, ...)."""
-    return typing.get_args(typing.get_type_hints(ModelConfig)[field])
+    return field_choices(ModelConfig, field)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -305,3 +304,59 @@ def pinned_to_cores(cores: int) -> Iterator[list[int]]:
     finally:
         for tid in _thread_ids():
             _set_affinity(tid, saved.get(tid, allowed))
+
+
+def _proc_stat(pid: int | str) -> tuple[int, int] | None:
+    """(parent pid, CPU clock ticks) of one process from /proc/<pid>/stat: its threads' user
+    and system time, and that of the children it has reaped; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read().decode("ascii", "replace")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces or parentheses itself.
+    fields = text[text.rindex(")") + 2 :].split()
+    # fields[0] is field 3 (state): ppid is field 4, utime..cstime fields 14..17.
+    return int(fields[1]), sum(int(x) for x in fields[11:15])
+
+
+def process_tree_cpu_seconds(pid: int | None = None) -> float | None:
+    """CPU seconds used so far by process ``pid`` (default: this one), all its threads, every
+    live descendant process and every child any of them has reaped. None off Linux.
+
+    Why: a loader's CPU share is the question of the end-to-end comparison, and its work runs in
+    threads (DALI's, the prefetch thread, pin-memory) and in worker processes (DALI's source
+    workers, the DataLoader's), none of which ``time.process_time`` sees all of. The sum is
+    continuous while children exit: a reaped child's time moves into its parent's counts."""
+    root = os.getpid() if pid is None else pid
+    if not os.path.isdir("/proc/self/task"):
+        return None
+    parents: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (stat := _proc_stat(name)) is not None:
+            parents.setdefault(stat[0], []).append(int(name))
+            ticks[int(name)] = stat[1]
+    if root not in ticks:
+        raise ProcessLookupError(f"no process {root}")
+    total, todo = 0, [root]
+    while todo:
+        p = todo.pop()
+        total += ticks.get(p, 0)
+        todo += parents.get(p, [])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_fields(cpu_start: float | None, seconds: float, samples: int) -> dict[str, float | None]:
+    """A timed window's CPU use from ``process_tree_cpu_seconds`` at its start (read again now):
+    ``cpu_s``, ``cpu_cores_busy`` (CPU seconds per wall second: how many cores the run kept
+    busy) and ``cpu_ms_per_sample``; None values off Linux."""
+    end = process_tree_cpu_seconds()
+    if cpu_start is None or end is None:
+        return {"cpu_s": None, "cpu_cores_busy": None, "cpu_ms_per_sample": None}
+    used = end - cpu_start
+    return {
+        "cpu_s": used,
+        "cpu_cores_busy": used / seconds if seconds > 0 else None,
+        "cpu_ms_per_sample": 1e3 * used / samples if samples else None,
+    }

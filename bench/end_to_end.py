@@ -59,8 +59,10 @@ from bench.common import (
     add_loader_gpu_arguments,
     add_model_arguments,
     add_precision_argument,
+    cpu_fields,
     default_precision,
     pinned_to_cores,
+    process_tree_cpu_seconds,
     whole_rounds,
 )
 from bench.step import PAPER_BATCH, SMOKE_MODEL, StepSetup, TrainStep
@@ -217,8 +219,10 @@ def time_steps(
     """`warmup` untimed then `steps` timed iterations of "get a batch, run the step".
 
     -> samples, seconds, samples_per_s, data_wait_frac (time in `next_batch` / wall time, in
-    [0, 1]), step_ms (wall time per step), data_wait_ms (waiting per step), and the graphs
-    torch.compile compiled in the warmup and in the timed steps.
+    [0, 1]), step_ms (wall time per step), data_wait_ms (waiting per step), the graphs
+    torch.compile compiled in the warmup and in the timed steps, and the CPU the whole process
+    tree used in the timed steps (``bench.common.cpu_fields``: the loaders' threads and worker
+    processes included, so a run's real CPU share is on record beside the cores it was given).
     """
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0, got {steps} and {warmup}")
@@ -228,6 +232,7 @@ def time_steps(
     sync(device)
     graphs_warm = compiled_graphs()
     wait, samples = 0.0, 0
+    cpu_start = process_tree_cpu_seconds()
     start = time.perf_counter()
     for _ in range(steps):
         asked = time.perf_counter()
@@ -248,6 +253,7 @@ def time_steps(
         # hand its timed steps banked batches; one inside the window would time the compiler.
         "graphs_compiled_warmup": graphs_warm - graphs_before,
         "graphs_compiled_timed": compiled_graphs() - graphs_warm,
+        **cpu_fields(cpu_start, seconds, samples),
     }
 
 
@@ -502,6 +508,8 @@ def summarize(rows: list[dict[str, Any]], device: torch.device) -> dict[str, Any
                     "baseline_vs_step_only": base["vs_step_only"],
                     "dali_data_wait_frac": dali["data_wait_frac"],
                     "baseline_data_wait_frac": base["data_wait_frac"],
+                    "dali_cpu_cores_busy": dali.get("cpu_cores_busy"),
+                    "baseline_cpu_cores_busy": base.get("cpu_cores_busy"),
                 }
             )
     summary: dict[str, Any] = {"device": device.type, "comparisons": comparisons}

@@ -46,6 +46,8 @@ from pathlib import Path
 
 import torch
 
+from bench.common import cpu_fields, process_tree_cpu_seconds
+
 MEASURED_BASELINE_MS = 42.8
 TEST_FRACTION = 0.1  # of the generated dataset's clips
 
@@ -112,13 +114,14 @@ def _dali_rows(
         cfg.data.num_threads = cores
         cfg.data.py_workers = workers
         loader = build_loader(cfg, "train", "pretrain", device=device)
-        samples, start, seen = 0, None, 0
+        samples, start, seen, cpu_start = 0, None, 0, None
         while seen < warmup + batches:
             for batch in loader:
                 seen += 1
                 if seen == warmup:
                     if device == "cuda":
                         torch.cuda.synchronize()
+                    cpu_start = process_tree_cpu_seconds()
                     start = time.perf_counter()
                 elif seen > warmup:
                     samples += len(batch["index"])
@@ -139,6 +142,7 @@ def _dali_rows(
                 "threads": cores,
                 "py_workers": workers,
                 "device": device,
+                **cpu_fields(cpu_start, seconds, samples),
             }
         )
         print(f"{name}: {samples / seconds:.1f} samples/s", flush=True)

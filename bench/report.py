@@ -31,7 +31,9 @@ other than "ok" is listed but not plotted):
   batch (paper or smoke; with "fixed" rows the first batch measured), one bar per
   optimizer/compile variant, a panel per mode.
 - `end_to_end`: {"mode": str, "pipeline": str, "samples_per_s": float (loader + step),
-  "step_only_samples_per_s": float (the same step on synthetic device tensors), ...}.
+  "step_only_samples_per_s": float (the same step on synthetic device tensors), ...}; since
+  2026-11-27 also "cpu_s", "cpu_cores_busy", "cpu_ms_per_sample" (the CPU the process and its
+  workers used in the timed steps; `bench.common.cpu_fields`), which the targets table quotes.
   Plot: end-to-end vs step-only samples/s per mode and pipeline.
 - `scaling`: {"gpus": int, "samples_per_s": float (all GPUs together), "mode": str (optional),
   ...}. Plot: samples/s against GPUs, a line per mode, with ideal linear scaling from the
@@ -564,7 +566,12 @@ def _e2e_vs_baseline(result: dict[str, Any]):
     for c in result["summary"].get("comparisons", []):
         if c.get("mode") == "pretrain" and c.get("model") == "full":
             row = dali.get(key(c))
-            yield c.get("dali_vs_baseline"), _setting(row, result["config"]) if row else None
+            note = _setting(row, result["config"]) if row else None
+            cpu = c.get("dali_cpu_cores_busy"), c.get("baseline_cpu_cores_busy")
+            if note and None not in cpu:
+                # what "the same CPU share" came to: the cores each run really kept busy
+                note += f"; CPU used: {cpu[0]:.2f} cores DALI-fed, {cpu[1]:.2f} paper-style"
+            yield c.get("dali_vs_baseline"), note
 
 
 def _step_mfu(result: dict[str, Any]):

@@ -454,6 +454,15 @@ _FALSE = {"false", "f", "no", "n", "off", "0"}
 _NONE = {"none", "null", "~"}
 
 
+def field_choices(cls: type, name: str) -> tuple[Any, ...]:
+    """The values a ``Literal`` field of a config dataclass allows, in declared order: the one
+    list that flags, checks and benchmarks read (``field_choices(TrainConfig, "precision")``)."""
+    tp = typing.get_type_hints(cls)[name]
+    if typing.get_origin(tp) is not Literal:
+        raise TypeError(f"{cls.__name__}.{name} is not a Literal field: {tp}")
+    return typing.get_args(tp)
+
+
 def _section_types(section: str) -> dict[str, Any]:
     """Field name -> resolved type hint of one section's dataclass."""
     cls = _section_class(section)

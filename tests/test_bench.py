@@ -696,7 +696,8 @@ def test_report_states_the_targets_against_the_best_measurements(tmp_path):
                {"mode": "pretrain", "model": "full", "step_stream": "high-priority",
                 "dali_vs_baseline": 10.2},
                {"mode": "pretrain", "model": "full", "step_stream": "default",
-                "pinned_cores": [0, 1], "dali_vs_baseline": 10.4}]},
+                "pinned_cores": [0, 1], "dali_vs_baseline": 10.4,
+                "dali_cpu_cores_busy": 1.234, "baseline_cpu_cores_busy": 1.987}]},
            {**e2e_row, "pipeline": "dali-frames", "vs_step_only": 0.90, "step_stream": "default"},
            {**e2e_row, "pipeline": "dali-frames", "vs_step_only": 0.95,
             "step_stream": "high-priority"},
@@ -727,7 +728,10 @@ def test_report_states_the_targets_against_the_best_measurements(tmp_path):
     setting = "(batch 64, bf16-master, hardware JPEG share 1, fbank triton-tf32x3) |"
     e2e = table["GPU: DALI-fed / paper-style-fed pretraining, end to end"]
     assert e2e[1:3] == ["10.40x", "yes"] and e2e[3].startswith("`end_to_end-b-")
-    assert e2e[3].endswith("(batch 64, bf16-master, process pinned to 2 cores) |")
+    assert e2e[3].endswith(
+        "(batch 64, bf16-master, process pinned to 2 cores; "
+        "CPU used: 1.23 cores DALI-fed, 1.99 paper-style) |"
+    )
     share = table["GPU: DALI-fed pretraining / step-only"]
     assert share[1:3] == ["96.0 %", "yes"] and share[3].endswith(setting)
 

@@ -156,6 +156,56 @@ def test_pinning_holds_every_thread_and_what_they_start_then_lets_go():
             pass
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads Linux's /proc")
+def test_cpu_meter_counts_threads_live_children_and_reaped_ones():
+    """A thread's CPU, a live child's, and an exited child's (reaped: its time moves into ours)
+    each count once; a window where the process sleeps counts ~nothing."""
+    import subprocess
+    import sys
+    import threading
+
+    from bench.common import cpu_fields, process_tree_cpu_seconds
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < {}: pass\n"
+
+    def burn_thread(seconds: float) -> None:
+        start = time.thread_time()
+        while time.thread_time() - start < seconds:
+            pass
+
+    meter = process_tree_cpu_seconds
+    before = meter()
+    time.sleep(0.3)
+    assert meter() - before < 0.1
+    # a thread and a child that exits (reaped by wait) while the meter is not looking
+    before = meter()
+    worker = threading.Thread(target=burn_thread, args=(0.4,))
+    worker.start()
+    subprocess.run([sys.executable, "-c", burn.format(0.4)], check=True)
+    worker.join()
+    used = meter() - before
+    assert 0.75 <= used <= 1.3  # 0.8 s burnt, plus the child's interpreter start-up
+    # a child still running when the meter reads: counted live
+    script = burn.format(0.4) + "print('done', flush=True)\nimport sys\nsys.stdin.read()\n"
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        before = meter()
+        assert child.stdout.readline().strip() == "done"
+        assert 0.35 <= meter() - before <= 0.8
+        assert meter(child.pid) >= 0.4
+    finally:
+        child.kill()
+        child.wait()
+    with pytest.raises(ProcessLookupError):
+        meter(child.pid)
+    fields = cpu_fields(meter() - 2.0, 4.0, 8)  # at least 2 s of CPU over a 4 s window
+    assert fields["cpu_s"] >= 2.0 and fields["cpu_cores_busy"] >= 0.5
+    assert fields["cpu_ms_per_sample"] == pytest.approx(1e3 * fields["cpu_s"] / 8)
+    assert cpu_fields(None, 4.0, 8) == dict.fromkeys(fields)
+
+
 def test_a_failed_dali_fed_run_costs_only_its_own_row(synth_small, monkeypatch):
     """One step stream's DALI-fed run failing (out of memory, say) leaves an error row for it;
     step-only, the other stream's run and the paper-style loader are still measured and
@@ -291,6 +341,18 @@ def test_end_to_end_smoke_writes_a_valid_result(e2e_result):
         assert c["dali_data_wait_frac"] == dali["data_wait_frac"]
         assert c["dali_vs_step_only"] == dali["vs_step_only"]
         assert c["baseline_data_wait_frac"] == base["data_wait_frac"]
+        assert c["dali_cpu_cores_busy"] == dali["cpu_cores_busy"]
+        assert c["baseline_cpu_cores_busy"] == base["cpu_cores_busy"]
+    # The CPU each run used, its worker processes and threads included: some for every
+    # loader-fed run, and at most the one CPU that the pinned runs were pinned to (10 ms ticks
+    # per process counted in: a few per run).
+    for row in all_rows:
+        assert row["cpu_s"] > 0 and row["cpu_ms_per_sample"] == pytest.approx(
+            1e3 * row["cpu_s"] / row["samples"]
+        )
+        assert row["cpu_cores_busy"] == pytest.approx(row["cpu_s"] / row["seconds"])
+        if row["pinned_cores"]:
+            assert row["cpu_s"] <= row["seconds"] + 0.05
     # Compiled once, on the step-only batch: the loaders' batches (DALI's outputs, the
     # paper-style loader's copied to the device) pass the same guards, so no loader-fed
     # warmup stalls on a compilation, and nothing compiles inside a timed window.

@@ -137,6 +137,21 @@ FINETUNE_RECIPE = {
 # --------------------------------------------------------------------------------------------
 
 
+def test_field_choices_are_the_literal_the_config_declares():
+    """The one list of a setting's values that the trainer's checks and the flags read."""
+    from equiav.config import TrainConfig, field_choices
+    from equiav.train import dist, optim, step
+
+    assert field_choices(TrainConfig, "precision") == ("bf16", "bf16-master", "fp16", "fp32")
+    assert optim.PRECISIONS == field_choices(TrainConfig, "precision")
+    assert step.STEP_STREAMS == ("default", "high-priority")
+    assert dist._BACKENDS == ("auto", "nccl", "gloo")
+    with pytest.raises(TypeError, match="TrainConfig.batch_size is not a Literal"):
+        field_choices(TrainConfig, "batch_size")
+    with pytest.raises(KeyError):
+        field_choices(TrainConfig, "no_such_field")
+
+
 def test_defaults_equal_spec_numbers():
     cfg = Config()
     for key, expected in SPEC_DEFAULTS.items():

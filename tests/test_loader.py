@@ -445,14 +445,12 @@ def test_the_fbank_backend_reaches_the_device_stage(synth_small, monkeypatch):
     """data.fbank_backend is the backend the device stage's filterbank runs (on this CPU:
     "torch", the same numbers as "auto"); the Triton ones are refused on a CPU loader when it
     is built, naming the setting; its choices are kernels.fbank's backends."""
-    import typing
-
     import dali_pipelines.audio as audio
     from dali_pipelines.loader import build_loader
-    from equiav.config import DataConfig, apply_overrides
+    from equiav.config import DataConfig, apply_overrides, field_choices
     from kernels.fbank import BACKENDS
 
-    assert typing.get_args(typing.get_type_hints(DataConfig)["fbank_backend"]) == BACKENDS
+    assert field_choices(DataConfig, "fbank_backend") == BACKENDS
     backends = []
     real = audio.fbank
 

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-_BACKENDS = ("auto", "nccl", "gloo")
+from equiav.config import TrainConfig, field_choices
+
+_BACKENDS: tuple[str, ...] = field_choices(TrainConfig, "dist_backend")
 
 
 @dataclass(frozen=True)

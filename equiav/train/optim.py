@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from equiav.config import OptimConfig
+from equiav.config import OptimConfig, TrainConfig, field_choices
 
-PRECISIONS = ("bf16", "bf16-master", "fp16", "fp32")
+PRECISIONS: tuple[str, ...] = field_choices(TrainConfig, "precision")
 
 
 def build_optimizer(

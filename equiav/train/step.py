@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import typing
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from equiav.config import TrainConfig
+from equiav.config import TrainConfig, field_choices
 from equiav.train.optim import MasterWeights, clip_grad_norm
 
 log = logging.getLogger(__name__)
@@ -44,8 +43,7 @@ def skips_on_device(optimizer: torch.optim.Optimizer, scaler: object | None) -> 
     return fused and bool(optimizer.defaults.get("fused")) and scaler is None
 
 
-# train.step_stream's values, as the config declares them
-STEP_STREAMS: tuple[str, ...] = typing.get_args(typing.get_type_hints(TrainConfig)["step_stream"])
+STEP_STREAMS: tuple[str, ...] = field_choices(TrainConfig, "step_stream")
 
 
 @contextlib.contextmanager
