@@ -181,6 +181,36 @@ def test_train_step_changes_every_parameter(precision):
     assert unchanged == []
 
 
+@pytest.mark.parametrize(
+    "mode,levers",
+    [
+        ("pretrain", {}),
+        ("pretrain", {"gelu": "triton", "qkv": "split", "linear": "float8"}),
+        ("finetune", {}),
+    ],
+)
+def test_the_step_compiles_its_model_as_one_graph(mode, levers):
+    """torch.compile sees the whole model of a step, levers included, as one graph: a graph
+    break would split the compiled step in two, with a return to Python between (and no fusion
+    across it). Dynamo's graphs go to a backend that counts them and runs them as they are
+    (inductor would take minutes here, and crashes on float8's gradients on a CPU)."""
+    setup = step.StepSetup(mode, "bf16-master", False, False, **levers)
+    cfg = step.run_config(setup, smoke=True)
+    train_step = step.TrainStep(setup, cfg, torch.device("cpu"))
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    train_step.net = torch.compile(train_step.model, backend=count)
+    for seed in (0, 1):  # a second batch of the same shapes: no recompilation either
+        train_step(step.synthetic_batch(mode, cfg, 4, torch.device("cpu"), seed=seed))
+    torch._dynamo.reset()
+    assert len(graphs) == 1 and float(train_step.last.nonfinite) == 0.0
+
+
 def test_train_step_refuses_a_setup_its_config_contradicts():
     """The model and optimizer come from the config, precision and compilation from the setup:
     a mismatch (a profile asking for the unfused AdamW of a config with the fused one) would

@@ -196,6 +196,28 @@ def test_towers_with_float8_linears_keep_their_parameters(gelu, qkv):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in float8.parameters())
 
 
+@pytest.mark.parametrize("gelu,qkv", [("torch", "packed"), ("triton-bias", "split")])
+def test_float8_towers_trace_as_one_graph_with_the_eager_gradients(gelu, qkv):
+    """What torch.compile does before inductor, on the CPU: dynamo traces a bf16 tower with
+    float8 linears as one graph (fullgraph: a graph break would fail here; on the GPU it would
+    split the step and stop inductor fusing the casts into their producers) and AOTAutograd's
+    joint graph, run as it is (aot_eager), gives eager's gradients exactly. Inductor itself
+    runs only in the `cuda` test (torch 2.9's CPU inductor crashes on these gradients)."""
+    model = ModelConfig(embed_dim=64, depth=2, num_heads=4, gelu=gelu, qkv=qkv, linear="float8")
+    torch.manual_seed(0)
+    tower = build_audio_tower(model, DataConfig(num_mel_bins=32, target_length=64)).bfloat16()
+    x = torch.randn(2, 3, 32, 64).bfloat16()
+    torch._dynamo.reset()
+    grads = []
+    for net in (tower, torch.compile(tower, backend="aot_eager", fullgraph=True)):
+        tower.zero_grad()
+        net(x).float().square().mean().backward()
+        grads.append([p.grad.clone() for p in tower.parameters()])
+    torch._dynamo.reset()
+    assert len(grads[1]) == len(list(tower.parameters())) > 0
+    assert all(torch.equal(e, c) for e, c in zip(*grads, strict=True))
+
+
 def test_only_plain_linears_are_taken_over():
     model = ModelConfig(embed_dim=64, depth=1, num_heads=4)
     tower = build_audio_tower(model, DataConfig(num_mel_bins=32, target_length=64))
