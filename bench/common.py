@@ -16,6 +16,7 @@ import os
 import platform
 import re
 import socket
+import statistics
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -250,6 +251,39 @@ def device_ms_by_class(kernels: Sequence[tuple[str, float]]) -> dict[str, float]
         label = kernel_class(name)
         totals[label] = totals.get(label, 0.0) + ms
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def row_key(row: dict[str, Any]) -> tuple:
+    """What a benchmark row measured, apart from its numbers: its pipeline, step stream and the
+    CPUs it was pinned to (the fields a row of a repeated run is matched by)."""
+    return row.get("pipeline"), row.get("step_stream"), tuple(row.get("pinned_cores") or ())
+
+
+def median_rows(rounds: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per measurement (``row_key``, in the order first seen) of alternating rounds:
+    the row of its median round by samples/s (the lower of the middle two for an even count, so
+    that every field of the row comes from one measurement), with each round's samples/s in
+    ``round_samples_per_s`` (None where that round's run failed). A measurement that failed in
+    every round keeps its first error row."""
+    by_key: dict[tuple, list[dict[str, Any] | None]] = {}
+    for i, rows in enumerate(rounds):
+        for row in rows:
+            by_key.setdefault(row_key(row), [None] * len(rounds))[i] = row
+    merged = []
+    for runs in by_key.values():
+        speeds = [
+            r["samples_per_s"] if r is not None and r.get("status", "ok") == "ok" else None
+            for r in runs
+        ]
+        measured = [v for v in speeds if v is not None]
+        if not measured:
+            merged.append(next(r for r in runs if r is not None))
+            continue
+        median = statistics.median_low(measured)
+        chosen = runs[speeds.index(median)]
+        values = [None if v is None else round(v, 2) for v in speeds]
+        merged.append({**chosen, "round_samples_per_s": values})
+    return merged
 
 
 def whole_rounds(batches: int, workers: int) -> int:

@@ -61,8 +61,10 @@ from bench.common import (
     add_precision_argument,
     cpu_fields,
     default_precision,
+    median_rows,
     pinned_to_cores,
     process_tree_cpu_seconds,
+    row_key,
     whole_rounds,
 )
 from bench.step import PAPER_BATCH, SMOKE_MODEL, StepSetup, TrainStep
@@ -407,6 +409,7 @@ def measure_model(
     log: Callable[[str], None] = print,
     streams: Sequence[str] | None = None,
     pin: bool = False,
+    repeats: int = 1,
 ) -> list[dict[str, Any]]:
     """Rows step-only, dali-<layout> (one per step stream of `streams`, default
     `cfg.train.step_stream`) and baseline-<layout> for one model (`cfg`): one model and
@@ -414,7 +417,12 @@ def measure_model(
     cores (DALI threads, DataLoader workers). `pin`: then the loader-fed rows again with the
     whole process pinned to that many CPUs (`bench.common.pinned_to_cores`; rows record
     `pinned_cores`, None for the others). Step-only (where torch.compile compiles, on the
-    machine's cores) is the device's rate either way."""
+    machine's cores) is the device's rate either way. `repeats`: the loader-fed runs in that
+    many alternating rounds, each row the median round's (`bench.common.median_rows`) with
+    every round's samples/s, and a DALI-fed row the ratio to the paper-style run of each round
+    (`with_round_ratios`); step-only, the device's own rate, is timed once."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     from dali_pipelines.audio import fbank_backend_for
 
     setup = StepSetup.of(mode, cfg)
@@ -449,16 +457,20 @@ def measure_model(
     fixed = None  # its device memory freed before the loader-fed runs
     first = {**_stream_fields(streams[0], stream), "pinned_cores": None}
     rows = [_row(base, "step-only", {**step_only, **first})]
-    rows += _loader_fed_rows(step, cfg, mode, device, steps, warmup, streams, base, None)
-    if pin:
-        try:
-            with pinned_to_cores(cfg.data.num_threads) as cpus:
-                rows += _loader_fed_rows(
-                    step, cfg, mode, device, steps, warmup, streams, base, cpus
-                )
-        except Exception as e:  # noqa: BLE001 (the rows above stand; this one says why)
-            error = {"status": "error", "error": f"{type(e).__name__}: {e}"}
-            rows.append({**base, **first, "pipeline": "pinned-runs", **error})
+    rounds = []
+    for _ in range(repeats):
+        fed = _loader_fed_rows(step, cfg, mode, device, steps, warmup, streams, base, None)
+        if pin:
+            try:
+                with pinned_to_cores(cfg.data.num_threads) as cpus:
+                    fed += _loader_fed_rows(
+                        step, cfg, mode, device, steps, warmup, streams, base, cpus
+                    )
+            except Exception as e:  # noqa: BLE001 (the rows above stand; this one says why)
+                error = {"status": "error", "error": f"{type(e).__name__}: {e}"}
+                fed.append({**base, **first, "pipeline": "pinned-runs", **error})
+        rounds.append(fed)
+    rows += with_round_ratios(median_rows(rounds), rounds)
     for row in rows:
         if row["status"] != "ok":
             log(f"  {size}/{mode} {row['pipeline']} ({row['step_stream']}): {row['error']}")
@@ -473,6 +485,35 @@ def measure_model(
         if row["graphs_compiled_timed"]:
             log(f"  warning: {row['pipeline']}: torch.compile ran inside the timed steps")
     return rows
+
+
+def with_round_ratios(
+    rows: list[dict[str, Any]], rounds: Sequence[Sequence[dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """``rows`` with each DALI-fed row's ``round_vs_baseline``: per round, its samples/s over
+    the paper-style run of the same pinning in that round (None where either failed): how much
+    the ratio moves from round to round, which the median rows alone do not show."""
+
+    def ratios(row: dict[str, Any]) -> list[float | None]:
+        out = []
+        for runs in rounds:
+            ok = [r for r in runs if r.get("status") == "ok"]
+            dali = [r for r in ok if row_key(r) == row_key(row)]
+            base = [
+                r
+                for r in ok
+                if r["pipeline"].startswith("baseline-") and _pinning(r) == _pinning(row)
+            ]
+            both = dali and base
+            out.append(dali[0]["samples_per_s"] / base[0]["samples_per_s"] if both else None)
+        return out
+
+    return [
+        {**row, "round_vs_baseline": ratios(row)}
+        if str(row.get("pipeline", "")).startswith("dali-")
+        else row
+        for row in rows
+    ]
 
 
 def _error_rows(mode: str, size: str, layout: str, error: BaseException) -> list[dict[str, Any]]:
@@ -508,6 +549,7 @@ def summarize(rows: list[dict[str, Any]], device: torch.device) -> dict[str, Any
                     "baseline_vs_step_only": base["vs_step_only"],
                     "dali_data_wait_frac": dali["data_wait_frac"],
                     "baseline_data_wait_frac": base["data_wait_frac"],
+                    "dali_vs_baseline_rounds": dali.get("round_vs_baseline"),
                     "dali_cpu_cores_busy": dali.get("cpu_cores_busy"),
                     "baseline_cpu_cores_busy": base.get("cpu_cores_busy"),
                 }
@@ -574,6 +616,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="batches made ahead in a background thread (data.thread_prefetch; 0: none)",
     )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="the loader-fed runs in this many alternating rounds; rows are the median round's",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="tiny (default: paper; smoke 2)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; smoke 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3; smoke 1)")
@@ -601,8 +649,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     precision = default_precision(a.precision, cuda)
     steps = a.steps if a.steps is not None else (2 if a.smoke else 20)
     warmup = a.warmup if a.warmup is not None else (1 if a.smoke else 3)
-    if a.cores < 1:
-        raise SystemExit("bench.end_to_end: --cores must be >= 1")
+    if a.cores < 1 or a.repeats < 1:
+        raise SystemExit("bench.end_to_end: --cores and --repeats must be >= 1")
     data_dir = Path(a.data)
     ensure_dataset(data_dir, a.clips, a.seconds, quiet=a.smoke, layouts=(a.layout,))
     torch.set_num_threads(a.cores)  # the step's own share; the loaders get --cores each
@@ -659,6 +707,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     a.layout,
                     streams=streams,
                     pin=a.pin_cores,
+                    repeats=a.repeats,
                 )
             except Exception as e:  # one failed size (e.g. out of memory) must not end the run
                 print(f"  failed: {type(e).__name__}: {e}", flush=True)
@@ -679,6 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "thread_prefetch": a.thread_prefetch,
             "step_streams": streams,
             "pin_cores": a.pin_cores,
+            "repeats": a.repeats,
             "device": str(device),
             "precision": precision,
             "smoke": a.smoke,

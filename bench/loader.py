@@ -39,14 +39,13 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from bench.common import cpu_fields, process_tree_cpu_seconds
+from bench.common import cpu_fields, median_rows, process_tree_cpu_seconds
 
 MEASURED_BASELINE_MS = 42.8
 TEST_FRACTION = 0.1  # of the generated dataset's clips
@@ -207,20 +206,6 @@ def _baseline_rows(
     return rows
 
 
-def _median_rows(rounds: list[list[dict]]) -> list[dict]:
-    """One row per pipeline: the row of its median round (the lower of the middle two for an
-    even count, so that every field of the row comes from one measurement), with each round's
-    samples/s in ``round_samples_per_s``."""
-    merged = []
-    for i in range(len(rounds[0])):
-        rows = [r[i] for r in rounds]
-        median = statistics.median_low(row["samples_per_s"] for row in rows)
-        chosen = next(row for row in rows if row["samples_per_s"] == median)
-        values = [round(row["samples_per_s"], 2) for row in rows]
-        merged.append({**chosen, "round_samples_per_s": values})
-    return merged
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m bench.loader`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -347,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg.model.cen_num,
             )
         )
-    dali, base = _median_rows(dali_rounds), _median_rows(base_rounds)
+    dali, base = median_rows(dali_rounds), median_rows(base_rounds)
 
     from bench.baseline import PaperStyleDataset, per_sample_cost
 

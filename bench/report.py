@@ -33,7 +33,9 @@ other than "ok" is listed but not plotted):
 - `end_to_end`: {"mode": str, "pipeline": str, "samples_per_s": float (loader + step),
   "step_only_samples_per_s": float (the same step on synthetic device tensors), ...}; since
   2026-11-27 also "cpu_s", "cpu_cores_busy", "cpu_ms_per_sample" (the CPU the process and its
-  workers used in the timed steps; `bench.common.cpu_fields`), which the targets table quotes.
+  workers used in the timed steps; `bench.common.cpu_fields`), which the targets table quotes,
+  and "round_samples_per_s" (and on DALI-fed rows "round_vs_baseline") when the loader-fed
+  runs were repeated in alternating rounds (`--repeats`; the row is the median round's).
   Plot: end-to-end vs step-only samples/s per mode and pipeline.
 - `scaling`: {"gpus": int, "samples_per_s": float (all GPUs together), "mode": str (optional),
   ...}. Plot: samples/s against GPUs, a line per mode, with ideal linear scaling from the

@@ -8,6 +8,7 @@ processes, each with its own pipeline on its own shard under DDP.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import socket
@@ -265,6 +266,97 @@ def test_a_failed_dali_fed_run_costs_only_its_own_row(synth_small, monkeypatch):
         ("pinned-runs", "error"),
     ]  # fmt: skip
     assert "cannot pin to 1 cores (simulated)" in rows[-1]["error"]
+
+
+def test_median_rows_match_rows_by_what_they_measured():
+    """Rows of alternating rounds are matched by pipeline, step stream and pinning (not by
+    place: a round may lack a row), each the median round's whole row, with every round's
+    samples/s; a run failing in one round drops out of its median, in every round keeps its
+    error row."""
+    from bench.common import median_rows
+
+    def row(pipeline, sps=None, stream="default", pinned=None, error=None):
+        r = {"pipeline": pipeline, "step_stream": stream, "pinned_cores": pinned}
+        if error:
+            return {**r, "status": "error", "error": error}
+        return {**r, "status": "ok", "samples_per_s": sps, "seconds": 100.0 / sps}
+
+    rounds = [
+        [row("dali", 10.0), row("dali", 30.0, "high"), row("base", 4.0), row("pinned", error="x")],
+        [row("base", 5.0), row("dali", 12.0), row("dali", error="oom", stream="high")],
+        [row("dali", 11.0), row("dali", 20.0, "high"), row("base", 3.0),
+         row("dali", 9.0, pinned=[0])],
+    ]  # fmt: skip
+    merged = {
+        (r["pipeline"], r["step_stream"], bool(r["pinned_cores"])): r for r in median_rows(rounds)
+    }
+    assert list(merged) == [
+        ("dali", "default", False), ("dali", "high", False), ("base", "default", False),
+        ("pinned", "default", False), ("dali", "default", True),
+    ]  # fmt: skip
+    dali = merged[("dali", "default", False)]
+    assert dali["samples_per_s"] == 11.0 and dali["seconds"] == 100.0 / 11.0  # one round's row
+    assert dali["round_samples_per_s"] == [10.0, 12.0, 11.0]
+    high = merged[("dali", "high", False)]  # 20 and 30 measured: the lower middle one
+    assert high["samples_per_s"] == 20.0 and high["round_samples_per_s"] == [30.0, None, 20.0]
+    assert merged[("base", "default", False)]["samples_per_s"] == 4.0
+    assert merged[("pinned", "default", False)]["error"] == "x"
+    assert merged[("dali", "default", True)]["round_samples_per_s"] == [None, None, 9.0]
+
+
+def test_repeated_rounds_give_median_rows_and_each_rounds_ratio(monkeypatch):
+    """--repeats: the loader-fed runs (pinned ones included) in alternating rounds, step-only
+    once; each row the median round's, each DALI-fed row's ratio to the paper-style run of the
+    same round and pinning, and the comparison's ratio from the median rows."""
+    speeds = iter([(40.0, 10.0), (60.0, 10.0), (50.0, 20.0)])  # (DALI, paper-style) per round
+    calls = []
+
+    def loader_fed_rows(step, cfg, mode, device, steps, warmup, streams, base, pinned):
+        calls.append(pinned)
+        dali, paper = next(speeds) if pinned is None else (8.0, 4.0)
+        ok = {**base, "status": "ok", "pinned_cores": pinned, "step_stream": "default"}
+        timing = {"data_wait_frac": 0.1, "graphs_compiled_timed": 0}
+        return [
+            {**ok, **timing, "pipeline": "dali-frames", "samples_per_s": dali},
+            {**ok, **timing, "pipeline": "baseline-frames", "samples_per_s": paper},
+        ]
+
+    @contextlib.contextmanager
+    def pinned_to_cores(cores):
+        yield [0]
+
+    monkeypatch.setattr(end_to_end, "_loader_fed_rows", loader_fed_rows)
+    monkeypatch.setattr(end_to_end, "pinned_to_cores", pinned_to_cores)
+    monkeypatch.setattr(end_to_end, "_probe_batch", lambda cfg, mode, device: {})
+    monkeypatch.setattr(end_to_end, "TrainStep", lambda setup, cfg, device: lambda b: None)
+    monkeypatch.setattr(
+        end_to_end,
+        "time_steps",
+        lambda *args: {"samples_per_s": 100.0, "data_wait_frac": 0.0, "graphs_compiled_timed": 0},
+    )
+    cfg = end_to_end.default_config("pretrain")
+    cpu = torch.device("cpu")
+    rows = end_to_end.measure_model(
+        cfg, "pretrain", "tiny", cpu, 2, 1, "frames", log=lambda m: None, pin=True, repeats=3
+    )
+    assert calls == [None, [0]] * 3  # alternating: unpinned then pinned, round after round
+    assert [(r["pipeline"], r["pinned_cores"]) for r in rows] == [
+        ("step-only", None), ("dali-frames", None), ("baseline-frames", None),
+        ("dali-frames", [0]), ("baseline-frames", [0]),
+    ]  # fmt: skip
+    dali, base = rows[1], rows[2]
+    assert dali["round_samples_per_s"] == [40.0, 60.0, 50.0] and dali["samples_per_s"] == 50.0
+    assert base["round_samples_per_s"] == [10.0, 10.0, 20.0] and base["samples_per_s"] == 10.0
+    assert (
+        dali["round_vs_baseline"] == [4.0, 6.0, 2.5] and rows[3]["round_vs_baseline"] == [2.0] * 3
+    )
+    assert dali["vs_step_only"] == 0.5
+    unpinned, pinned = end_to_end.summarize(rows, cpu)["comparisons"]
+    assert unpinned["dali_vs_baseline"] == 5.0  # the medians' ratio
+    assert unpinned["dali_vs_baseline_rounds"] == [4.0, 6.0, 2.5]
+    assert pinned["dali_vs_baseline"] == 2.0 and pinned["pinned_cores"] == [0]
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        end_to_end.measure_model(cfg, "pretrain", "tiny", cpu, 2, 1, "frames", repeats=0)
 
 
 def test_ensure_dataset_renders_only_the_layouts_asked_for(tmp_path):
