@@ -271,6 +271,32 @@ def gpu_loader_rate(results_dir: str | os.PathLike | None) -> tuple[float, str] 
     return best
 
 
+def gpu_training_cpu_rate(results_dir: str | os.PathLike | None) -> tuple[float, str] | None:
+    """Samples per CPU-second of DALI-fed full-size pretraining among GPU end-to-end results in
+    `results_dir` (rows that measured their CPU: `cpu_ms_per_sample`, the training process with
+    all its threads and worker processes, the step's own launches included), the best row's,
+    with where it came from; None when there is none.
+
+    What one GPU's training process really costs the CPU, where `gpu_loader_rate` counts DALI
+    threads. It may overstate: a thread that waits for the GPU inside CUDA may spin, and its
+    spinning counts."""
+    best: tuple[float, str] | None = None
+    for name, result in _gpu_results(results_dir, "end_to_end*.json"):
+        for row in result["rows"]:
+            ok = row.get("status") == "ok" and row.get("mode") == "pretrain"
+            dali = str(row.get("pipeline", "")).startswith("dali-") and row.get("model") == "full"
+            if ok and dali and row.get("cpu_ms_per_sample"):
+                rate = 1000.0 / float(row["cpu_ms_per_sample"])
+                if best is None or rate > best[0]:
+                    pinned = row.get("pinned_cores")
+                    how = f"pinned to {len(pinned)} cores" if pinned else "unpinned"
+                    best = (
+                        rate,
+                        f"{name} ({row['pipeline']}, batch {row.get('batch_size')}, {how})",
+                    )
+    return best
+
+
 def rank_host_memory(results_dir: str | os.PathLike | None) -> tuple[float, str] | None:
     """A training rank's host memory (MiB, its processes' proportional sum) at the longest list
     among `bench.startup` results in `results_dir` (with the loader phase, not smoke), with where it
@@ -572,6 +598,9 @@ def _capacity(a: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, An
         rate_source = "estimate: MEASURED.md, ViT-B pretrain step on an H100 at 45-50 % MFU"
     ok = [r for r in rows if r.get("status") == "ok"]
     per_core, core_source = a.dali_per_core, "argument --dali-per-core"
+    if per_core is None and (found := gpu_training_cpu_rate(a.results_dir)):
+        # The CPU a GPU's whole training process used, measured: the best evidence there is.
+        per_core, core_source = found[0], f"measured CPU time on a GPU: {found[1]}"
     if per_core is None and (found := gpu_loader_rate(a.results_dir)):
         # A GPU node decodes and augments on its GPUs: the CPU's share is what a GPU run says.
         per_core, core_source = found[0], f"measured on a GPU: {found[1]}"

@@ -657,6 +657,45 @@ def test_capacity_inputs_come_from_gpu_results(tmp_path):
     result("loader-cpu", cpu, {**frames, "pipeline": "dali-frames", "samples_per_s": 9000.0})
     rate, source = scaling.gpu_loader_rate(tmp_path)
     assert rate == 900.0 and "loader-c" in source and "2 threads" in source
+    # The CPU a GPU's training process used, where end-to-end rows measured it: the DALI-fed
+    # full-size pretraining row that needed the least CPU per sample.
+    assert scaling.gpu_training_cpu_rate(tmp_path) is None  # end_to_end-b has no CPU fields
+    fed = {**e2e, "pipeline": "dali-frames", "samples_per_s": 500.0, "batch_size": 256}
+    result("end_to_end-d", gpu, {**fed, "cpu_ms_per_sample": 4.0},
+           {**fed, "cpu_ms_per_sample": 2.5, "pinned_cores": [0, 1]},
+           {**fed, "pipeline": "baseline-frames", "cpu_ms_per_sample": 0.5},
+           {**fed, "model": "tiny", "cpu_ms_per_sample": 0.1})  # fmt: skip
+    result("end_to_end-cpu", cpu, {**fed, "cpu_ms_per_sample": 0.01})
+    rate, source = scaling.gpu_training_cpu_rate(tmp_path)
+    assert rate == 400.0 and source.endswith("(dali-frames, batch 256, pinned to 2 cores)")
+    assert "end_to_end-d" in source
+
+
+def test_capacity_cpu_cost_prefers_the_measured_cpu_of_gpu_training(synth_small, tmp_path):
+    """The capacity model's CPU per sample: the CPU time a GPU's DALI-fed training process
+    measured, before the DALI threads' rate of a GPU loader run, before this machine's own."""
+    e2e = {"mode": "pretrain", "status": "ok", "model": "full", "pipeline": "dali-frames"}
+    frames = {"layout": "frames", "storage": "files", "threads": 2, "py_workers": 0}
+    for name, row in (
+        ("loader-a", {**frames, "pipeline": "dali-frames", "samples_per_s": 1800.0}),
+        ("end_to_end-a", {**e2e, "samples_per_s": 500.0, "cpu_ms_per_sample": 2.0}),
+    ):
+        write_result(name, {"config": {}, "rows": [row], "summary": {"device": "cuda"}}, tmp_path)
+    args = scaling._defaults(
+        scaling.build_parser().parse_args(
+            ["--data", str(synth_small.root), "--results-dir", str(tmp_path),
+             "--per-gpu-samples-per-s", "500"]
+        )
+    )  # fmt: skip
+    model = scaling._capacity(args, [])
+    assert model["sources"]["dali_samples_per_s_per_core"].startswith(
+        "measured CPU time on a GPU: end_to_end-a"
+    )
+    assert model["per_node"]["dali_cores_per_gpu"] == pytest.approx(500.0 / 500.0)
+    os.remove(next(tmp_path.glob("end_to_end-a*.json")))
+    model = scaling._capacity(args, [])
+    assert model["sources"]["dali_samples_per_s_per_core"].startswith("measured on a GPU: loader-a")
+    assert model["per_node"]["dali_cores_per_gpu"] == pytest.approx(500.0 / 900.0)
 
 
 def test_capacity_host_memory_comes_from_the_longest_startup_result(tmp_path):
