@@ -236,12 +236,33 @@ def _plot_end_to_end(plt, result: dict[str, Any], title: str):
     ]
     _bar_labels(ax, ax.bar([x - 0.2 for x in xs], e2e, 0.4, label="end to end"))
     _bar_labels(ax, ax.bar([x + 0.2 for x in xs], step, 0.4, label="step only"))
+    # Repeated rounds (--repeats): the bar is the median round, the whisker every round's range.
+    spread = [(x - 0.2, r) for x, r in zip(xs, rows, strict=True) if _rounds(r)]
+    if spread:
+        # (rounds are stored to 0.01: never a negative whisker from the rounding)
+        lows = [max(0.0, r["samples_per_s"] - min(_rounds(r))) for _, r in spread]
+        highs = [max(0.0, max(_rounds(r)) - r["samples_per_s"]) for _, r in spread]
+        ax.errorbar(
+            [x for x, _ in spread],
+            [r["samples_per_s"] for _, r in spread],
+            yerr=[lows, highs],
+            fmt="none",
+            ecolor="black",
+            capsize=3,
+            label="range of rounds",
+        )
     ax.set_xticks(list(xs), labels)
     ax.set_ylabel("samples/s")
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def _rounds(row: dict[str, Any]) -> list[float]:
+    """A row's samples/s of each round that measured it, when it was measured more than once."""
+    values = [v for v in row.get("round_samples_per_s") or () if v is not None]
+    return values if len(values) > 1 else []
 
 
 def _plot_scaling(plt, result: dict[str, Any], title: str):

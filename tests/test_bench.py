@@ -685,6 +685,30 @@ def test_kernel_classes_of_gpu_profiles(tmp_path):
     assert f"| layer_norm | {layer_norm:.2f} |" in text and f"| other | {waits:.2f} |" not in text
 
 
+def test_end_to_end_plot_shows_the_range_of_repeated_rounds():
+    """A row measured in several rounds gets a whisker from its slowest to its fastest round
+    over its (median) bar; a row measured once, none; rounding of the stored rounds never makes
+    a whisker negative."""
+    from matplotlib.container import ErrorbarContainer
+
+    base = {"mode": "pretrain", "model": "tiny", "status": "ok", "step_only_samples_per_s": 30.0}
+    rows = [
+        {**base, "pipeline": "step-only", "samples_per_s": 30.0},
+        {**base, "pipeline": "dali-frames", "samples_per_s": 13.327,  # its slower round
+         "round_samples_per_s": [16.68, 13.33]},
+        {**base, "pipeline": "baseline-frames", "samples_per_s": 8.0,
+         "round_samples_per_s": [8.0]},
+    ]  # fmt: skip
+    plt = report._pyplot()
+    fig = report._plot_end_to_end(plt, {"rows": rows}, "t")
+    (bars,) = [c for c in fig.axes[0].containers if isinstance(c, ErrorbarContainer)]
+    (segments,) = [seg for seg in bars.lines[2][0].get_segments()]
+    (x0, low), (x1, high) = segments
+    plt.close(fig)
+    assert x0 == x1 == pytest.approx(1 - 0.2)  # over the dali row's end-to-end bar
+    assert (low, high) == (pytest.approx(13.327), pytest.approx(16.68))
+
+
 def test_report_states_the_targets_against_the_best_measurements(tmp_path):
     """The "targets at a glance" table: the best GPU measurement at 2 cores per target, met or
     not, "not measured" where there is none; CPU results and other core counts do not count."""
