@@ -394,3 +394,12 @@ def cpu_fields(cpu_start: float | None, seconds: float, samples: int) -> dict[st
         "cpu_cores_busy": used / seconds if seconds > 0 else None,
         "cpu_ms_per_sample": 1e3 * used / samples if samples else None,
     }
+
+
+def cpu_words(comparison: dict[str, Any]) -> str:
+    """ "CPU used: X cores DALI-fed, Y paper-style" for an end-to-end comparison whose two runs
+    measured their CPU (``dali_cpu_cores_busy``, ``baseline_cpu_cores_busy``); "" otherwise."""
+    dali, base = comparison.get("dali_cpu_cores_busy"), comparison.get("baseline_cpu_cores_busy")
+    if dali is None or base is None:
+        return ""
+    return f"CPU used: {dali:.2f} cores DALI-fed, {base:.2f} paper-style"

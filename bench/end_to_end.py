@@ -60,6 +60,7 @@ from bench.common import (
     add_model_arguments,
     add_precision_argument,
     cpu_fields,
+    cpu_words,
     default_precision,
     median_rows,
     pinned_to_cores,
@@ -752,6 +753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"(waiting {100 * c['dali_data_wait_frac']:.0f} %), baseline at "
             f"{100 * c['baseline_vs_step_only']:.0f} % "
             f"(waiting {100 * c['baseline_data_wait_frac']:.0f} %)"
+            + (f", {cpu_words(c)}" if cpu_words(c) else "")
         )
     print(f"wrote {path}")
     return 0 if all(r.get("status") == "ok" for r in rows) else 1

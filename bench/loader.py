@@ -136,7 +136,7 @@ def _dali_rows(
                 "layout": layout,
                 "storage": "shards" if layout.endswith(SHARDS) else "files",
                 "samples": samples,
-                "seconds": round(seconds, 3),
+                "seconds": round(seconds, 6),  # a smoke run's batches take milliseconds
                 "samples_per_s": round(samples / seconds, 2),
                 "threads": cores,
                 "py_workers": workers,

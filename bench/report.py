@@ -66,6 +66,7 @@ from typing import Any
 from bench.common import (
     DEFAULT_RESULTS_DIR,
     ResultError,
+    cpu_words,
     device_ms_by_class,
     ran_on_gpu,
     read_result,
@@ -590,10 +591,9 @@ def _e2e_vs_baseline(result: dict[str, Any]):
         if c.get("mode") == "pretrain" and c.get("model") == "full":
             row = dali.get(key(c))
             note = _setting(row, result["config"]) if row else None
-            cpu = c.get("dali_cpu_cores_busy"), c.get("baseline_cpu_cores_busy")
-            if note and None not in cpu:
+            if note and cpu_words(c):
                 # what "the same CPU share" came to: the cores each run really kept busy
-                note += f"; CPU used: {cpu[0]:.2f} cores DALI-fed, {cpu[1]:.2f} paper-style"
+                note += f"; {cpu_words(c)}"
             yield c.get("dali_vs_baseline"), note
 
 

@@ -165,7 +165,7 @@ def test_cpu_meter_counts_threads_live_children_and_reaped_ones():
     import sys
     import threading
 
-    from bench.common import cpu_fields, process_tree_cpu_seconds
+    from bench.common import cpu_fields, cpu_words, process_tree_cpu_seconds
 
     burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < {}: pass\n"
 
@@ -205,6 +205,10 @@ def test_cpu_meter_counts_threads_live_children_and_reaped_ones():
     assert fields["cpu_s"] >= 2.0 and fields["cpu_cores_busy"] >= 0.5
     assert fields["cpu_ms_per_sample"] == pytest.approx(1e3 * fields["cpu_s"] / 8)
     assert cpu_fields(None, 4.0, 8) == dict.fromkeys(fields)
+    # how a comparison (the run's log, the report's targets table) states them
+    both = {"dali_cpu_cores_busy": 1.234, "baseline_cpu_cores_busy": 2.0}
+    assert cpu_words(both) == "CPU used: 1.23 cores DALI-fed, 2.00 paper-style"
+    assert cpu_words({**both, "baseline_cpu_cores_busy": None}) == "" == cpu_words({})
 
 
 def test_a_failed_dali_fed_run_costs_only_its_own_row(synth_small, monkeypatch):
