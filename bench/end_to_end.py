@@ -499,14 +499,10 @@ def with_round_ratios(
         out = []
         for runs in rounds:
             ok = [r for r in runs if r.get("status") == "ok"]
-            dali = [r for r in ok if row_key(r) == row_key(row)]
-            base = [
-                r
-                for r in ok
-                if r["pipeline"].startswith("baseline-") and _pinning(r) == _pinning(row)
-            ]
-            both = dali and base
-            out.append(dali[0]["samples_per_s"] / base[0]["samples_per_s"] if both else None)
+            dali = next((r for r in ok if row_key(r) == row_key(row)), None)
+            base = _paired_baseline(row, ok)
+            both = dali is not None and base is not None
+            out.append(dali["samples_per_s"] / base["samples_per_s"] if both else None)
         return out
 
     return [
@@ -534,9 +530,8 @@ def summarize(rows: list[dict[str, Any]], device: torch.device) -> dict[str, Any
         group = [r for r in ok if (r["model"], r["mode"]) == (size, mode)]
         if not any(r["pipeline"] == "step-only" for r in group):
             continue
-        baselines = {_pinning(r): r for r in group if r["pipeline"].startswith("baseline-")}
         for dali in (r for r in group if r["pipeline"].startswith("dali-")):
-            base = baselines.get(_pinning(dali))
+            base = _paired_baseline(dali, group)
             if base is None:
                 continue
             comparisons.append(
@@ -563,6 +558,19 @@ def summarize(rows: list[dict[str, Any]], device: torch.device) -> dict[str, Any
             "and do not measure the GPU design"
         )
     return summary
+
+
+def _paired_baseline(dali: dict[str, Any], rows: Sequence[dict[str, Any]]) -> dict | None:
+    """The paper-style row among ``rows`` that a DALI-fed row is compared with: the one run
+    with the same pinning (None when there is none)."""
+    return next(
+        (
+            r
+            for r in rows
+            if r["pipeline"].startswith("baseline-") and _pinning(r) == _pinning(dali)
+        ),
+        None,
+    )
 
 
 def _pinning(row: dict[str, Any]) -> tuple[int, ...] | None:

@@ -141,10 +141,11 @@ def float8_linear(
     out_dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
     with torch.autocast(device, enabled=False):
         x2d = x.reshape(rows, in_features).contiguous()
-        fused = bias is not None and out_dtype in _BIAS_OUT_DTYPES
-        out = _Float8MatMul.apply(x2d, weight, bias.to(out_dtype) if fused else None, out_dtype)
+        b = None if bias is None else bias.to(out_dtype)
+        fused = b is not None and fusable_bias(b, out_dtype)
+        out = _Float8MatMul.apply(x2d, weight, b if fused else None, out_dtype)
         out = out.reshape(*x.shape[:-1], out_features)
-        return out if bias is None or fused else out + bias.to(out_dtype)
+        return out if b is None or fused else out + b
 
 
 class Float8Linear(nn.Linear):
