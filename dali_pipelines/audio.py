@@ -94,6 +94,13 @@ def mixed_waveform(
     return _pad_cut(mixed - fn.reductions.mean(mixed), target_frames)
 
 
+def normalized_zero(mean: float, std: float) -> float:
+    """What a log-mel value of 0 becomes under ``features``' normalisation (in float32, as it
+    computes): the padding's value, and the fill of finetuning's SpecAugment bands, which the
+    original's recipe (CAV-MAE's) masks before the normalisation."""
+    return float((torch.zeros((), dtype=torch.float32) - mean) / std)
+
+
 def features(
     wave: torch.Tensor,
     lengths: torch.Tensor,

@@ -303,7 +303,10 @@ class DaliLoader:
                     batch[name] = to_device(out[name], dev)
         elif mode == "finetune":
             params = out["ft_params"].long()  # on the host, as the kernels want them
-            image = K.roll_and_mask(image, params[:, 0], params[:, 1:5])
+            # The bands hold the log-mel's zero, normalised: masked before the normalisation,
+            # where the original's recipe (and the paper-style loader) masks.
+            fill = audio.normalized_zero(cfg.audio_mean, cfg.audio_std)
+            image = K.roll_and_mask(image, params[:, 0], params[:, 1:5], fill=fill)
         # The model's layout: (B, 3, F, T), three equal channels (an expanded view, no copy).
         batch["audio"] = image.transpose(2, 3).expand(-1, 3, -1, -1)
         valid = out["valid"].reshape(-1).bool()

@@ -255,8 +255,10 @@ def mask_rows(
     active: Param | None = None,
     *,
     owned: bool = False,
+    fill: float = 0.0,
 ) -> torch.Tensor:
-    """Set positions [start, end) along ``axis`` (2: time rows, 3: frequency columns) to 0.
+    """Set positions [start, end) along ``axis`` (2: time rows, 3: frequency columns) to
+    ``fill`` (0 unless given).
 
     The SpecAugment masks of the fbank image; needs 0 <= start <= end <= x.shape[axis] for the
     active samples.
@@ -275,13 +277,13 @@ def mask_rows(
         hit = mask & (end > start)
         rows = hit.nonzero().flatten().tolist()
         for b, s, e in zip(rows, start[hit].tolist(), end[hit].tolist(), strict=True):
-            out[b].narrow(axis - 1, s, e - s).zero_()
+            out[b].narrow(axis - 1, s, e - s).fill_(fill)
         return out
     pos = torch.arange(length, device=x.device)
     start, end, mask = (to_device(p, x.device) for p in (start, end, mask))
     hit = (pos >= start[:, None]) & (pos < end[:, None]) & mask[:, None]  # (B, length)
     shape = (batch, 1, length, 1) if axis == 2 else (batch, 1, 1, length)
-    return x.masked_fill(hit.view(shape), 0.0)
+    return x.masked_fill(hit.view(shape), fill)
 
 
 @_float32_kernel
@@ -348,12 +350,12 @@ def fbank_geometry(
 
 
 @_float32_kernel
-def roll_and_mask(x: torch.Tensor, shift: Param, masks: Param) -> torch.Tensor:
+def roll_and_mask(x: torch.Tensor, shift: Param, masks: Param, fill: float = 0.0) -> torch.Tensor:
     """Finetuning's augmentation of (B, 1, T, F) filterbank images: per sample the time roll by
     shift (B,) (``roll``), then SpecAugment's time and frequency masks, (B, 4) [time start, end,
-    frequency start, end] in the rolled image (``mask_rows``; an empty band masks nothing).
-    Returns a new tensor; on a GPU one fused launch (``kernels.augment_triton``), bit for bit
-    the same (data movement only)."""
+    frequency start, end] in the rolled image (``mask_rows``; an empty band masks nothing), set
+    to ``fill``. Returns a new tensor; on a GPU one fused launch (``kernels.augment_triton``),
+    bit for bit the same (data movement only)."""
     batch, channels, frames, bins = x.shape
     if channels != 1:
         raise ValueError(f"roll_and_mask needs one-channel images, got {channels} channels")
@@ -363,8 +365,12 @@ def roll_and_mask(x: torch.Tensor, shift: Param, masks: Param) -> torch.Tensor:
     shift = _param(shift, batch, "shift", torch.long)
     if not fused.fused_path(x):
         x = roll(x, shift, 2, shift != 0)  # a new tensor: the masks may write into it
-        x = mask_rows(x, masks[:, 0], masks[:, 1], 2, masks[:, 1] > masks[:, 0], owned=True)
-        return mask_rows(x, masks[:, 2], masks[:, 3], 3, masks[:, 3] > masks[:, 2], owned=True)
+        x = mask_rows(
+            x, masks[:, 0], masks[:, 1], 2, masks[:, 1] > masks[:, 0], owned=True, fill=fill
+        )
+        return mask_rows(
+            x, masks[:, 2], masks[:, 3], 3, masks[:, 3] > masks[:, 2], owned=True, fill=fill
+        )
     # mask_rows' checks, in numpy on the host (no device op, no sync).
     m = masks.cpu().long().numpy()
     time_on, freq_on = m[:, 1] > m[:, 0], m[:, 3] > m[:, 2]
@@ -373,7 +379,7 @@ def roll_and_mask(x: torch.Tensor, shift: Param, masks: Param) -> torch.Tensor:
     params = np.zeros((batch, 5), np.int32)
     params[:, 0] = np.remainder(shift.cpu().numpy(), frames)  # torch.roll's shift, in [0, T)
     params[:, 1:] = m
-    return fused.roll_mask_triton(x, torch.from_numpy(params))
+    return fused.roll_mask_triton(x, torch.from_numpy(params), fill=fill)
 
 
 def _require_bands(m: np.ndarray, time_on, freq_on, frames: int, bins: int, who: str) -> None:

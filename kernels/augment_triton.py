@@ -556,10 +556,11 @@ if triton is not None:
         params_ptr,
         frames,
         bins,
+        fill,
         BLOCK_H: tl.constexpr,
         BLOCK_W: tl.constexpr,
     ):
-        """One program per (image, tile): out[t, f] = 0 inside the sample's time or frequency
+        """One program per (image, tile): out[t, f] = fill inside the sample's time or frequency
         band, else x[(t - shift) mod T, f] (torch.roll's map, shift already in [0, T))."""
         row = tl.program_id(0)
         params = params_ptr + row * 5
@@ -576,19 +577,25 @@ if triton is not None:
         base = row.to(tl.int64) * frames * bins
         value = tl.load(x_ptr + base + source[:, None] * bins + cols[None, :], mask=inside)
         band = ((rows >= t0) & (rows < t1))[:, None] | ((cols >= f0) & (cols < f1))[None, :]
-        value = tl.where(band, 0.0, value)
+        value = tl.where(band, fill, value)
         tl.store(out_ptr + base + rows[:, None] * bins + cols[None, :], value, mask=inside)
 
 
 def roll_mask_triton(
-    x: torch.Tensor, params: torch.Tensor, *, tile: tuple[int, int] | None = None
+    x: torch.Tensor,
+    params: torch.Tensor,
+    *,
+    fill: float = 0.0,
+    tile: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """(B, 1, T, F) filterbank images -> a new (B, 1, T, F): the time roll, then the time and
-    frequency masks. params (B, 5) int32 host: [shift in [0, T), time start, end, frequency
-    start, end], checked by ``kernels.augment.roll_and_mask`` (call that, not this). ``tile``:
-    (rows, columns) per program (default (32, 64) on a GPU, (256, 128) under the interpreter).
+    frequency masks, set to ``fill``. params (B, 5) int32 host: [shift in [0, T), time start,
+    end, frequency start, end], checked by ``kernels.augment.roll_and_mask`` (call that, not
+    this). ``tile``: (rows, columns) per program (default (32, 64) on a GPU, (256, 128) under
+    the interpreter).
     """
-    return _fbank_tiles(_roll_mask_kernel, "roll_mask_triton", x, params.to(torch.int32), tile)
+    params = params.to(torch.int32)
+    return _fbank_tiles(_roll_mask_kernel, "roll_mask_triton", x, params, tile, fill=float(fill))
 
 
 if triton is not None:

@@ -448,6 +448,50 @@ def test_finetune_batches_mix_frames_after_normalisation(synth_small):
         np.testing.assert_allclose(batch["labels"][b].numpy(), draw["labels"], atol=1e-6)
 
 
+def test_finetune_audio_is_rolled_and_masked_with_the_log_mels_zero(synth_small):
+    """Finetuning's clean audio: the normalised Kaldi fbank (torchaudio's), rolled along time
+    by the drawn shift, its SpecAugment bands holding the log-mel's zero after the
+    normalisation, -mean / std (masked before the normalisation, as the original's recipe and
+    the paper-style loader do), not 0."""
+    import torchaudio
+
+    from bench.baseline import read_waveform
+
+    audio_mean, audio_std = -4.346, 4.332
+    cfg = LoaderConfig(
+        batch_size=4,
+        mode="finetune",
+        seed=5,
+        frames_per_clip=4,
+        eval_frame=2,
+        audio_mean=audio_mean,
+        audio_std=audio_std,
+        augment=dataclasses.replace(AugmentConfig(), mixup=0.0),
+    )
+    entries = read_dataset(synth_small.root / "train.json")
+    loader = DaliLoader(entries, read_label_csv(synth_small.label_csv), cfg)
+    batch = next(iter(loader))
+    fill = (0.0 - audio_mean) / audio_std
+    banded = 0
+    for b in range(4):
+        draw = loader.source._mixup(int(batch["index"][b]), 0, b)
+        shift, t0, t1, f0, f1 = draw["ft_params"].tolist()
+        wave = read_waveform(entries[int(batch["index"][b])].wav)
+        fbank = torchaudio.compliance.kaldi.fbank(
+            (wave - wave.mean()).unsqueeze(0), htk_compat=True, sample_frequency=16000,
+            use_energy=False, window_type="hanning", num_mel_bins=128, dither=0.0,
+            frame_shift=10,
+        )  # fmt: skip
+        fbank = torch.nn.functional.pad(fbank, (0, 0, 0, cfg.target_frames - len(fbank)))
+        want = torch.roll((fbank - audio_mean) / audio_std, shift, 0)
+        want[t0:t1, :] = fill
+        want[:, f0:f1] = fill
+        got = batch["audio"][b, 0].T  # (T, 128)
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+        banded += (t1 - t0) + (f1 - f0)
+    assert banded > 0  # some band was drawn: the fill was checked
+
+
 def test_rrc_fallback_is_torchvisions_centre_crop():
     from torchvision.transforms import RandomResizedCrop
 

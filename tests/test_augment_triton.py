@@ -305,13 +305,18 @@ def roll_mask_case() -> tuple[torch.Tensor, ...]:
     return x, shift, masks
 
 
-def roll_mask_reference(case: tuple, b: int) -> torch.Tensor:
-    """torch only: torch.roll, then the bands zeroed by slicing."""
+# A mask value other than 0: the normalised zero of the log-mel (-mean / std), as finetuning
+# fills its bands (masked before the normalisation, as the original's recipe places them).
+FILL = 4.346 / 4.332
+
+
+def roll_mask_reference(case: tuple, b: int, fill: float = 0.0) -> torch.Tensor:
+    """torch only: torch.roll, then the bands set to ``fill`` by slicing."""
     x, shift, masks = case
     image = torch.roll(x[b], int(shift[b]), dims=1)
     t0, t1, f0, f1 = masks[b].tolist()
-    image[:, t0:t1] = 0.0
-    image[:, :, f0:f1] = 0.0
+    image[:, t0:t1] = fill
+    image[:, :, f0:f1] = fill
     return image
 
 
@@ -328,9 +333,11 @@ def run_roll_mask(case: tuple, device: str) -> dict[str, torch.Tensor]:
     ):
         out = K.roll_and_mask(x, shift, masks)
         negated = K.roll_and_mask(x, -shift, masks)
+        filled = K.roll_and_mask(x, shift, masks, fill=FILL)
     return {
         "out": out.cpu(),
         "negated": negated.cpu(),
+        "filled": filled.cpu(),
         "input_untouched": torch.tensor(torch.equal(x, before)),
     }
 
@@ -342,7 +349,9 @@ def check_roll_mask(case: tuple, results: dict) -> None:
     # Data movement only: bit for bit with torch, and with the torch path.
     for b in range(len(x)):
         assert torch.equal(out[b], roll_mask_reference(case, b)), b
+        assert torch.equal(results["filled"][b], roll_mask_reference(case, b, FILL)), b
     assert torch.equal(out, K.roll_and_mask(x, shift, masks))
+    assert torch.equal(results["filled"], K.roll_and_mask(x, shift, masks, fill=FILL))
     assert torch.equal(out[0], x[0])
     moved = (shift % x.shape[2] != 0) & (shift % x.shape[2] != x.shape[2] // 2)
     for b in moved.nonzero().flatten().tolist():  # a wrong roll direction is seen
@@ -504,8 +513,11 @@ def test_fused_roll_and_mask_under_interpreter(interpreted) -> None:
 def test_roll_and_mask_torch_path_matches_the_reference() -> None:
     case = roll_mask_case()
     out = K.roll_and_mask(*case)
+    filled = K.roll_and_mask(*case, fill=FILL)
     for b in range(len(out)):
         assert torch.equal(out[b], roll_mask_reference(case, b)), b
+        assert torch.equal(filled[b], roll_mask_reference(case, b, FILL)), b
+    assert (filled == FILL).sum() > (out == FILL).sum()  # the bands really hold the fill
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -707,7 +719,7 @@ _VARIANTS = (
     | {
         "roll-mask": (
             "_roll_mask_kernel",
-            {**_F32, "params_ptr": "*i32", "frames": "i32", "bins": "i32"},
+            {**_F32, "params_ptr": "*i32", "frames": "i32", "bins": "i32", "fill": "fp32"},
             {"BLOCK_H": 32, "BLOCK_W": 64},
         ),
     }
