@@ -34,6 +34,11 @@ DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #: Keys every result JSON has (`write_result` fills `benchmark`, `machine` and `created`).
 RESULT_KEYS = ("benchmark", "machine", "config", "rows", "summary")
 
+#: What the paper-style loader does (`bench.baseline`): "paper", the original's sample path with
+#: the work it does for nothing (`PaperStyleDataset`'s `unused_work`); "lean", without it. Results
+#: from before the choice existed measured "lean".
+BASELINE_WORK = ("paper", "lean")
+
 
 class ResultError(ValueError):
     """A result file or payload that does not follow the schema; the message names the file."""

@@ -9,7 +9,11 @@ side by side in one process on the same synthetic dataset and the same model:
   pipeline with ``--cores`` threads and its source in ``--py-workers`` processes (0: in the main
   thread), then its device stage) feeding training steps;
 - ``baseline-<layout>``: the same steps fed by the paper-style loader (``bench.baseline``:
-  ``PaperStyleDataset`` + ``make_loader`` with ``--cores`` workers), batches moved to the device;
+  ``PaperStyleDataset`` + ``make_loader`` with ``--cores`` workers), batches moved to the device
+  as the original's step does (``bench.baseline.batch_to_device``); ``--baseline-work paper``
+  (default) runs the original's sample path with the work it does for nothing (its ``cen_num``
+  crops drawn on random images, finetuning's disabled augmented outputs), ``lean`` without it
+  (rows and comparisons record ``baseline_work``);
 - ``step-only``: the same step repeated on one real batch already on the device (no loading,
   no loader alive).
 
@@ -47,6 +51,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -56,6 +61,7 @@ from typing import Any
 import torch
 
 from bench.common import (
+    BASELINE_WORK,
     add_loader_gpu_arguments,
     add_model_arguments,
     add_precision_argument,
@@ -265,9 +271,12 @@ def compiled_graphs() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
-def baseline_loader(cfg: Config, mode: str, workers: int, seed: int = 0):
+def baseline_loader(cfg: Config, mode: str, workers: int, seed: int = 0, work: str = "paper"):
     """`bench.baseline`'s paper-style DataLoader over `cfg.data.train_json`, set up like `cfg`
-    (sizes, normalisation, augmentation probabilities, mixup, quirk switches)."""
+    (sizes, normalisation, augmentation probabilities, mixup, quirk switches); `work`: "paper"
+    (the original's unused work done too) or "lean" (`PaperStyleDataset`'s `unused_work`)."""
+    if work not in BASELINE_WORK:
+        raise ValueError(f"baseline work must be one of {BASELINE_WORK}, got {work!r}")
     from bench.baseline import AugmentProbs, PaperStyleDataset, make_loader
 
     a, d = cfg.augment, cfg.data
@@ -297,6 +306,7 @@ def baseline_loader(cfg: Config, mode: str, workers: int, seed: int = 0):
         mixup=a.mixup,
         noise=a.noise,
         finetune_specaug=cfg.quirks.ft_specaug,
+        unused_work=work == "paper",
     )
     return make_loader(dataset, cfg.train.batch_size, workers, seed=seed)
 
@@ -340,12 +350,14 @@ def _loader_fed_rows(
     streams: Sequence[str],
     base: dict[str, Any],
     pinned_cores: list[int] | None,
+    work: str = "paper",
 ) -> list[dict[str, Any]]:
     """Rows dali-<layout>, one per step stream of `streams` (for each a fresh loader feeds the
-    steps, and is freed before the next), then baseline-<layout> (the step on `streams[0]`);
-    every row records `pinned_cores`. A DALI-fed run that fails (out of memory, say) gives an
-    error row and the others still run: an experimental setting must not cost a GPU session
-    the rest of its comparison."""
+    steps, and is freed before the next), then baseline-<layout> (the step on `streams[0]`,
+    the paper-style loader doing `work`, `baseline_loader`); every row records
+    `pinned_cores`. A run that fails (out of memory, a killed worker) gives an error row and
+    the others still run: an experimental setting must not cost a GPU session the rest of its
+    comparison."""
     from dali_pipelines.loader import build_loader
 
     layout, pinned = base["layout"], {"pinned_cores": pinned_cores}
@@ -363,12 +375,15 @@ def _loader_fed_rows(
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    with step_stream(streams[0], device) as stream:
-        baseline = _baseline_timing(step, cfg, mode, device, steps, warmup)
+    stream = None
+    try:
+        with step_stream(streams[0], device) as stream:
+            baseline = _baseline_timing(step, cfg, mode, device, steps, warmup, work)
+    except Exception as e:  # noqa: BLE001 (recorded in the row; the DALI-fed rows stand)
+        baseline = {"status": "error", "error": f"{type(e).__name__}: {e}"}
     gc.collect()
-    rows.append(
-        _row(base, f"baseline-{layout}", {**baseline, **_stream_fields(streams[0], stream)})
-    )
+    fields = {**baseline, **_stream_fields(streams[0], stream), "baseline_work": work}
+    rows.append(_row(base, f"baseline-{layout}", fields))
     return [{**row, **pinned} for row in rows]
 
 
@@ -379,11 +394,20 @@ def _stream_fields(setting: str, stream: torch.cuda.Stream | None) -> dict[str, 
 
 
 def _baseline_timing(
-    step: TrainStep, cfg: Config, mode: str, device: torch.device, steps: int, warmup: int
+    step: TrainStep,
+    cfg: Config,
+    mode: str,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    work: str = "paper",
 ) -> dict[str, float]:
-    """Timing of the steps fed by the paper-style loader (its workers end with it on return)."""
-    loader = baseline_loader(cfg, mode, cfg.data.num_threads, seed=cfg.train.seed)
-    return _fed_timing(step, loader, lambda b: to_device(b, device), steps, warmup, device)
+    """Timing of the steps fed by the paper-style loader doing `work` (its workers end with it
+    on return), its batches taken to the device as the original's step takes them."""
+    from bench.baseline import batch_to_device
+
+    loader = baseline_loader(cfg, mode, cfg.data.num_threads, seed=cfg.train.seed, work=work)
+    return _fed_timing(step, loader, lambda b: batch_to_device(b, device), steps, warmup, device)
 
 
 def _fed_timing(step, loader, prepare, steps: int, warmup: int, device: torch.device) -> dict:
@@ -411,6 +435,8 @@ def measure_model(
     streams: Sequence[str] | None = None,
     pin: bool = False,
     repeats: int = 1,
+    baseline_work: str = "paper",
+    unpinned: bool = True,
 ) -> list[dict[str, Any]]:
     """Rows step-only, dali-<layout> (one per step stream of `streams`, default
     `cfg.train.step_stream`) and baseline-<layout> for one model (`cfg`): one model and
@@ -421,9 +447,14 @@ def measure_model(
     machine's cores) is the device's rate either way. `repeats`: the loader-fed runs in that
     many alternating rounds, each row the median round's (`bench.common.median_rows`) with
     every round's samples/s, and a DALI-fed row the ratio to the paper-style run of each round
-    (`with_round_ratios`); step-only, the device's own rate, is timed once."""
+    (`with_round_ratios`); step-only, the device's own rate, is timed once. `baseline_work`:
+    the paper-style loader's `work` (`baseline_loader`). `unpinned=False` with `pin`: the
+    loader-fed runs pinned only (they answer both targets: the share of step-only and the ratio
+    at the same CPU share), for a GPU session short of time."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if not (pin or unpinned):
+        raise ValueError("nothing to time: neither unpinned nor pinned loader-fed runs")
     from dali_pipelines.audio import fbank_backend_for
 
     setup = StepSetup.of(mode, cfg)
@@ -460,13 +491,12 @@ def measure_model(
     rows = [_row(base, "step-only", {**step_only, **first})]
     rounds = []
     for _ in range(repeats):
-        fed = _loader_fed_rows(step, cfg, mode, device, steps, warmup, streams, base, None)
+        args = (step, cfg, mode, device, steps, warmup, streams, base)
+        fed = _loader_fed_rows(*args, None, baseline_work) if unpinned else []
         if pin:
             try:
                 with pinned_to_cores(cfg.data.num_threads) as cpus:
-                    fed += _loader_fed_rows(
-                        step, cfg, mode, device, steps, warmup, streams, base, cpus
-                    )
+                    fed += _loader_fed_rows(*args, cpus, baseline_work)
             except Exception as e:  # noqa: BLE001 (the rows above stand; this one says why)
                 error = {"status": "error", "error": f"{type(e).__name__}: {e}"}
                 fed.append({**base, **first, "pipeline": "pinned-runs", **error})
@@ -485,6 +515,12 @@ def measure_model(
         )
         if row["graphs_compiled_timed"]:
             log(f"  warning: {row['pipeline']}: torch.compile ran inside the timed steps")
+        if row.get("epoch_starts"):
+            # Each start drains and refills the loader: a real dataset's steady state has few.
+            log(
+                f"  warning: {row['pipeline']}: {row['epoch_starts']} epoch start(s) inside the "
+                "timed steps (a larger --clips keeps them out)"
+            )
     return rows
 
 
@@ -523,7 +559,10 @@ def _error_rows(mode: str, size: str, layout: str, error: BaseException) -> list
 
 def summarize(rows: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
     """Per (model, mode) and per DALI-fed row: DALI vs the paper-style loader run with the same
-    pinning (``pinned_cores``), both vs step-only, and their wait fractions."""
+    pinning (``pinned_cores``), both vs step-only, and their wait fractions. With rounds
+    (``round_vs_baseline``) the ratio is the median of the rounds' ratios, each DALI-fed run
+    over the paper-style run of its own round (the median rows of the two loaders may come from
+    different rounds); the CPU figures are each loader's median row's."""
     comparisons = []
     ok = [r for r in rows if r.get("status") == "ok"]
     for size, mode in dict.fromkeys((r["model"], r["mode"]) for r in ok):
@@ -540,7 +579,8 @@ def summarize(rows: list[dict[str, Any]], device: torch.device) -> dict[str, Any
                     "mode": mode,
                     "step_stream": dali.get("step_stream", "default"),
                     "pinned_cores": dali.get("pinned_cores"),
-                    "dali_vs_baseline": dali["samples_per_s"] / base["samples_per_s"],
+                    "dali_vs_baseline": _ratio(dali, base),
+                    "baseline_work": base.get("baseline_work", "lean"),
                     "dali_vs_step_only": dali["vs_step_only"],
                     "baseline_vs_step_only": base["vs_step_only"],
                     "dali_data_wait_frac": dali["data_wait_frac"],
@@ -558,6 +598,13 @@ def summarize(rows: list[dict[str, Any]], device: torch.device) -> dict[str, Any
             "and do not measure the GPU design"
         )
     return summary
+
+
+def _ratio(dali: dict[str, Any], base: dict[str, Any]) -> float:
+    """DALI-fed over paper-style samples/s: the median of the rounds' ratios where the row has
+    rounds, else the two rows' ratio."""
+    rounds = [r for r in dali.get("round_vs_baseline") or [] if r is not None]
+    return statistics.median(rounds) if rounds else dali["samples_per_s"] / base["samples_per_s"]
 
 
 def _paired_baseline(dali: dict[str, Any], rows: Sequence[dict[str, Any]]) -> dict | None:
@@ -620,6 +667,20 @@ def build_parser() -> argparse.ArgumentParser:
         "the loaders' workers) pinned to --cores CPUs: the CPU share of one GPU on a node",
     )
     p.add_argument(
+        "--unpinned",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the loader-fed steps unpinned (--no-unpinned with --pin-cores: pinned only)",
+    )
+    p.add_argument(
+        "--baseline-work",
+        default="paper",
+        choices=BASELINE_WORK,
+        help="the paper-style loader: paper = its code's sample path with the work it does "
+        "for nothing (cen_num crops drawn on random images, finetuning's disabled outputs); "
+        "lean = without it (bench.baseline's unused_work)",
+    )
+    p.add_argument(
         "--thread-prefetch",
         type=int,
         default=0,
@@ -660,6 +721,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warmup = a.warmup if a.warmup is not None else (1 if a.smoke else 3)
     if a.cores < 1 or a.repeats < 1:
         raise SystemExit("bench.end_to_end: --cores and --repeats must be >= 1")
+    if not (a.unpinned or a.pin_cores):
+        raise SystemExit("bench.end_to_end: --no-unpinned needs --pin-cores (nothing to time)")
     data_dir = Path(a.data)
     ensure_dataset(data_dir, a.clips, a.seconds, quiet=a.smoke, layouts=(a.layout,))
     torch.set_num_threads(a.cores)  # the step's own share; the loaders get --cores each
@@ -681,7 +744,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             size_warmup = min(warmup, 1) if full and not cuda else warmup
             # The paper-style loader's workers deliver batches in rounds: time whole rounds.
             size_steps = whole_rounds(size_steps, a.cores)
-            plan[f"{size}/{mode}"] = {"batch_size": batch, "steps": size_steps}
+            plan[f"{size}/{mode}"] = {
+                "batch_size": batch,
+                "steps": size_steps,
+                "warmup_steps": size_warmup,
+            }
             print(f"bench.end_to_end: {size} model, {mode}, batch {batch} on {device}", flush=True)
             try:
                 cfg = bench_config(
@@ -717,6 +784,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     streams=streams,
                     pin=a.pin_cores,
                     repeats=a.repeats,
+                    baseline_work=a.baseline_work,
+                    unpinned=a.unpinned,
                 )
             except Exception as e:  # one failed size (e.g. out of memory) must not end the run
                 print(f"  failed: {type(e).__name__}: {e}", flush=True)
@@ -737,12 +806,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "thread_prefetch": a.thread_prefetch,
             "step_streams": streams,
             "pin_cores": a.pin_cores,
+            "unpinned": a.unpinned,
             "repeats": a.repeats,
             "device": str(device),
             "precision": precision,
             "smoke": a.smoke,
-            "steps": steps,
-            "warmup_steps": warmup,
+            "baseline_work": a.baseline_work,
+            # As asked; each run's own (whole rounds, a CPU's full size) in "runs".
+            "requested_steps": steps,
+            "requested_warmup_steps": warmup,
             "data": str(data_dir),
             "seconds": a.seconds,
             "runs": plan,
@@ -754,6 +826,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for c in payload["summary"]["comparisons"]:
         how = [] if c["step_stream"] == "default" else [f"{c['step_stream']} step stream"]
         how += [f"pinned to CPUs {c['pinned_cores']}"] if c["pinned_cores"] else []
+        how += [f"{c['baseline_work']} paper-style loader"]
         stream = f" ({', '.join(how)})" if how else ""
         print(
             f"{c['model']}/{c['mode']}{stream}: DALI / baseline {c['dali_vs_baseline']:.2f}x, "

@@ -56,15 +56,18 @@ e2e_b64() {  # e2e_b64 NAME ARGS...: full pretraining end to end at batch 64, bf
     # compiled, 2 cores, source in 2 workers, thread prefetch, 3 + 20 batches of e2e-b64's set;
     # ARGS: the model's and the loader's settings; results under $RESULTS/NAME. The DALI-fed
     # steps run twice, on torch's stream and on one of the highest priority (train.step_stream:
-    # the loader's kernels yield to the step's), one row each; then the loader-fed runs again
-    # with the whole process pinned to $CORES CPUs (--pin-cores: the CPU share of one GPU).
+    # the loader's kernels yield to the step's), one row each; the loader-fed runs with the
+    # whole process pinned to $CORES CPUs only (--pin-cores --no-unpinned: the CPU share of one
+    # GPU, the targets' condition; unpinned runs cost minutes the session lacks since the
+    # paper-style loader does the original's unused work, --baseline-work paper, ~2x the CPU
+    # per sample of the lean one that earlier sessions measured).
     local name=$1
     shift
     stage "$name" 450 python3 -m bench.end_to_end --mode pretrain --size full \
         --full-batch-size 64 --precision bf16-master --compile --data "$DATA_B64" --clips 1700 \
         --cores "$CORES" --py-workers 2 --thread-prefetch 2 --steps 20 \
-        --step-stream default,high-priority --pin-cores --results-dir "$RESULTS/${name#e2e-}" \
-        "$@"
+        --step-stream default,high-priority --pin-cores --no-unpinned \
+        --results-dir "$RESULTS/${name#e2e-}" "$@"
 }
 
 e2e_b256() {  # e2e_b256 NAME ARGS...: the same at batch 256 (an H200's memory), 2 + 6 batches
@@ -75,7 +78,7 @@ e2e_b256() {  # e2e_b256 NAME ARGS...: the same at batch 256 (an H200's memory),
     stage "$name" 540 python3 -m bench.end_to_end --mode pretrain --size full \
         --full-batch-size 256 --precision bf16-master --compile --data "$DATA_B256" \
         --clips 2300 --cores "$CORES" --py-workers 2 --thread-prefetch 2 --warmup 2 \
-        --steps 6 --step-stream default,high-priority --pin-cores \
+        --steps 6 --step-stream default,high-priority --pin-cores --no-unpinned \
         --results-dir "$RESULTS/${name#e2e-}" "$@"
 }
 
@@ -350,10 +353,10 @@ for s in "$@"; do
     step-float8-256)  # the same at batch 256 (an H200's memory), against `step-qkv-split-256`
         fixed_step step-float8-256 360 --precision bf16-master --batch-size 256 --gelu triton \
             --qkv split --linear float8 ;;
-    e2e-b256-float8)  # e2e-b256-levers with float8 linears (needs bench-data-b256's set), lean:
-        # torch's stream, not pinned (~3.5 minutes; against call 1's rows of the same set-up)
+    e2e-b256-float8)  # e2e-b256-levers with float8 linears (needs bench-data-b256's set), on
+        # torch's stream only (~4.5 minutes; against call 1's rows of the same set-up)
         e2e_b256 e2e-b256-float8 --gelu triton --qkv split --linear float8 \
-            --step-stream default --no-pin-cores ;;
+            --step-stream default ;;
     stream-tests)  # train.step_stream on the GPU: the stream's priority and ordering, and
         # training on it equals training on torch's stream (the loader's thread hands over)
         stage stream-tests 180 python3 -m pytest -q tests/test_step_stream.py -rs ;;

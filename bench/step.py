@@ -68,8 +68,11 @@ SMOKE_BATCH = {"pretrain": 4, "finetune": 8}
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets. Matched in
 # order: every listed substring must occur in `torch.cuda.get_device_name()`. The H100 SXM
-# reports itself as "NVIDIA H100 80GB HBM3". A GPU not listed gets no peak and no MFU.
+# reports itself as "NVIDIA H100 80GB HBM3". A GPU not listed gets no peak and no MFU. The NVL
+# (PCIe) cards first: "NVIDIA H200 NVL" would match the SXM part's rule.
 PEAK_BF16_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("H200", "NVL"), 835.0),
+    (("H100", "NVL"), 835.0),
     (("H200",), 989.0),
     (("H100", "PCIe"), 756.0),
     (("H100", "HBM3"), 989.0),
@@ -431,7 +434,10 @@ def _setup_rows(
         return rows + [_failed_row(step.setup, None, "max", "error", f"{type(e).__name__}: {e}")]
     if largest is None:
         return rows + [_failed_row(step.setup, None, "max", "oom", f"batch {base} does not fit")]
-    return rows + [_measure_row(step, largest, "max", steps, warmup)]
+    row = _measure_row(step, largest, "max", steps, warmup)
+    # The search doubles up to the limit: a larger batch may fit where the next size was above
+    # it (never tried), unlike where it ran out of memory.
+    return rows + [{**row, "batch_limit_reached": 2 * largest > limit}]
 
 
 def benchmark_setup(
@@ -457,9 +463,11 @@ def benchmark_setup(
         jobs = [((SMOKE_BATCH if smoke else PAPER_BATCH)[setup.mode], kind, search)]
     rows = []
     for size, kind, search_here in jobs:
-        if setup.compile and batch_sizes:
-            # Dynamo remembers the sizes a function's code has seen, across compiled models:
-            # forget them, or the second batch size would be compiled for dynamic shapes.
+        if setup.compile:
+            # Dynamo remembers the sizes a function's code has seen, across compiled models
+            # (and reuses a graph whose guards pass): forget them, or a second batch size, or
+            # the next configuration of a grid after another's batch search, would run a graph
+            # compiled for dynamic shapes (or none compiled in its first step).
             torch._dynamo.reset()
         try:
             step = TrainStep(setup, cfg, device)

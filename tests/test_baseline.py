@@ -127,12 +127,16 @@ def test_shapes_and_dtypes(synth_small, mode):
     ds = make(synth_small, mode)
     ds.seed_worker(0)
     sample = ds[1]
-    expected = {"audio": (3, 128, 1024), "visual": (3, 224, 224), "labels": (4,)}
+    # The fbank images time-major, as the original's dataset returns them (the step transposes).
+    expected = {"audio": (3, 1024, 128), "visual": (3, 224, 224), "labels": (4,)}
     if mode == "pretrain":
         expected |= {
-            "audio_aug": (3, 128, 1024), "visual_aug": (3, 224, 224), "t_a": (24,), "t_v": (18,),
+            "audio_aug": (3, 1024, 128), "visual_aug": (3, 224, 224), "t_a": (24,), "t_v": (18,),
             "t_a_cen": (3, 24), "t_v_cen": (3, 18),
         }  # fmt: skip
+    if mode == "finetune":  # the original's disabled augmented outputs (unused_work)
+        width, height = frame0(ds.entries[1]).size
+        expected |= {"unused_audio": (3, 1024, 128), "unused_visual": (3, height, width)}
     assert {k: tuple(v.shape) for k, v in sample.items()} == expected
     for key, value in sample.items():
         assert value.dtype == torch.float32, key
@@ -152,11 +156,11 @@ def test_eval_audio_is_torchaudio_fbank(synth_small, target_length):
         ref, frames = reference_fbank(ds.entries[index].wav, target_length)
         assert frames == 398  # 4 s: 1 + (64000 - 400) // 160; 1024 pads, 256 cuts
         audio = ds[index]["audio"]
-        assert audio.shape == (3, 128, target_length)
+        assert audio.shape == (3, target_length, 128)
         for c in range(3):
-            torch.testing.assert_close(audio[c], ref.T, atol=1e-5, rtol=0)
+            torch.testing.assert_close(audio[c], ref, atol=1e-5, rtol=0)
     if target_length == 1024:  # padding is zeros after the log, normalised
-        torch.testing.assert_close(audio[:, :, 398:], torch.full((3, 128, 626), -MEAN / STD))
+        torch.testing.assert_close(audio[:, 398:, :], torch.full((3, 626, 128), -MEAN / STD))
 
 
 @pytest.mark.parametrize("fmt", ["frames", "webm"])
@@ -199,9 +203,8 @@ def test_vectors_neutral_when_off_and_crop_is_truthful(synth_small):
 
         i, j, h, w = audio_crop(t_a)
         assert 0 <= i and i + h <= 1024 and 0 <= j and j + w <= 128
-        image = s["audio"].transpose(1, 2)
-        expected = F.resized_crop(image, i, j, h, w, [1024, 128], antialias=True)
-        torch.testing.assert_close(s["audio_aug"].transpose(1, 2), expected, atol=1e-6, rtol=0)
+        expected = F.resized_crop(s["audio"], i, j, h, w, [1024, 128], antialias=True)
+        torch.testing.assert_close(s["audio_aug"], expected, atol=1e-6, rtol=0)
 
         frame = frame0(ds.entries[index])
         i, j, h, w = visual_crop(t_v, frame.height, frame.width)
@@ -226,7 +229,7 @@ def test_vectors_reproduce_the_views_when_all_on(synth_small):
         t0, t1, f0, f1 = (int(v) for v in t_a[1:5])
         assert 0 <= t0 <= t1 <= 1024 and t1 - t0 <= 192
         assert 0 <= f0 <= f1 <= 128 and f1 - f0 <= 48
-        x = s["audio"].transpose(1, 2).clone()  # (3, T, F)
+        x = s["audio"].clone()  # (3, T, F)
         x[:, t0:t1, :] = 0
         x[:, :, f0:f1] = 0
         x = torch.roll(x, int(round(float(t_a[6]) * 1024)), dims=1)
@@ -236,7 +239,7 @@ def test_vectors_reproduce_the_views_when_all_on(synth_small):
         assert 0.1 <= sigma <= 2.0
         k = 2 * math.ceil(sigma) + 1
         x = F.hflip(F.gaussian_blur(x, [k, k], [sigma, sigma]))
-        torch.testing.assert_close(s["audio_aug"].transpose(1, 2), x, atol=1e-4, rtol=0)
+        torch.testing.assert_close(s["audio_aug"], x, atol=1e-4, rtol=0)
 
         frame = frame0(ds.entries[index])
         img = F.resized_crop(frame, *visual_crop(t_v, frame.height, frame.width), [224, 224])
@@ -327,7 +330,7 @@ def test_finetune_mixup_mixes_waves_frames_and_labels(synth_small, two_clips):
     w0, w1 = w0 - w0.mean(), w1 - w1.mean()
     mix = lam * w0 + (1 - lam) * w1
     ref, _ = fbank_of(mix - mix.mean(), 1024)
-    torch.testing.assert_close(mixed["audio"][0], ref.T, atol=1e-4, rtol=0)
+    torch.testing.assert_close(mixed["audio"][0], ref, atol=1e-4, rtol=0)
     visual = lam * CLEAN(frame0(ds.entries[0])) + (1 - lam) * CLEAN(frame0(ds.entries[1]))
     torch.testing.assert_close(mixed["visual"], visual, atol=1e-5, rtol=0)
 
@@ -337,7 +340,7 @@ def test_finetune_specaugment_masks_one_band_each(synth_small):
     ds = make(synth_small, "finetune", mixup=0.0, noise=False, target_length=256)
     ds.seed_worker(3)
     ref, _ = reference_fbank(ds.entries[0].wav, 256)
-    audio = ds[0]["audio"][0]  # (128, T)
+    audio = ds[0]["audio"][0].T  # (128, T)
     masked_value = (0 - MEAN) / STD  # masks zero the log-mel before normalisation, as CAV-MAE
     at_mask = (audio - masked_value).abs() < 1e-5
     rows = at_mask.all(dim=1).nonzero().flatten()  # mel bins masked over all time
@@ -377,7 +380,7 @@ def test_loader_two_workers(synth_small):
         batches = list(itertools.islice(loader, 2))
         first.append(batches[0])
         b = batches[0]
-        assert b["audio"].shape == (2, 3, 128, 1024) and b["visual_aug"].shape == (2, 3, 224, 224)
+        assert b["audio"].shape == (2, 3, 1024, 128) and b["visual_aug"].shape == (2, 3, 224, 224)
         assert b["t_a"].shape == (2, 24) and b["t_v_cen"].shape == (2, 2, 18)
         # Batches 0 and 1 come from workers 0 and 1: differently seeded draws.
         assert not torch.equal(batches[0]["t_a"], batches[1]["t_a"])
@@ -389,6 +392,92 @@ def test_loader_two_workers(synth_small):
 
     probe = make_loader(_ThreadProbe(), batch_size=1, workers=2, shuffle=False)
     assert [float(b["labels"]) for b in probe] == [1.0] * 4
+
+
+def test_unused_work_draws_each_cen_crop_on_a_random_image(synth_small, monkeypatch):
+    """With ``unused_work`` (the default) every ``cen_num`` crop is drawn on a fresh random
+    image of the original's sizes (audio: frames x bins; visual: the output size), as the
+    original's ``sample_t_a`` / ``sample_t_v`` do; lean, on a free stand-in. The vectors follow
+    the same rules either way."""
+    import bench.baseline as baseline
+
+    real, made = baseline.random_canvas, []
+
+    def recording(height, width):
+        made.append((height, width))
+        return real(height, width)
+
+    monkeypatch.setattr(baseline, "random_canvas", recording)
+    canvas = real(5, 7)
+    assert canvas.shape == (3, 5, 7) and 0 <= canvas.min() and canvas.max() < 1
+    assert not torch.equal(canvas, real(5, 7))  # fresh random numbers: the original's cost
+    for unused_work, want in ((True, [(1024, 128)] * 3 + [(224, 224)] * 3), (False, [])):
+        made.clear()
+        ds = make(synth_small, "pretrain", unused_work=unused_work)
+        ds.seed_worker(0)
+        s = ds[0]
+        assert made == want
+        for t in s["t_a_cen"]:
+            i, j, h, w = audio_crop(t)
+            assert 0 <= i and i + h <= 1024 and 0 <= j and j + w <= 128
+        for t in s["t_v_cen"]:
+            i, j, h, w = visual_crop(t, 224, 224)
+            assert 0 <= i and i + h <= 224 and 0 <= j and j + w <= 224
+
+
+@pytest.mark.parametrize("mixup", [0.0, 1.0])
+def test_finetuning_makes_the_originals_unused_outputs(synth_small, mixup):
+    """Finetuning with ``unused_work``: the outputs the original's ``__getitem__`` makes with
+    its augmentations off, the fbank repeated (equal to the clean audio, mixed or not) and a
+    frame of the clip decoded and normalised at its own size; lean, none."""
+    ds = make(synth_small, "finetune", mixup=mixup, noise=False)
+    ds.seed_worker(0)
+    s = ds[0]
+    assert torch.equal(s["unused_audio"], s["audio"])
+    assert s["unused_audio"].shape == (3, 1024, 128)
+    assert torch.equal(s["unused_audio"][0], s["unused_audio"][2])
+    frames = []
+    for k in range(FRAMES_PER_CLIP):
+        with Image.open(ds.entries[0].frame_path(k)) as img:
+            frames.append(NORMALIZE(F.to_tensor(img.convert("RGB"))))
+    assert any(torch.equal(s["unused_visual"], f) for f in frames)
+    lean = make(synth_small, "finetune", mixup=mixup, unused_work=False)
+    lean.seed_worker(0)
+    assert not [k for k in lean[0] if k.startswith("unused_")]
+
+
+def test_batches_reach_the_device_as_the_originals_step_takes_them(synth_small):
+    """The original's DataLoader: no pinned memory, workers that end with the epoch; its
+    collation, except that unused frames of different sizes stay a list; its step copies what
+    it reads (not the unused outputs) and transposes the fbank images to (B, 3, 128, T)."""
+    from bench.baseline import batch_to_device, collate
+
+    ds = make(synth_small, "finetune", cen_num=0)
+    loader = make_loader(ds, batch_size=2, workers=2)
+    assert not loader.pin_memory and not loader.persistent_workers
+    assert loader.collate_fn is collate
+
+    def sample(width):
+        return {
+            "audio": torch.randn(3, 16, 8),
+            "labels": torch.ones(4),
+            "unused_visual": torch.zeros(3, 6, width),
+        }
+
+    same = collate([sample(5), sample(5)])
+    assert same["unused_visual"].shape == (2, 3, 6, 5)
+    ragged = collate([sample(5), sample(7)])
+    assert [tuple(v.shape) for v in ragged["unused_visual"]] == [(3, 6, 5), (3, 6, 7)]
+    moved = batch_to_device(ragged, "cpu")
+    assert set(moved) == {"audio", "labels"}
+    assert moved["audio"].shape == (2, 3, 8, 16)
+    assert torch.equal(moved["audio"], ragged["audio"].transpose(2, 3))
+    real = next(iter(make_loader(make(synth_small, "pretrain", cen_num=2), 2, 0)))
+    on_device = batch_to_device(real, "cpu")
+    for key in ("audio", "audio_aug"):
+        assert torch.equal(on_device[key], real[key].transpose(2, 3))
+        assert on_device[key].shape == (2, 3, 128, 1024)
+    assert torch.equal(on_device["t_a_cen"], real["t_a_cen"])
 
 
 def test_per_sample_cost_runs_on_one_thread():

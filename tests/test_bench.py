@@ -142,6 +142,8 @@ def test_peak_table():
     assert step.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert step.peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
     assert step.peak_bf16_tflops("NVIDIA H200") == 989.0
+    assert step.peak_bf16_tflops("NVIDIA H200 NVL") == 835.0  # not the SXM part's 989
+    assert step.peak_bf16_tflops("NVIDIA H100 NVL") == 835.0
     assert step.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert step.peak_bf16_tflops("NVIDIA GeForce RTX 4090") is None
     assert step.peak_bf16_tflops(None) is None
@@ -264,10 +266,10 @@ def test_step_smoke_writes_a_valid_result(step_result):
         assert row["achieved_tflops"] == pytest.approx(flops.train_total / seconds / 1e12)
 
 
-def test_step_at_fixed_batches_compiles_one_static_step_per_batch(tmp_path, monkeypatch):
-    """`batch_sizes`: one freshly built (and compiled) step per batch, each compiled for its own
-    size: the second is not the dynamic-shape recompilation dynamo makes once a function's code
-    has seen two sizes (a recording backend stands in for inductor)."""
+@pytest.fixture
+def compiled_graphs(monkeypatch) -> list[bool]:
+    """torch.compile with a backend that records each graph dynamo hands it (whether its inputs
+    have dynamic sizes) and runs it as it is: a stand-in for inductor."""
     graphs = []
 
     def record(gm, example_inputs):
@@ -276,6 +278,14 @@ def test_step_at_fixed_batches_compiles_one_static_step_per_batch(tmp_path, monk
 
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, mode=None: compile_(model, backend=record))
+    return graphs
+
+
+def test_step_at_fixed_batches_compiles_one_static_step_per_batch(tmp_path, compiled_graphs):
+    """`batch_sizes`: one freshly built (and compiled) step per batch, each compiled for its own
+    size: the second is not the dynamic-shape recompilation dynamo makes once a function's code
+    has seen two sizes (a recording backend stands in for inductor)."""
+    graphs = compiled_graphs
     path = step.run(
         modes=("finetune",),
         precisions=("bf16-master",),
@@ -298,6 +308,45 @@ def test_step_at_fixed_batches_compiles_one_static_step_per_batch(tmp_path, monk
     assert graphs and not any(graphs)
     with pytest.raises(ValueError, match="batch sizes"):
         step.run(device="cpu", batch_sizes=(0,), results_dir=tmp_path, log=lambda s: None)
+
+
+def test_each_compiled_configuration_of_a_grid_compiles_its_own_step(
+    tmp_path, monkeypatch, compiled_graphs
+):
+    """A grid's compiled configurations each compile their own step in their first step:
+    without dynamo's memory reset between them, the second reuses the first's graph (its
+    guards pass) and its first-step time leaves the compilation out (and after a batch
+    search it would run the first's dynamic-shape graph)."""
+    graphs = compiled_graphs
+    seen = []
+    measure = step.measure
+
+    def counting(train_step, batch_size, steps, warmup):
+        before = len(graphs)
+        row = measure(train_step, batch_size, steps, warmup)
+        seen.append(len(graphs) - before)
+        return row
+
+    monkeypatch.setattr(step, "measure", counting)
+    step.run(
+        modes=("finetune",), precisions=("fp32",), fused=(True, False), compiled=(True,),
+        device="cpu", smoke=True, steps=1, warmup=0, results_dir=tmp_path, log=lambda s: None,
+    )  # fmt: skip
+    assert len(seen) == 2 and all(n >= 1 for n in seen), seen
+    assert not any(graphs)  # static shapes
+
+
+def test_a_searched_batch_says_whether_the_limit_stopped_the_search(monkeypatch):
+    """The largest-batch search doubles up to the limit: its row says when a larger batch was
+    never tried (the limit) rather than found not to fit."""
+    monkeypatch.setattr(step, "fits", lambda train_step, b: b <= 32)
+    monkeypatch.setattr(
+        step, "_measure_row", lambda s, b, kind, n, w: {"batch_size": b, "status": "ok"}
+    )
+    _, out_of_memory = step._setup_rows(None, 8, "paper", 1, 0, True, 64)
+    assert out_of_memory == {"batch_size": 32, "status": "ok", "batch_limit_reached": False}
+    _, limited = step._setup_rows(None, 8, "paper", 1, 0, True, 32)
+    assert limited == {"batch_size": 32, "status": "ok", "batch_limit_reached": True}
 
 
 class Attention(nn.Module):
@@ -362,6 +411,7 @@ def test_step_on_cuda_measures_memory_and_searches_the_largest_batch(tmp_path):
     rows = read_result(path)["rows"]
     assert [r["batch_kind"] for r in rows] == ["smoke", "max"]
     assert rows[1]["status"] == "ok" and rows[1]["batch_size"] == 64  # the tiny model fits
+    assert rows[1]["batch_limit_reached"]
     assert all(r["peak_memory_gib"] > 0 for r in rows)
     peak = step.peak_bf16_tflops(torch.cuda.get_device_name())
     assert (rows[0]["mfu"] is None) == (peak is None)
@@ -467,6 +517,8 @@ def test_loader_benchmark_smoke_writes_a_valid_result(synth_small, tmp_path):
         "2",
         "--hw-decoder-load",
         "1.0",  # recorded; the CPU decoder has no hardware path
+        "--baseline-work",
+        "paper,lean",
     ]
     assert main(args) == 0
     (path,) = tmp_path.glob("loader-smoke-*.json")
@@ -479,9 +531,23 @@ def test_loader_benchmark_smoke_writes_a_valid_result(synth_small, tmp_path):
         "dali-frames-shards",
         "baseline-frames",
         "baseline-webm",
+        "baseline-frames-lean",
+        "baseline-webm-lean",
     }
     assert all(row["samples_per_s"] > 0 for row in result["rows"])
     assert set(result["summary"]["ratio"]) == {"frames", "webm"}
+    # The ratio is against the first paper-style loader listed; each one's against its own rows.
+    summary, rows = result["summary"], {r["pipeline"]: r for r in result["rows"]}
+    assert summary["baseline_work"] == "paper" and result["config"]["baseline_work"] == [
+        "paper",
+        "lean",
+    ]
+    assert summary["ratio_by_baseline_work"]["paper"] == summary["ratio"]
+    for work, suffix in (("paper", ""), ("lean", "-lean")):
+        base = rows[f"baseline-frames{suffix}"]
+        assert base["baseline_work"] == work
+        want = rows["dali-frames"]["samples_per_s"] / base["samples_per_s"]
+        assert summary["ratio_by_baseline_work"][work]["frames"] == pytest.approx(want, abs=0.01)
     # Two alternating rounds: each row is the median of its two, each layout has two ratios.
     assert all(len(row["round_samples_per_s"]) == 2 for row in result["rows"])
     for row in result["rows"]:  # every field of a row comes from the same round
@@ -492,6 +558,7 @@ def test_loader_benchmark_smoke_writes_a_valid_result(synth_small, tmp_path):
     assert result["summary"]["shards_vs_files"]["frames"] > 0
     assert (tmp_path / "shards" / "shards-frames" / "train.json").exists()
     assert result["summary"]["baseline_ms_per_sample_core"] > 0
+    assert result["summary"]["baseline_ms_per_sample_core_paper"] > 0
     source = result["summary"]["source_ms_per_sample_core"]
     assert 0 < source < 100 and result["summary"]["source_cores_at_1200_per_s"] > 0
     assert 0 < result["summary"]["source_ms_per_sample_core_webm"] < 100
@@ -732,7 +799,9 @@ def test_report_states_the_targets_against_the_best_measurements(tmp_path):
             "sdpa": "flash", "qkv": "split"},
            {**step_row, "precision": "bf16-master", "mfu": 0.47, "linear": "float8"},
            {**step_row, "precision": "fp32", "mfu": 0.50},
-           {**step_row, "mode": "finetune", "precision": "bf16", "mfu": 0.60})  # fmt: skip
+           {**step_row, "mode": "finetune", "precision": "bf16", "mfu": 0.60},
+           {**step_row, "precision": "bf16", "mfu": 0.61, "batch_kind": "smoke"})  # fmt: skip
+    result("step-smoke", {"smoke": True}, gpu, {**step_row, "precision": "bf16", "mfu": 0.7})
     e2e_row = {"mode": "pretrain", "model": "full", "status": "ok", "batch_size": 64,
                "precision": "bf16-master", "cores": 2, "samples_per_s": 500.0,
                "step_only_samples_per_s": 520.0}  # fmt: skip
@@ -750,7 +819,7 @@ def test_report_states_the_targets_against_the_best_measurements(tmp_path):
                {"mode": "pretrain", "model": "full", "step_stream": "high-priority",
                 "dali_vs_baseline": 10.2},
                {"mode": "pretrain", "model": "full", "step_stream": "default",
-                "pinned_cores": [0, 1], "dali_vs_baseline": 10.4,
+                "pinned_cores": [0, 1], "dali_vs_baseline": 10.4, "baseline_work": "paper",
                 "dali_cpu_cores_busy": 1.234, "baseline_cpu_cores_busy": 1.987}]},
            {**e2e_row, "pipeline": "dali-frames", "vs_step_only": 0.90, "step_stream": "default"},
            {**e2e_row, "pipeline": "dali-frames", "vs_step_only": 0.95,
@@ -766,26 +835,42 @@ def test_report_states_the_targets_against_the_best_measurements(tmp_path):
         for line in text.splitlines()
         if line.startswith("| ") and " | " in line
     }
-    assert table["GPU, 2 cores: loader, DALI / paper-style, JPEG frames"][1:3] == ["12.5x", "yes"]
+    loader = table["GPU, 2 cores: loader, DALI / paper-style, JPEG frames"]
+    assert loader[1:3] == ["12.5x", "yes"]
+    # a result from before the choice: the lean paper-style loader
+    assert loader[3].endswith("(paper-style loader: lean, without its unused work) |")
     assert table["GPU, 2 cores: loader samples/s, JPEG frames"][1:3] == ["900", "no"]
     assert table["GPU, 2 cores: loader, DALI / paper-style, video files (webm)"][1:3] == [
         "3.00x",
         "no",
     ]
     assert table["CPU (2 cores): loader, DALI / paper-style, JPEG frames"][1:3] == ["1.50x", "no"]
-    mfu = table["GPU: pretraining step MFU, bf16"]  # float8 GEMMs (47 %) are not bf16's
+    # float8 GEMMs (47 %) are not bf16's; a smoke run (a tiny model) never counts
+    mfu = table["GPU: pretraining step MFU, bf16"]
     assert mfu[1:3] == ["38.0 %", "no"] and mfu[3].startswith("`step-a-")
     assert mfu[3].endswith(
         "(batch 64, bf16-master, compiled, Triton GELU with fc1's bias, split q/k/v GEMMs, "
         "flash attention) |"
     )
     setting = "(batch 64, bf16-master, hardware JPEG share 1, fbank triton-tf32x3) |"
-    e2e = table["GPU: DALI-fed / paper-style-fed pretraining, end to end"]
+    # The target's condition, the same CPU share: the pinned runs only.
+    e2e = table[
+        "GPU: DALI-fed / paper-style-fed pretraining, end to end, process pinned to 2 CPUs "
+        "(the same CPU share)"
+    ]
     assert e2e[1:3] == ["10.40x", "yes"] and e2e[3].startswith("`end_to_end-b-")
     assert e2e[3].endswith(
-        "(batch 64, bf16-master, process pinned to 2 cores; "
-        "CPU used: 1.23 cores DALI-fed, 1.99 paper-style) |"
+        "(batch 64, bf16-master, process pinned to 2 cores; paper-style loader: paper, its "
+        "unused work included; CPU used: 1.23 cores DALI-fed, 1.99 paper-style) |"
     )
+    unpinned = table["GPU: the same, not pinned (2 DALI threads / 2 workers on a 16-core machine)"]
+    assert unpinned[1:3] == ["10.20x", "yes"]
+    assert unpinned[3].endswith(
+        "(batch 64, bf16-master, high-priority step stream; paper-style loader: lean, without "
+        "its unused work) |"
+    )
+    words = report._setting({"batch_size": 16, "precision": "bf16", "optimizer": "unfused"}, {})
+    assert words == "batch 16, bf16, unfused AdamW"
     share = table["GPU: DALI-fed pretraining / step-only"]
     assert share[1:3] == ["96.0 %", "yes"] and share[3].endswith(setting)
 

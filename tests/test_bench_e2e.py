@@ -272,6 +272,46 @@ def test_a_failed_dali_fed_run_costs_only_its_own_row(synth_small, monkeypatch):
     assert "cannot pin to 1 cores (simulated)" in rows[-1]["error"]
 
 
+def test_a_failed_paper_style_run_costs_only_its_own_row(synth_small, monkeypatch):
+    """The paper-style loader failing (a killed worker, say) leaves an error row for it, in the
+    unpinned and in the pinned runs; step-only and the DALI-fed rows stand, with no comparison
+    for the rows that lost their partner."""
+    import dali_pipelines.loader
+
+    cpu = torch.device("cpu")
+    batch = {"labels": torch.zeros(2)}
+    works = []
+
+    def failing_baseline(step, cfg, mode, device, steps, warmup, work):
+        works.append(work)
+        raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Killed (simulated)")
+
+    monkeypatch.setattr(dali_pipelines.loader, "build_loader", lambda *a, **k: [batch] * 4)
+    monkeypatch.setattr(end_to_end, "TrainStep", lambda setup, cfg, device: lambda b: None)
+    monkeypatch.setattr(end_to_end, "_baseline_timing", failing_baseline)
+
+    @contextlib.contextmanager
+    def pinned_to_cores(cores):
+        yield [0]
+
+    monkeypatch.setattr(end_to_end, "pinned_to_cores", pinned_to_cores)
+    cfg = end_to_end.bench_config(
+        synth_small.root, mode="pretrain", size="tiny", smoke=True, batch_size=2, threads=1,
+        precision="fp32", seconds=4.0,
+    )  # fmt: skip
+    rows = end_to_end.measure_model(
+        cfg, "pretrain", "tiny", cpu, 2, 1, "frames", log=lambda m: None, pin=True,
+        baseline_work="lean",
+    )  # fmt: skip
+    assert works == ["lean", "lean"]
+    assert [(r["pipeline"], r["pinned_cores"], r["status"]) for r in rows] == [
+        ("step-only", None, "ok"), ("dali-frames", None, "ok"), ("baseline-frames", None, "error"),
+        ("dali-frames", [0], "ok"), ("baseline-frames", [0], "error"),
+    ]  # fmt: skip
+    assert "killed by signal" in rows[2]["error"] and rows[2]["baseline_work"] == "lean"
+    assert end_to_end.summarize(rows, cpu)["comparisons"] == []
+
+
 def test_median_rows_match_rows_by_what_they_measured():
     """Rows of alternating rounds are matched by pipeline, step stream and pinning (not by
     place: a round may lack a row), each the median round's whole row, with every round's
@@ -311,11 +351,12 @@ def test_median_rows_match_rows_by_what_they_measured():
 def test_repeated_rounds_give_median_rows_and_each_rounds_ratio(monkeypatch):
     """--repeats: the loader-fed runs (pinned ones included) in alternating rounds, step-only
     once; each row the median round's, each DALI-fed row's ratio to the paper-style run of the
-    same round and pinning, and the comparison's ratio from the median rows."""
+    same round and pinning, and the comparison's ratio the median of the rounds' ratios (the
+    two loaders' median rows come from different rounds here)."""
     speeds = iter([(40.0, 10.0), (60.0, 10.0), (50.0, 20.0)])  # (DALI, paper-style) per round
     calls = []
 
-    def loader_fed_rows(step, cfg, mode, device, steps, warmup, streams, base, pinned):
+    def loader_fed_rows(step, cfg, mode, device, steps, warmup, streams, base, pinned, work):
         calls.append(pinned)
         dali, paper = next(speeds) if pinned is None else (8.0, 4.0)
         ok = {**base, "status": "ok", "pinned_cores": pinned, "step_stream": "default"}
@@ -356,11 +397,26 @@ def test_repeated_rounds_give_median_rows_and_each_rounds_ratio(monkeypatch):
     )
     assert dali["vs_step_only"] == 0.5
     unpinned, pinned = end_to_end.summarize(rows, cpu)["comparisons"]
-    assert unpinned["dali_vs_baseline"] == 5.0  # the medians' ratio
+    assert unpinned["dali_vs_baseline"] == 4.0  # not 5.0, the median rows' (rounds 3 and 1)
     assert unpinned["dali_vs_baseline_rounds"] == [4.0, 6.0, 2.5]
     assert pinned["dali_vs_baseline"] == 2.0 and pinned["pinned_cores"] == [0]
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         end_to_end.measure_model(cfg, "pretrain", "tiny", cpu, 2, 1, "frames", repeats=0)
+
+    # Pinned runs only (a GPU session short of time): they answer both targets.
+    calls.clear()
+    rows = end_to_end.measure_model(
+        cfg, "pretrain", "tiny", cpu, 2, 1, "frames", log=lambda m: None, pin=True,
+        unpinned=False,
+    )  # fmt: skip
+    assert calls == [[0]]
+    assert [(r["pipeline"], r["pinned_cores"]) for r in rows] == [
+        ("step-only", None), ("dali-frames", [0]), ("baseline-frames", [0]),
+    ]  # fmt: skip
+    (pinned,) = end_to_end.summarize(rows, cpu)["comparisons"]
+    assert pinned["dali_vs_baseline"] == 2.0
+    with pytest.raises(ValueError, match="nothing to time"):
+        end_to_end.measure_model(cfg, "pretrain", "tiny", cpu, 2, 1, "frames", unpinned=False)
 
 
 def test_ensure_dataset_renders_only_the_layouts_asked_for(tmp_path):
@@ -401,6 +457,12 @@ def test_end_to_end_smoke_writes_a_valid_result(e2e_result):
     ]
     config = e2e_result["config"]
     assert config["step_streams"] == ["default", "high-priority"] and config["pin_cores"]
+    # The paper-style loader as the original's code runs, its unused work included (default).
+    assert config["baseline_work"] == "paper"
+    assert {r.get("baseline_work") for r in all_rows if r["pipeline"] == "baseline-frames"} == {
+        "paper"
+    }
+    assert config["runs"]["tiny/pretrain"] == {"batch_size": 2, "steps": 2, "warmup_steps": 1}
     rows = {r["pipeline"]: r for r in all_rows[:4] if r["step_stream"] == "default"}
     step_only = rows["step-only"]["samples_per_s"]
     for row in all_rows:
@@ -439,6 +501,7 @@ def test_end_to_end_smoke_writes_a_valid_result(e2e_result):
         assert c["baseline_data_wait_frac"] == base["data_wait_frac"]
         assert c["dali_cpu_cores_busy"] == dali["cpu_cores_busy"]
         assert c["baseline_cpu_cores_busy"] == base["cpu_cores_busy"]
+        assert c["baseline_work"] == "paper"
     # The CPU each run used, its worker processes and threads included: some for every
     # loader-fed run, and at most the one CPU that the pinned runs were pinned to (10 ms ticks
     # per process counted in: a few per run).
