@@ -826,7 +826,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for c in payload["summary"]["comparisons"]:
         how = [] if c["step_stream"] == "default" else [f"{c['step_stream']} step stream"]
         how += [f"pinned to CPUs {c['pinned_cores']}"] if c["pinned_cores"] else []
-        how += [f"{c['baseline_work']} paper-style loader"]
+        how += [f"paper-style loader: {c['baseline_work']}"]
         stream = f" ({', '.join(how)})" if how else ""
         print(
             f"{c['model']}/{c['mode']}{stream}: DALI / baseline {c['dali_vs_baseline']:.2f}x, "
