@@ -27,7 +27,9 @@ augmentations", finetuning mixup) and use the libraries the original uses:
   sample); in finetuning its ``__getitem__`` still makes the (disabled) augmented outputs, a
   third frame decoded and normalised at its own size and the fbank repeated, which its workers
   collate and its trainer drops. Off: a lean paper-style loader, the original's sample path
-  without that waste (what every benchmark result measured before the option existed).
+  without that waste. Every benchmark result from before the option existed measured a lean
+  loader that also transposed the fbank images on the CPU and had a DataLoader with pinned
+  memory and workers kept across epochs (async copies to the GPU).
 
 A DataLoader as the original's scripts build one (``make_loader``): no pinned memory, workers
 that end with each epoch.
@@ -490,9 +492,11 @@ class PaperStyleDataset(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def seed_worker(self, worker_id: int) -> None:
-        """Seed this process's ``random`` and torch generators from (seed, worker id)."""
-        py_seed, torch_seed = np.random.SeedSequence([self.seed, worker_id]).generate_state(2)
+    def seed_worker(self, worker_id: int, epoch_seed: int = 0) -> None:
+        """Seed this process's ``random`` and torch generators from (seed, worker id,
+        ``epoch_seed``: the DataLoader's seed for this epoch's workers, >= 0)."""
+        key = [self.seed, worker_id, epoch_seed]
+        py_seed, torch_seed = np.random.SeedSequence(key).generate_state(2)
         random.seed(int(py_seed))
         torch.manual_seed(int(torch_seed))
 
@@ -613,12 +617,14 @@ class PaperStyleDataset(Dataset):
 
 
 def _init_worker(worker_id: int) -> None:
-    """One torch thread per worker; the worker's generators seeded from (seed, worker id)."""
+    """One torch thread per worker; the worker's generators seeded from (seed, worker id, the
+    loader's seed for this epoch's workers: new workers each epoch must not replay the last
+    epoch's draws; it comes from the loader's seeded generator, so runs repeat)."""
     torch.set_num_threads(1)
     info = torch.utils.data.get_worker_info()
     seed_worker = getattr(info.dataset, "seed_worker", None) if info is not None else None
     if seed_worker is not None:
-        seed_worker(worker_id)
+        seed_worker(worker_id, info.seed)
 
 
 def make_loader(

@@ -36,7 +36,8 @@ RESULT_KEYS = ("benchmark", "machine", "config", "rows", "summary")
 
 #: What the paper-style loader does (`bench.baseline`): "paper", the original's sample path with
 #: the work it does for nothing (`PaperStyleDataset`'s `unused_work`); "lean", without it. Results
-#: from before the choice existed measured "lean".
+#: from before the choice existed measured "lean" (with the fbank images transposed on the CPU
+#: and pinned memory, workers kept across epochs: `bench.baseline`'s docstring).
 BASELINE_WORK = ("paper", "lean")
 
 

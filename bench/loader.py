@@ -23,8 +23,8 @@ list is regenerated larger when it holds fewer than the measured batches):
   workers with one torch thread each, soundfile + torchaudio fbank, PIL/torchvision augmentations,
   PyAV seek-and-decode for video files), doing the original's unused work too
   (``--baseline-work paper``, the default); with ``--baseline-work paper,lean`` also without it
-  (rows ``baseline-frames-lean``, ...; the summary's ``ratio_lean``): ``ratio`` is against the
-  first listed;
+  (rows ``baseline-frames-lean``, ...; the summary's ``ratio_by_baseline_work``): ``ratio`` is
+  against the first listed;
 
 plus the baseline's per-sample cost on one core without the unused work
 (``baseline_ms_per_sample_core``: MEASURED.md's 42.8 ms was measured so; a sanity check, the

@@ -677,8 +677,9 @@ def target_lines(results) -> list[str]:
         "paper-style loader (`bench/baseline.py`) runs the original's sample path; *paper* "
         "also does the work that path does for nothing (each of the 16 + 16 `cen_num` crops "
         "drawn on a fresh `torch.rand` image, finetuning's disabled augmented outputs), as "
-        "the original's code does; *lean* leaves it out (every result from before the choice "
-        "existed).",
+        "the original's code does; *lean* leaves it out (results from before the choice "
+        "existed measured a lean loader that also transposed the fbank images on the CPU and "
+        "pinned its batches' memory with workers kept across epochs).",
         "",
         "| target | goal | best measured | met | from |",
         "|---|---|---|---|---|",

@@ -132,6 +132,9 @@ class DaliLoader:
         if cfg.video_decoder not in ("cpu", "gpu"):
             raise ValueError(f"video_decoder must be 'cpu' or 'gpu', got {cfg.video_decoder!r}")
         self._video_on_cpu = self.device.type == "cpu" or cfg.video_decoder == "cpu"
+        # Finetuning's SpecAugment bands hold the log-mel's zero, normalised: masked before the
+        # normalisation, where the original's recipe (and the paper-style loader) masks.
+        self._mask_fill = audio.normalized_zero(cfg.audio_mean, cfg.audio_std)
         if cfg.fbank_backend not in FBANK_BACKENDS:
             raise ValueError(
                 f"fbank_backend must be one of {FBANK_BACKENDS}, got {cfg.fbank_backend!r}"
@@ -303,10 +306,7 @@ class DaliLoader:
                     batch[name] = to_device(out[name], dev)
         elif mode == "finetune":
             params = out["ft_params"].long()  # on the host, as the kernels want them
-            # The bands hold the log-mel's zero, normalised: masked before the normalisation,
-            # where the original's recipe (and the paper-style loader) masks.
-            fill = audio.normalized_zero(cfg.audio_mean, cfg.audio_std)
-            image = K.roll_and_mask(image, params[:, 0], params[:, 1:5], fill=fill)
+            image = K.roll_and_mask(image, params[:, 0], params[:, 1:5], fill=self._mask_fill)
         # The model's layout: (B, 3, F, T), three equal channels (an expanded view, no copy).
         batch["audio"] = image.transpose(2, 3).expand(-1, 3, -1, -1)
         valid = out["valid"].reshape(-1).bool()

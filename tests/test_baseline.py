@@ -394,6 +394,20 @@ def test_loader_two_workers(synth_small):
     assert [float(b["labels"]) for b in probe] == [1.0] * 4
 
 
+def test_each_epochs_new_workers_draw_afresh_and_runs_repeat(synth_small):
+    """The workers end with each epoch (as the original's DataLoader's do): the next epoch's
+    are seeded anew from the loader's seeded generator, so epochs differ and a run repeats."""
+    ds = make(synth_small, "pretrain", cen_num=0)
+
+    def two_epochs() -> list[torch.Tensor]:
+        loader = make_loader(ds, batch_size=4, workers=2, shuffle=False, seed=1)
+        return [torch.cat([b["t_a"] for b in loader]) for _ in range(2)]
+
+    first, again = two_epochs(), two_epochs()
+    assert not torch.equal(first[0], first[1])  # the same clips, new draws
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
 def test_unused_work_draws_each_cen_crop_on_a_random_image(synth_small, monkeypatch):
     """With ``unused_work`` (the default) every ``cen_num`` crop is drawn on a fresh random
     image of the original's sizes (audio: frames x bins; visual: the output size), as the
