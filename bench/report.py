@@ -670,6 +670,8 @@ def target_lines(results) -> list[str]:
          _best(results, "step", True, _step_mfu), "{:.1f} %", 45.0),
     ]  # fmt: skip
     lines = [
+        '<a id="targets"></a>',
+        "",
         "## Targets at a glance",
         "",
         "The best committed measurement of each target of issues 5 and 8 (each from one run, "
@@ -694,6 +696,19 @@ def target_lines(results) -> list[str]:
     return lines + [""]
 
 
+def contents_lines(by_kind: dict[str, list], order: Sequence[str]) -> list[str]:
+    """A line of links to the report's sections (anchors named by kind), each with its count of
+    result files and how many of them ran on a GPU."""
+    links = ["[Targets at a glance](#targets)"]
+    for kind in order:
+        found = by_kind[kind]
+        gpu = sum(ran_on_gpu(result) for _, result in found)
+        count = f"{len(found)} result{'s' if len(found) != 1 else ''}"
+        count += "" if kind in HOST_ONLY else f", {gpu} on a GPU"
+        links.append(f"[{TITLES.get(kind, kind)}](#{kind}) ({count})")
+    return ["Contents: " + " · ".join(links), ""]
+
+
 def write_report(
     results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR,
     out_dir: str | os.PathLike | None = None,
@@ -715,16 +730,16 @@ def write_report(
         "benchmark, they do not measure it.",
         "",
     ]
-    if not results:
-        lines += ["No results yet: run the benchmarks (`python -m bench.step`, ...).", ""]
-    else:
-        lines += target_lines(results)
     by_kind: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
     for path, result in results:
         by_kind.setdefault(kind_of(result), []).append((path, result))
     order = [k for k in PLOTTERS if k in by_kind] + sorted(k for k in by_kind if k not in PLOTTERS)
+    if not results:
+        lines += ["No results yet: run the benchmarks (`python -m bench.step`, ...).", ""]
+    else:
+        lines += contents_lines(by_kind, order) + target_lines(results)
     for kind in order:
-        lines += [f"## {TITLES.get(kind, kind)} (`{kind}-*`)", ""]
+        lines += [f'<a id="{kind}"></a>', "", f"## {TITLES.get(kind, kind)} (`{kind}-*`)", ""]
         if kind in HOST_ONLY:
             lines += [HOST_ONLY[kind], ""]
         elif not any(ran_on_gpu(r) for _, r in by_kind[kind]):

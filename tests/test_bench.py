@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import socket
 from pathlib import Path
 
@@ -830,6 +831,12 @@ def test_report_states_the_targets_against_the_best_measurements(tmp_path):
            {**e2e_row, "pipeline": "baseline-frames", "samples_per_s": 47.0,
             "pinned_cores": [0, 1]})  # fmt: skip
     text = report.write_report(tmp_path, tmp_path / "out").read_text()
+    # A contents line whose every link has its anchor, with each section's counts.
+    contents = next(line for line in text.splitlines() if line.startswith("Contents: "))
+    links = re.findall(r"\]\(#([^)]+)\)", contents)
+    assert links == ["targets", "loader", "step", "end_to_end"]
+    assert set(links) <= set(re.findall(r'<a id="([^"]+)"></a>', text))
+    assert "[Loader throughput by pipeline](#loader) (3 results, 2 on a GPU)" in contents
     table = {
         line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:]
         for line in text.splitlines()
