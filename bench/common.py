@@ -183,6 +183,16 @@ def add_loader_gpu_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def parse_list(value: str, allowed: Sequence[str], flag: str, prog: str) -> list[str]:
+    """A comma-separated command-line value as its items, each among ``allowed`` (at least
+    one); else exits naming ``prog``'s ``--flag``."""
+    items = [x for x in value.split(",") if x]
+    bad = [x for x in items if x not in allowed]
+    if bad or not items:
+        raise SystemExit(f"{prog}: --{flag} must be among {list(allowed)}, got {value!r}")
+    return items
+
+
 def model_choices(field: str) -> tuple[str, ...]:
     """A ModelConfig field's choices, as the config declares them (model.gelu, model.qkv, ...)."""
     return field_choices(ModelConfig, field)

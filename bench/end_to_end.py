@@ -69,6 +69,7 @@ from bench.common import (
     cpu_words,
     default_precision,
     median_rows,
+    parse_list,
     pinned_to_cores,
     process_tree_cpu_seconds,
     row_key,
@@ -202,14 +203,6 @@ def forever(loader) -> Iterator[dict[str, torch.Tensor]]:
             yield batch
         if empty:
             raise RuntimeError("the loader yielded no batch in a whole epoch")
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Every tensor of `batch` on `device` (asynchronous copies from pinned memory)."""
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-        for k, v in batch.items()
-    }
 
 
 def sync(device: torch.device) -> None:
@@ -626,14 +619,6 @@ def _pinning(row: dict[str, Any]) -> tuple[int, ...] | None:
     return tuple(cpus) if cpus else None
 
 
-def _parse_list(value: str, allowed: Sequence[str], what: str) -> list[str]:
-    items = [x for x in value.split(",") if x]
-    bad = [x for x in items if x not in allowed]
-    if bad or not items:
-        raise SystemExit(f"bench.end_to_end: --{what} must be among {list(allowed)}, got {value!r}")
-    return items
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m bench.end_to_end`."""
     p = argparse.ArgumentParser(
@@ -709,9 +694,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from bench.common import write_result
 
-    modes = _parse_list(a.mode, MODES, "mode")
-    sizes = _parse_list(a.size, SIZES, "size")
-    streams = _parse_list(a.step_stream, STEP_STREAMS, "step-stream")
+    prog = "bench.end_to_end"
+    modes = parse_list(a.mode, MODES, "mode", prog)
+    sizes = parse_list(a.size, SIZES, "size", prog)
+    streams = parse_list(a.step_stream, STEP_STREAMS, "step-stream", prog)
     device = torch.device(a.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

@@ -50,7 +50,13 @@ from pathlib import Path
 
 import torch
 
-from bench.common import BASELINE_WORK, cpu_fields, median_rows, process_tree_cpu_seconds
+from bench.common import (
+    BASELINE_WORK,
+    cpu_fields,
+    median_rows,
+    parse_list,
+    process_tree_cpu_seconds,
+)
 
 MEASURED_BASELINE_MS = 42.8
 TEST_FRACTION = 0.1  # of the generated dataset's clips
@@ -272,9 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    works = tuple(x for x in args.baseline_work.split(",") if x)
-    if not works or any(w not in BASELINE_WORK for w in works):
-        raise SystemExit(f"bench.loader: --baseline-work must be among {list(BASELINE_WORK)}")
+    works = tuple(parse_list(args.baseline_work, BASELINE_WORK, "baseline-work", "bench.loader"))
 
     from bench.common import machine_info, write_result
     from equiav.config import apply_overrides, default_config, resolve
