@@ -142,7 +142,12 @@ def float8_linear(
     with torch.autocast(device, enabled=False):
         x2d = x.reshape(rows, in_features).contiguous()
         b = None if bias is None else bias.to(out_dtype)
-        fused = b is not None and fusable_bias(b, out_dtype)
+        # A bias that is a view of another tensor stays out of the GEMM: split q/k/v gives q, k
+        # and v each a chunk of the packed bias, and torch 2.11's inductor fails lowering
+        # `_scaled_mm` with a chunk at an offset (an AssertionError, seen on an H200 on
+        # 2026-11-27; eager CUDA takes it). Added after the GEMM, it fuses into the compiler's
+        # next kernel. (`_base`, not `storage_offset()`: dynamo traces the first, not the second.)
+        fused = b is not None and b._base is None and fusable_bias(b, out_dtype)
         out = _Float8MatMul.apply(x2d, weight, b if fused else None, out_dtype)
         out = out.reshape(*x.shape[:-1], out_features)
         return out if b is None or fused else out + b

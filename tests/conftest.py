@@ -13,6 +13,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _restore_tf32():
+    """Put the process-wide TF32 switches back after every test. The trainer and bench.step
+    turn TF32 on for the GPU (as train.tf32 does), and a test that runs them in-process left
+    it on for every test after it: on an H200 (2026-11-27) test_bias_gelu_on_cuda's float32
+    comparison of the compiled MLP with timm's then failed at TF32's 1e-3 precision."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.fixture(scope="session")
 def synth_small(tmp_path_factory):
     """A small real synthetic dataset (webm + frames + wav), shared by the data-path tests.

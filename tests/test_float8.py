@@ -135,6 +135,38 @@ def test_only_the_forward_gemm_accumulates_fast_and_adds_a_bias(monkeypatch, dty
     assert b.grad.dtype == dtype and torch.equal(b.grad, torch.full_like(b, rows))
 
 
+def test_a_bias_chunk_is_added_after_the_gemm(monkeypatch):
+    """Split q/k/v hands each of q, k and v a chunk of the packed bias: views (at an offset,
+    which torch 2.11's inductor cannot lower into `_scaled_mm`), added after the GEMM, where the
+    whole bias joins it. The output is the bias add to bfloat16's rounding either way, and every
+    chunk's gradient reaches the packed bias."""
+    fused = []
+    real = torch._scaled_mm
+
+    def recording(a, b, **kwargs):
+        if kwargs["use_fast_accum"]:  # the forward GEMM
+            fused.append(kwargs["bias"] is not None)
+        return real(a, b, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", recording)
+    x, w, b = _inputs(n=144)
+    x = x.bfloat16()
+    w, b = w.bfloat16().requires_grad_(True), b.bfloat16().requires_grad_(True)
+    outs = [float8_linear(x, wi, bi) for wi, bi in zip(w.chunk(3), b.chunk(3), strict=True)]
+    assert fused == [False, False, False]
+    float8_linear(x, w, b)
+    assert fused[-1]  # the whole bias: in the GEMM
+    out = torch.cat(outs, -1)
+    x2 = x.float().reshape(-1, x.shape[-1])
+    want = (
+        torch.cat([_deq(x2, E4M3) @ _deq(wi.detach().float(), E4M3).T for wi in w.chunk(3)], -1)
+        + b.detach().double()
+    )
+    assert torch.allclose(out.double().reshape(want.shape), want, rtol=2**-7, atol=2**-7)
+    out.float().sum().backward()
+    assert torch.equal(b.grad, torch.full_like(b, x2.shape[0]))
+
+
 def test_a_bias_in_the_gemm_gives_the_bias_add_and_its_gradient():
     """bfloat16 weights (the bf16-master step): the bias in the GEMM's epilogue equals the
     float64 product plus the bias to bfloat16's rounding; its gradient is the output
@@ -254,6 +286,20 @@ def test_float8_on_cuda_equals_the_cpu_path():
         runs.append([t.float().cpu() for t in (out, xc.grad, layer.weight.grad, layer.bias.grad)])
     for eager, compiled in zip(*runs, strict=True):
         assert _rel(compiled, eager) < 1e-2
+    # split q/k/v's chunks of bf16 parameters, compiled: a bias chunk at an offset in the GEMM
+    # failed torch 2.11's inductor (AssertionError lowering _scaled_mm) before it was kept out
+    w2 = w.repeat(3, 1).cuda().bfloat16().requires_grad_(True)
+    b2 = b.repeat(3).cuda().bfloat16().requires_grad_(True)
+
+    def split(xs: torch.Tensor) -> torch.Tensor:
+        pairs = zip(w2.chunk(3), b2.chunk(3), strict=True)
+        return torch.cat([float8_linear(xs, wi, bi) for wi, bi in pairs], -1)
+
+    xc = x.cuda().bfloat16()
+    outs = [f(xc) for f in (split, torch.compile(split))]
+    assert _rel(outs[1].float(), outs[0].float()) < 1e-2
+    outs[1].float().square().sum().backward()
+    assert w2.grad is not None and b2.grad is not None
 
 
 def test_compiling_float8_linears_on_a_cpu_is_refused():

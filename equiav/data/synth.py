@@ -586,7 +586,8 @@ class _Painter:
 
 
 def _open_video(path: str, fmt: str):
-    """An encoder for ``fmt`` with fixed 2 s GOPs; bit-exact flags keep the bytes reproducible."""
+    """An encoder for ``fmt`` with fixed 2 s GOPs; bit-exact and CPU-independent flags keep the
+    bytes reproducible."""
     import av
 
     container = av.open(path, "w", options={"fflags": "+bitexact"})
@@ -600,10 +601,13 @@ def _open_video(path: str, fmt: str):
         }
         stream = container.add_stream("libvpx-vp9", rate=FPS, options=options)
     else:
+        # cpu-independent: x264's own switch for output that does not depend on the CPU's
+        # instruction set. Without it, on an AVX-512 CPU (an AMD EPYC VM, 2026-11-27) the
+        # same frames encoded to different bytes on the first and later encodes of a process.
         options = {
             "preset": "veryfast",
             "crf": "23",
-            "x264-params": f"keyint={GOP}:min-keyint={GOP}:scenecut=0",
+            "x264-params": f"keyint={GOP}:min-keyint={GOP}:scenecut=0:cpu-independent=1",
         }
         stream = container.add_stream("libx264", rate=FPS, options=options)
     stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
