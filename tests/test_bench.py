@@ -951,3 +951,21 @@ def test_the_benchmarks_take_the_model_levers_with_the_trainers_defaults():
         assert (args.gelu, args.qkv, args.linear) == ("triton", "split", "float8")
         with pytest.raises(SystemExit):
             parser.parse_args(["--linear", "fp8"])
+
+
+def test_every_result_file_the_docs_cite_is_committed():
+    """README.md and bench/GPU-SESSIONS.md cite result files by name (`end_to_end-h200-...json`);
+    each one a result kind's file (the report's kinds) must be in bench/results/, so that a
+    renamed or forgotten result shows here rather than as a dead reference."""
+    root = Path(__file__).resolve().parents[1]
+    committed = {p.name for p in (root / "bench" / "results").glob("*.json")}
+    kinds = "|".join(re.escape(k) for k in report.TITLES)
+    cited_in = {}
+    for doc in ("README.md", "bench/GPU-SESSIONS.md"):
+        for name in re.findall(
+            rf"\b((?:{kinds})-[A-Za-z0-9_.-]*\.json)\b", (root / doc).read_text()
+        ):
+            cited_in.setdefault(name, doc)
+    assert len(cited_in) >= 10  # the pattern finds the citations (a broken one would find none)
+    missing = {name: doc for name, doc in cited_in.items() if name not in committed}
+    assert not missing, f"cited but not in bench/results/: {missing}"
