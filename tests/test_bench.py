@@ -870,7 +870,10 @@ def test_report_states_the_targets_against_the_best_measurements(tmp_path):
         "(batch 64, bf16-master, process pinned to 2 cores; paper-style loader: paper, its "
         "unused work included; CPU used: 1.23 cores DALI-fed, 1.99 paper-style) |"
     )
-    unpinned = table["GPU: the same, not pinned (2 DALI threads / 2 workers on a 16-core machine)"]
+    unpinned = table[
+        "GPU: the same, not pinned (2 DALI threads / 2 workers free to use a 16-core machine: "
+        "not the target's CPU share)"
+    ]
     assert unpinned[1:3] == ["10.20x", "yes"]
     assert unpinned[3].endswith(
         "(batch 64, bf16-master, high-priority step stream; paper-style loader: lean, without "
