@@ -108,6 +108,16 @@ def make_signal(kind: str, seconds: float, sr: int = 16000, seed: int = 0) -> np
     return np.clip(x, -1.0, 1.0).astype(np.float32)
 
 
+def kaldi_fbank(wave: torch.Tensor, sample_rate: int = 16000) -> torch.Tensor:
+    """torchaudio's Kaldi log-mel filterbank with the spec's arguments, (frames, 128), of a mono
+    waveform (1-D or (1, N); its mean already removed, as the spec removes it first): the
+    reference the filterbank tests compare ours with."""
+    return torchaudio.compliance.kaldi.fbank(
+        wave.reshape(1, -1).cpu(), htk_compat=True, sample_frequency=sample_rate,
+        use_energy=False, window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10,
+    )  # fmt: skip
+
+
 def write_wav(path: str | Path, x: np.ndarray, sr: int, channels: int = 1) -> None:
     """Write mono `x` as 16-bit PCM wav with `channels` identical channels."""
     x = np.asarray(x, dtype=np.float32)

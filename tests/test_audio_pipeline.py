@@ -13,12 +13,11 @@ import soundfile
 import torch
 import torchaudio.functional as AF
 from nvidia.dali import fn, pipeline_def
-from torchaudio.compliance import kaldi
 
 from dali_pipelines import audio
 from dali_pipelines.fbank import file_fbank
 from dali_pipelines.sources import read_wav
-from tests.signals import have_espeak, make_signal, write_wav
+from tests.signals import have_espeak, kaldi_fbank, make_signal, write_wav
 
 
 def reference_fbank(path) -> np.ndarray:
@@ -28,16 +27,7 @@ def reference_fbank(path) -> np.ndarray:
     if sr != 16000:
         w = AF.resample(w, sr, 16000)
     w = w - w.mean()
-    return kaldi.fbank(
-        w,
-        htk_compat=True,
-        sample_frequency=16000,
-        use_energy=False,
-        window_type="hanning",
-        num_mel_bins=128,
-        dither=0.0,
-        frame_shift=10,
-    ).numpy()
+    return kaldi_fbank(w).numpy()
 
 
 def run_waveform_stage(paths, target_frames=audio.TARGET_FRAMES):

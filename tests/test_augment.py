@@ -20,6 +20,7 @@ from dali_pipelines import augment
 from dali_pipelines.loader import DaliLoader, LoaderConfig
 from equiav.config import AugmentConfig
 from equiav.data.index import read_dataset, read_label_csv
+from tests.signals import kaldi_fbank
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 ADJUST = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
@@ -453,8 +454,6 @@ def test_finetune_audio_is_rolled_and_masked_with_the_log_mels_zero(synth_small)
     by the drawn shift, its SpecAugment bands holding the log-mel's zero after the
     normalisation, -mean / std (masked before the normalisation, as the original's recipe and
     the paper-style loader do), not 0."""
-    import torchaudio
-
     from bench.baseline import read_waveform
 
     audio_mean, audio_std = -4.346, 4.332
@@ -477,11 +476,7 @@ def test_finetune_audio_is_rolled_and_masked_with_the_log_mels_zero(synth_small)
         draw = loader.source._mixup(int(batch["index"][b]), 0, b)
         shift, t0, t1, f0, f1 = draw["ft_params"].tolist()
         wave = read_waveform(entries[int(batch["index"][b])].wav)
-        fbank = torchaudio.compliance.kaldi.fbank(
-            (wave - wave.mean()).unsqueeze(0), htk_compat=True, sample_frequency=16000,
-            use_energy=False, window_type="hanning", num_mel_bins=128, dither=0.0,
-            frame_shift=10,
-        )  # fmt: skip
+        fbank = kaldi_fbank(wave - wave.mean())
         fbank = torch.nn.functional.pad(fbank, (0, 0, 0, cfg.target_frames - len(fbank)))
         want = torch.roll((fbank - audio_mean) / audio_std, shift, 0)
         want[t0:t1, :] = fill

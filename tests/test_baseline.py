@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-import torchaudio
 import torchvision.transforms as T
 import torchvision.transforms.functional as F
 from PIL import Image, ImageFilter
@@ -33,6 +32,7 @@ from bench.baseline import (
 )
 from equiav.data import synth
 from equiav.data.index import DatasetError, read_dataset, read_label_csv, write_dataset
+from tests.signals import kaldi_fbank
 
 MEAN, STD = -4.346, 4.332
 FRAMES_PER_CLIP = 4  # synth_small's clips are 4 s: frame_0 .. frame_3
@@ -74,10 +74,7 @@ def reference_fbank(path: str, target_length: int) -> tuple[torch.Tensor, int]:
 
 
 def fbank_of(x: torch.Tensor, target_length: int) -> tuple[torch.Tensor, int]:
-    fb = torchaudio.compliance.kaldi.fbank(
-        x[None], htk_compat=True, sample_frequency=16000, use_energy=False,
-        window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10,
-    )  # fmt: skip
+    fb = kaldi_fbank(x)
     out = torch.zeros(target_length, 128)
     n = min(fb.shape[0], target_length)
     out[:n] = fb[:n]

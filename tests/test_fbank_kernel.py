@@ -37,22 +37,13 @@ from kernels.fbank import (
     num_frames_for,
     remove_mean,
 )
-from tests.signals import have_espeak, make_signal, pcm16_round_trip
+from tests.signals import have_espeak, kaldi_fbank, make_signal, pcm16_round_trip
 from tests.subprocess_env import interpreter_env
 
 REPO = Path(__file__).resolve().parents[1]
 SR = 16000
 MEAN_TOL = 1e-4
 P999_TOL = 1e-2
-SPEC_ARGS = dict(
-    htk_compat=True,
-    sample_frequency=16000,
-    use_energy=False,
-    window_type="hanning",
-    num_mel_bins=128,
-    dither=0.0,
-    frame_shift=10,
-)
 needs_espeak = pytest.mark.skipif(not have_espeak(), reason="espeak-ng is not installed")
 
 # name -> (signal kind, number of samples, seed, expected frames)
@@ -82,7 +73,7 @@ def clip(name: str) -> torch.Tensor:
 
 def reference(wave: torch.Tensor) -> torch.Tensor:
     """torchaudio's Kaldi fbank with the spec's arguments (CPU)."""
-    return kaldi.fbank(wave.cpu()[None], **SPEC_ARGS)
+    return kaldi_fbank(wave)
 
 
 def assert_parity(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:

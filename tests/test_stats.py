@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-import torchaudio
 
 from equiav.config import load_yaml, parse_args
 from equiav.data.index import read_dataset, read_label_csv
 from equiav.data.stats import FbankStats, fbank_stats, main, sample_entries, write_preset
+from tests.signals import kaldi_fbank
 
 SAMPLES, SEED = 4, 1
 REPO = Path(__file__).resolve().parents[1]
@@ -36,10 +36,7 @@ def reference_stats(wavs: list[str], frames: int = 1024) -> tuple[float, float]:
     for path in wavs:
         x, rate = sf.read(path, dtype="float32")
         w = torch.from_numpy(x - x.mean())[None]
-        f = torchaudio.compliance.kaldi.fbank(
-            w, htk_compat=True, sample_frequency=rate, use_energy=False, window_type="hanning",
-            num_mel_bins=128, dither=0.0, frame_shift=10,
-        )  # fmt: skip
+        f = kaldi_fbank(w, rate)
         feats.append(torch.nn.functional.pad(f, (0, 0, 0, frames - f.shape[0])).numpy())
     all_values = np.stack(feats).astype(np.float64)
     return float(all_values.mean()), float(all_values.std())
