@@ -74,18 +74,13 @@ from bench.common import (
 
 NOT_ON_GPU = "not yet measured on a GPU"
 
+# What a step row measured: its settings, shown first in the table and required of every row.
+STEP_SETTING = ("mode", "precision", "optimizer", "compile", "batch_size", "batch_kind")
+
 # Required row fields of each plotted kind (checked before plotting; errors name the file).
 REQUIRED: dict[str, tuple[str, ...]] = {
     "loader": ("pipeline", "samples_per_s"),
-    "step": (
-        "mode",
-        "precision",
-        "optimizer",
-        "compile",
-        "batch_size",
-        "batch_kind",
-        "step_time_ms",
-    ),
+    "step": (*STEP_SETTING, "step_time_ms"),
     "end_to_end": ("mode", "pipeline", "samples_per_s", "step_only_samples_per_s"),
     "scaling": ("gpus", "samples_per_s"),
 }
@@ -93,12 +88,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 # Table columns shown first for a kind (others follow in the order they first appear).
 COLUMNS: dict[str, tuple[str, ...]] = {
     "step": (
-        "mode",
-        "precision",
-        "optimizer",
-        "compile",
-        "batch_size",
-        "batch_kind",
+        *STEP_SETTING,
         "status",
         "step_time_ms",
         "samples_per_s",
